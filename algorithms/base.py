@@ -1,0 +1,64 @@
+"""Shared machinery of algorithms whose model declares parameter roles.
+
+Builds the model from the `Setup`, splits its tensors by role, initializes server and
+personal state, evaluates cohorts and counts traffic. Concrete algorithms add
+`configure_train`, `train_cohort` and `aggregate_train`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from algorithms import rng
+from algorithms.protocol import FROZEN, GROUP, PRIVATE, SHARED, CohortBatch, Setup, Tensors
+from algorithms.vectorized import predict_cohort
+
+
+def build_model(setup: Setup):
+    from algorithms.models.adapter import AdapterModel, AdapterModelConfig
+    from algorithms.models.per_user import PerUserModel, PerUserModelConfig
+    builders = {PerUserModelConfig: PerUserModel, AdapterModelConfig: AdapterModel}
+    torch.manual_seed(setup.seed)   # the one global-RNG use: identical initial model everywhere
+    model = builders[type(setup.model)](setup.model, setup.schema)
+    return model.to(setup.device)
+
+
+class RoleModelAlgorithm:
+    Config: type
+
+    def __init__(self, config, setup: Setup):
+        self.config = config
+        self.setup = setup
+        self.model = build_model(setup)
+        roles = self.model.roles()
+        named = dict(self.model.named_parameters())
+        self.roles = roles
+        self.frozen = {k: v.detach() for k, v in named.items() if roles[k] == FROZEN}
+        self.private_names = [k for k in named if roles[k] == PRIVATE]
+        self.shared_names = [k for k in named if roles[k] in (SHARED, GROUP)]
+        self._initial = {k: v.detach().clone() for k, v in named.items()}
+
+    # ---- server half
+    def init_server(self) -> Tensors:
+        return {k: self._initial[k] for k in self.shared_names}
+
+    # ---- client half
+    def init_personal(self, client_ids: torch.Tensor) -> Tensors:
+        ids = client_ids.numpy().astype(np.uint64)
+
+        def normal(shape_tail):
+            return rng.normal_tensor(shape_tail, self.setup.seed, rng.INIT_PERSONAL, 0, ids)
+        try:
+            return self.model.init_private(normal, client_ids)
+        except TypeError:
+            return self.model.init_private(normal)
+
+    def evaluate_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
+        K = batch.size
+        params = {**personal, **{k: state[k].expand(K, *state[k].shape) for k in self.shared_names}}
+        return predict_cohort(self.model, params, self.frozen, batch)       # (K, L, T)
+
+    def traffic(self) -> tuple[int, int]:
+        """(bytes up, bytes down) per client per round, from the roles of the tensors sent."""
+        n = sum(self._initial[k].numel() * self._initial[k].element_size() for k in self.shared_names)
+        return n, n

@@ -1,0 +1,46 @@
+"""Optimizers over stacked per-client parameters: one step updates a whole cohort.
+
+Each tensor is (K, ...) -- one slice per client. `active` (K,) says which clients take this
+step (a client whose rows are exhausted sits out), so unequal client sizes need no loop.
+"""
+from __future__ import annotations
+
+import torch
+
+from algorithms.protocol import LocalTrainConfig, Tensors
+
+
+def _bcast(active: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return active.view(-1, *([1] * (like.dim() - 1)))
+
+
+class CohortOptimizer:
+    """Plain SGD or Adam on dicts of (K, ...) tensors; state starts fresh every round."""
+
+    def __init__(self, cfg: LocalTrainConfig, params: Tensors):
+        self.cfg = cfg
+        first = next(iter(params.values()))
+        self.t = torch.zeros(first.shape[0], device=first.device)
+        if cfg.optimizer == "adam":
+            self.m = {k: torch.zeros_like(v) for k, v in params.items()}
+            self.v = {k: torch.zeros_like(v) for k, v in params.items()}
+
+    def step(self, params: Tensors, grads: Tensors, active: torch.Tensor) -> Tensors:
+        cfg, out = self.cfg, {}
+        self.t = self.t + active
+        for k, p in params.items():
+            g = grads[k]
+            if cfg.weight_decay:
+                g = g + cfg.weight_decay * p
+            a = _bcast(active, p) > 0
+            if cfg.optimizer == "sgd":
+                new = p - cfg.lr * g
+            else:
+                b1, b2, eps = 0.9, 0.999, 1e-8
+                m = torch.where(a, b1 * self.m[k] + (1 - b1) * g, self.m[k])
+                v = torch.where(a, b2 * self.v[k] + (1 - b2) * g * g, self.v[k])
+                self.m[k], self.v[k] = m, v
+                t = _bcast(self.t.clamp(min=1), p)
+                new = p - cfg.lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+            out[k] = torch.where(a, new, p)
+        return out

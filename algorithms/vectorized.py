@@ -1,0 +1,68 @@
+"""Vectorized local training: a whole cohort of clients takes each minibatch step at once.
+
+`torch.func.functional_call` runs the model with one client's parameters, `vmap` maps it
+over the K clients of a cohort, `grad_and_value` differentiates it. Clients with fewer rows
+are padded; padded rows have mask 0, and a client whose rows are exhausted sits out the
+step (`active` = 0), so the result equals training each client alone.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, vmap
+
+from algorithms.optim import CohortOptimizer
+from algorithms.protocol import CohortBatch, LocalTrainConfig, Tensors
+
+
+def _client_loss(model, params: Tensors, frozen: Tensors, cat: Tensors, num, attrs: Tensors, y, m):
+    # cat: name -> (B,), num: (B, M), y: (B, T), m: (B,) ; returns mean BCE over real rows and tasks
+    logits = functional_call(model, {**frozen, **params}, (cat, num, attrs))       # (B, T)
+    per_row = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(-1)  # (B,)
+    return (per_row * m).sum() / m.sum().clamp(min=1.0)
+
+
+def _step_rows(batch: CohortBatch, rows: torch.Tensor) -> tuple[Tensors, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather the rows `rows` (K, b) of every client: features, labels and mask for one step."""
+    cat = {k: v.gather(1, rows) for k, v in batch.categorical.items()}               # (K, b)
+    k_idx = torch.arange(rows.shape[0], device=rows.device).unsqueeze(1)
+    num = batch.numeric[k_idx, rows]                                                 # (K, b, M)
+    y = batch.labels[k_idx, rows]                                                    # (K, b, T)
+    m = batch.mask.gather(1, rows)                                                   # (K, b)
+    return cat, num, y, m
+
+
+def train_cohort_sgd(model, params: Tensors, frozen: Tensors, batch: CohortBatch,
+                     cfg: LocalTrainConfig, order: torch.Tensor) -> tuple[Tensors, torch.Tensor]:
+    """Run `cfg.local_epochs` of minibatch training for every client of the cohort.
+
+    params: name -> (K, ...) per-client trainable tensors; frozen: name -> tensor (shared by all).
+    order: (E, K, L) row order per epoch, real rows first. Returns (new params, (K,) mean loss).
+    """
+    K, L = batch.mask.shape
+    bs = cfg.batch_size
+    steps = math.ceil(L / bs)
+    grad_fn = vmap(grad_and_value(lambda p, c, n, a, y, m: _client_loss(model, p, frozen, c, n, a, y, m)),
+                   in_dims=(0, 0, 0, 0, 0, 0))
+    opt = CohortOptimizer(cfg, params)
+    loss_sum = torch.zeros(K, device=batch.mask.device)
+    n_steps = torch.zeros(K, device=batch.mask.device)
+    for epoch in range(cfg.local_epochs):
+        for s in range(steps):
+            rows = order[epoch % order.shape[0], :, s * bs:(s + 1) * bs]              # (K, b)
+            cat, num, y, m = _step_rows(batch, rows)
+            active = (m.sum(1) > 0).float()                                          # (K,)
+            grads, loss = grad_fn(params, cat, num, batch.client_attrs, y, m)
+            params = opt.step(params, grads, active)
+            loss_sum += loss.detach() * active
+            n_steps += active
+    return params, loss_sum / n_steps.clamp(min=1.0)
+
+
+def predict_cohort(model, params: Tensors, frozen: Tensors, batch: CohortBatch) -> torch.Tensor:
+    """(K, L, T) probabilities for every row of every client (padded rows included)."""
+    fn = vmap(lambda p, c, n, a: functional_call(model, {**frozen, **p}, (c, n, a)), in_dims=(0, 0, 0, 0))
+    with torch.no_grad():
+        return torch.sigmoid(fn(params, batch.categorical, batch.numeric, batch.client_attrs))

@@ -1,0 +1,19 @@
+"""Data sources: real public datasets, synthetic generators, partitioners -> FederatedDataset."""
+from __future__ import annotations
+
+SOURCES: dict[str, type] = {}
+
+
+def register_source(name: str, config_cls: type) -> type:
+    if name in SOURCES:
+        raise ValueError(f"data source {name!r} is already registered")
+    SOURCES[name] = config_cls
+    return config_cls
+
+
+def _register_builtins() -> None:
+    from datasets.synthetic import SyntheticPerUserConfig
+    register_source("synthetic_per_user", SyntheticPerUserConfig)
+
+
+_register_builtins()

@@ -1,0 +1,17 @@
+"""The YAML `data:` block: `name` picks a data source, whose config builds a FederatedDataset."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "synthetic_per_user"
+
+    @classmethod
+    def VARIANTS(cls) -> dict[str, type]:
+        from datasets import SOURCES
+        return dict(SOURCES)
+
+    def build(self, seed: int):
+        raise TypeError(f"{type(self).__name__} must define build(seed)")

@@ -1,0 +1,109 @@
+"""Seeded synthetic federations with a known ground truth.
+
+`synthetic_per_user`: users are clients. Each user has attributes (group fields) and a
+latent taste = group part + individual part; each item has categorical features and a latent
+vector = feature part + item-specific part; a row's click probability is
+sigmoid(signal * <u, v> / sqrt(dim) + bias). The Bayes-optimal scorer is that probability,
+so its AUC on the sampled labels is what a perfect model would score.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from datasets.federated import CLIENT, SPLIT, TEST, TRAIN, VAL, CategoricalField, DatasetSchema, FederatedDataset
+from datasets.sources import DataConfig
+
+
+@dataclass(frozen=True)
+class SyntheticPerUserConfig(DataConfig):
+    name: str = "synthetic_per_user"
+    num_clients: int = 1000            # users (= clients)
+    num_items: int = 500
+    rows_min: int = 20                 # interactions per user, uniform in [rows_min, rows_max]
+    rows_max: int = 80
+    latent_dim: int = 8
+    user_groups: tuple[int, ...] = (4, 6)      # vocab sizes of user attributes group_0, group_1, ...
+    item_features: tuple[int, ...] = (20, 8)   # vocab sizes of item features item_f0, item_f1, ...
+    group_share: float = 0.6           # share of a user's taste explained by its groups
+    item_share: float = 0.7            # share of an item's vector explained by its features
+    signal: float = 3.0                # logit scale of the ground truth
+    bias: float = -0.5                 # logit offset (sets the positive rate)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int | None = None            # data seed; null = the experiment seed
+
+    CHECKS: ClassVar[dict] = {"num_clients": ">=1", "num_items": ">=1", "rows_min": ">=3",
+                              "latent_dim": ">=1", "group_share": "0..1", "item_share": "0..1",
+                              "val_fraction": "0..0.5", "test_fraction": "0..0.5", "signal": ">=0"}
+
+    def validate(self) -> str | None:
+        if self.rows_max < self.rows_min:
+            return f"data.rows_max: got {self.rows_max}, expected >= rows_min ({self.rows_min})"
+        return None
+
+    def build(self, seed: int) -> FederatedDataset:
+        return synthetic_per_user(self, seed if self.seed is None else self.seed)
+
+
+def _mixed(rng, n: int, d: int, codes: list[np.ndarray], vocabs, share: float) -> np.ndarray:
+    """Latent vectors = sqrt(share) * normalized sum of per-code vectors + sqrt(1-share) * own noise."""
+    part = np.zeros((n, d))
+    for c, v in zip(codes, vocabs):
+        part += rng.normal(size=(v, d))[c]
+    if codes:
+        part /= np.sqrt(len(codes))
+    return np.sqrt(share) * part + np.sqrt(1 - share) * rng.normal(size=(n, d))
+
+
+def assign_splits(rng, client: np.ndarray, n_rows: np.ndarray, val_fraction: float,
+                  test_fraction: float) -> np.ndarray:
+    """Random per-client split; every client with >= 3 rows gets >= 1 val and >= 1 test row."""
+    order = np.lexsort((rng.random(len(client)), client))          # shuffle inside clients
+    starts = np.repeat(np.cumsum(n_rows) - n_rows, n_rows)
+    pos = np.empty(len(client), dtype=np.int64)
+    pos[order] = np.arange(len(client)) - starts                   # position after shuffling
+    n = np.repeat(n_rows, n_rows)
+    n_test = np.where(n >= 3, np.maximum(1, np.round(n * test_fraction)), 0) if test_fraction > 0 else 0 * n
+    n_val = np.where(n >= 3, np.maximum(1, np.round(n * val_fraction)), 0) if val_fraction > 0 else 0 * n
+    split = np.full(len(client), TRAIN, dtype=np.int8)
+    split[pos >= n - n_test - n_val] = VAL
+    split[pos >= n - n_test] = TEST
+    return split
+
+
+def synthetic_per_user(cfg: SyntheticPerUserConfig, seed: int) -> FederatedDataset:
+    rng = np.random.default_rng([seed, 7001])
+    U, I, d = cfg.num_clients, cfg.num_items, cfg.latent_dim
+    groups = [rng.integers(0, v, size=U) for v in cfg.user_groups]
+    feats = [rng.integers(0, v, size=I) for v in cfg.item_features]
+    u_lat = _mixed(rng, U, d, groups, cfg.user_groups, cfg.group_share)            # (U, d)
+    v_lat = _mixed(rng, I, d, feats, cfg.item_features, cfg.item_share)            # (I, d)
+    n_rows = rng.integers(cfg.rows_min, cfg.rows_max + 1, size=U)
+    client = np.repeat(np.arange(U), n_rows)
+    item = rng.integers(0, I, size=len(client))        # repeats inside a user are allowed (re-visits)
+    logit = cfg.signal * np.einsum("nd,nd->n", u_lat[client], v_lat[item]) / np.sqrt(d) + cfg.bias
+    prob = 1.0 / (1.0 + np.exp(-logit))
+    label = (rng.random(len(prob)) < prob).astype(np.float32)
+    split = assign_splits(rng, client, n_rows, cfg.val_fraction, cfg.test_fraction)
+    cols = {CLIENT: client, SPLIT: split, "item_id": item, "click": label}
+    for j, f in enumerate(feats):
+        cols[f"item_f{j}"] = f[item]
+    schema = DatasetSchema(
+        categorical=(CategoricalField("item_id", I),
+                     *[CategoricalField(f"item_f{j}", v) for j, v in enumerate(cfg.item_features)]),
+        numeric=(), tasks=("click",),
+        client_categorical=tuple(CategoricalField(f"group_{j}", v) for j, v in enumerate(cfg.user_groups)))
+    attrs = {f"group_{j}": g for j, g in enumerate(groups)}
+    meta = {"bayes_auc": _bayes(prob, label, split), "positive_rate": float(label.mean())}
+    ds = FederatedDataset.from_columns("synthetic_per_user", cols, schema, attrs, U, meta)
+    return ds
+
+
+def _bayes(prob: np.ndarray, label: np.ndarray, split: np.ndarray) -> dict[str, float]:
+    """AUC of the true click probability on each split: the best any model can expect."""
+    from algorithms.metrics import pooled_auc
+    return {name: pooled_auc(prob[split == s], label[split == s])
+            for s, name in ((TRAIN, "train"), (VAL, "val"), (TEST, "test"))}

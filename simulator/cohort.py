@@ -1,0 +1,70 @@
+"""Gathering a cohort's rows from the shared table into padded tensors: one vectorized gather.
+
+`DataView` wraps the worker's zero-copy view of the `FederatedDataset` columns as tensors.
+Minibatch order is a pure function of (seed, round, epoch, global row), so a client's
+training does not depend on which other clients share its cohort or worker.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from algorithms import rng
+from algorithms.protocol import CohortBatch
+from datasets.federated import FederatedDataset
+
+_PAD_KEY = np.iinfo(np.uint64).max
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():          # object-store buffers are read-only; we never write them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+class DataView:
+    def __init__(self, ds: FederatedDataset):
+        s = ds.schema
+        self.schema = s
+        self.split_offsets = ds.split_offsets                                   # (C, 4)
+        self.categorical = {f.name: _tensor(ds.column(f.name)) for f in s.categorical}
+        num = [ds.column(c) for c in s.numeric]
+        self.numeric = _tensor(np.stack(num, 1)) if num else None                # (N, M)
+        self.labels = _tensor(np.stack([ds.column(t) for t in s.tasks], 1))    # (N, T)
+        self.client_attrs = {f.name: _tensor(ds.client_attr(f.name)) for f in s.client_categorical}
+
+    def rows(self, client_ids: np.ndarray, split: int) -> tuple[np.ndarray, np.ndarray]:
+        """(K, L) global row indices of each client's rows of `split` (padding repeats a valid
+        row index) and (K,) real counts."""
+        so = self.split_offsets[client_ids]
+        start, n = so[:, split], so[:, split + 1] - so[:, split]                 # (K,)
+        L = max(int(n.max()) if len(n) else 0, 1)
+        pos = np.arange(L)[None, :]                                              # (1, L)
+        idx = start[:, None] + np.minimum(pos, np.maximum(n[:, None] - 1, 0))    # (K, L)
+        return idx, n
+
+    def batch(self, client_ids: np.ndarray, split: int, epochs: int = 0, seed: int = 0,
+              rnd: int = 0) -> CohortBatch:
+        idx, n = self.rows(client_ids, split)
+        K, L = idx.shape
+        mask = np.arange(L)[None, :] < n[:, None]                               # (K, L)
+        t_idx = torch.from_numpy(idx)
+        order = None
+        if epochs:
+            orders = []
+            for e in range(epochs):
+                keys = rng.row_keys(seed, rng.MINIBATCH_ORDER, rnd * 1009 + e, idx)   # (K, L) uint64
+                keys[~mask] = _PAD_KEY                                           # padding sorts last
+                orders.append(np.argsort(keys, axis=1, kind="stable"))
+            order = torch.from_numpy(np.stack(orders))                           # (E, K, L)
+        ids = torch.from_numpy(np.asarray(client_ids, dtype=np.int64))
+        numeric = self.numeric[t_idx] if self.numeric is not None else torch.zeros(K, L, 0)
+        return CohortBatch(
+            client_ids=ids, n_rows=torch.from_numpy(n.astype(np.int64)),
+            categorical={k: v[t_idx] for k, v in self.categorical.items()},
+            numeric=numeric, labels=self.labels[t_idx],
+            mask=torch.from_numpy(mask.astype(np.float32)),
+            client_attrs={k: v[ids] for k, v in self.client_attrs.items()},
+            order=order)

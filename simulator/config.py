@@ -1,0 +1,92 @@
+"""The experiment config: frozen dataclasses mirroring the YAML one to one.
+
+`load(path, overrides)` is the only way in: YAML file + `key.path=value` overrides, through
+the one loader that names the dotted path of any bad key, type or value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from algorithms.models import ModelConfig
+from algorithms.models.per_user import PerUserModelConfig
+from algorithms.fedavg import FedAvgConfig
+from algorithms.protocol import AlgorithmConfig, LocalTrainConfig
+from datasets.sources import DataConfig
+from datasets.synthetic import SyntheticPerUserConfig
+from simulator.config_loader import ConfigError, apply_overrides, build, read_yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    clients_per_round: int = 100       # cohort sampled each round (capped at the number of clients)
+    cohort_size: int = 256             # clients a worker trains together in one vectorized call
+
+    CHECKS: ClassVar[dict] = {"clients_per_round": ">=1", "cohort_size": ">=1"}
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    workers: int = 2                   # worker actors; each owns the clients with id % workers == index
+    cpus_per_worker: float = 1.0       # fractional allowed; torch threads = max(1, floor(cpus))
+    gpus_per_worker: float = 0.0       # fractional allowed: 0.25 = four workers share a GPU
+    address: str | None = None         # Ray address ("auto" joins a running cluster); null = local
+
+    CHECKS: ClassVar[dict] = {"workers": ">=1", "cpus_per_worker": ">0", "gpus_per_worker": ">=0"}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 1                     # evaluate every k rounds (and after the last round)
+    metric: str = "auc"                # validation metric that selects the best round
+    mode: str = "max"
+
+    CHECKS: ClassVar[dict] = {"every": ">=1", "metric": ("auc", "gauc", "logloss"), "mode": ("max", "min")}
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    mlflow: bool = True                # log the run to MLflow
+    tracking_uri: str = "sqlite:///mlflow.db"   # default store in the working directory
+    experiment: str = "fleetrec"
+    run_name: str | None = None        # null = the experiment name
+    progress: bool = True              # progress bar per round
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "quickstart"
+    seed: int = 0                      # run seed: cohort sampling, minibatch order, initial state
+    rounds: int = 20
+    early_stop_patience: int = 0       # stop after this many evaluations without improvement; 0 = off
+    data: DataConfig = field(default_factory=SyntheticPerUserConfig)
+    model: ModelConfig = field(default_factory=PerUserModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=FedAvgConfig)
+    train: LocalTrainConfig = field(default_factory=LocalTrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    CHECKS: ClassVar[dict] = {"rounds": ">=1", "early_stop_patience": ">=0", "seed": ">=0"}
+
+
+def from_dict(data: dict, source: str = "config") -> ExperimentConfig:
+    try:
+        return build(ExperimentConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment (default: configs/quickstart.yaml) and apply CLI overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    data = read_yaml(path)
+    try:
+        data = apply_overrides(data, list(overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return from_dict(data, str(path))

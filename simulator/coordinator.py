@@ -1,0 +1,118 @@
+"""The coordinator actor: runs the server half of the algorithm and drives the workers.
+
+Per round: sample the cohort (seeded by (seed, round)), ask the algorithm for the plan, put
+it in the object store once, send each worker the ids of its own clients (one call per
+worker, never per client), merge the pre-reduced accumulators in worker order, aggregate,
+evaluate when due, and return a round record.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import ray
+import torch
+
+from algorithms import make_algorithm, metrics, rng
+from algorithms.protocol import Accumulator, Setup, Tensors
+from datasets.federated import TEST, VAL, FederatedDataset
+from simulator.worker import Worker
+
+
+def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> np.ndarray:
+    """Sorted ids of the k clients of round `rnd` (without replacement)."""
+    g = np.random.default_rng([seed, rng.SAMPLE, rnd])
+    return np.sort(g.choice(num_clients, size=min(k, num_clients), replace=False))
+
+
+def split_by_owner(cohort: np.ndarray, workers: int) -> list[np.ndarray]:
+    owner = cohort % workers
+    return [cohort[owner == w] for w in range(workers)]
+
+
+def eval_metrics(prefix: str, tasks: tuple[str, ...], client, scores, labels) -> dict[str, float]:
+    """AUC, GAUC and log-loss per task (when several) and their means over tasks."""
+    out, per = {}, {"auc": [], "gauc": [], "logloss": []}
+    for t, task in enumerate(tasks):
+        m = metrics.summarize_task(client, scores[:, t], labels[:, t])
+        for k, v in m.items():
+            per[k].append(v)
+            if len(tasks) > 1:
+                out[f"{prefix}/{task}/{k}"] = v
+    for k, v in per.items():
+        out[f"{prefix}/{k}"] = float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else float("nan")
+    return out
+
+
+@ray.remote
+class Coordinator:
+    def __init__(self, cfg, dataset_holder: list):
+        ds: FederatedDataset = ray.get(dataset_holder[0])
+        self.cfg = cfg
+        self.tasks = ds.schema.tasks
+        self.num_clients = ds.num_clients
+        setup = Setup(schema=ds.schema, num_clients=ds.num_clients, seed=cfg.seed, train=cfg.train, model=cfg.model)
+        self.algo = make_algorithm(cfg.algorithm, setup)
+        self.state: Tensors = self.algo.init_server()
+        res = cfg.resources
+        self.workers = [
+            Worker.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker).remote(
+                i, res.workers, dataset_holder[0], cfg.algorithm, setup,
+                cfg.federation.cohort_size, int(res.cpus_per_worker))
+            for i in range(res.workers)]
+        self.worker_info = ray.get([w.info.remote() for w in self.workers])
+
+    def info(self) -> dict:
+        up, down = self.algo.traffic()
+        return {"workers": self.worker_info, "bytes_up_per_client": up, "bytes_down_per_client": down,
+                "num_clients": self.num_clients}
+
+    def run_round(self, rnd: int, evaluate: bool) -> dict:
+        t0 = time.perf_counter()
+        cohort = sample_cohort(self.cfg.seed, rnd, self.num_clients, self.cfg.federation.clients_per_round)
+        plan_ref = ray.put(self.algo.configure_train(rnd, self.state, torch.from_numpy(cohort)))
+        parts = split_by_owner(cohort, len(self.workers))
+        futures = [w.train.remote(plan_ref, ids) for w, ids in zip(self.workers, parts) if len(ids)]
+        acc = Accumulator()
+        for part in ray.get(futures):          # fixed (worker) order; sums are float64
+            acc.merge(part)
+        self.state, train_metrics = self.algo.aggregate_train(rnd, self.state, acc)
+        seconds = time.perf_counter() - t0
+        up, down = self.algo.traffic()
+        record = {"round": rnd, "cohort": len(cohort), "train_seconds": seconds,
+                  "client_updates_per_s": len(cohort) / seconds,
+                  "bytes_up": up * acc.clients, "bytes_down": down * len(cohort),
+                  **{f"train/{k}": v for k, v in train_metrics.items()}}
+        if evaluate:
+            t1 = time.perf_counter()
+            record.update(self.evaluate())
+            record["eval_seconds"] = time.perf_counter() - t1
+        return record
+
+    def evaluate(self) -> dict[str, float]:
+        state_ref = ray.put(self.state)
+        parts = ray.get([w.evaluate.remote(state_ref, (VAL, TEST)) for w in self.workers])
+        out = {}
+        for split, name in ((VAL, "val"), (TEST, "test")):
+            client = np.concatenate([p[split][0] for p in parts])
+            scores = np.concatenate([p[split][1] for p in parts])
+            labels = np.concatenate([p[split][2] for p in parts])
+            if len(client):
+                out.update(eval_metrics(name, self.tasks, client, scores, labels))
+        return out
+
+    def server_state(self) -> Tensors:
+        return {k: v.clone() for k, v in self.state.items()}
+
+    def personal_state(self, client_ids: list[int]) -> dict[int, Tensors]:
+        """Personal state of some clients, fetched from their owners (inspection and tests)."""
+        W = len(self.workers)
+        out = {}
+        for c in client_ids:
+            part = ray.get(self.workers[c % W].personal_state.remote(np.array([c])))
+            out[c] = {k: v[0] for k, v in part.items()}
+        return out
+
+    def worker_handles(self) -> list:
+        return list(self.workers)

@@ -1,0 +1,144 @@
+"""Driver-side callbacks: progress bar + summary table, and the MLflow run of an experiment."""
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from simulator.config import ExperimentConfig
+from simulator.config_loader import flatten, to_dict
+from simulator.run import Callback, RunResult
+
+_SYSTEM = ("train_seconds", "eval_seconds", "client_updates_per_s", "bytes_up", "bytes_down", "cohort")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+class ProgressBar(Callback):
+    """One tqdm bar over rounds; the postfix shows the live validation metric and train loss."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.bar = None
+
+    def on_start(self, cfg: ExperimentConfig, info: dict) -> None:
+        from tqdm import tqdm
+        self.metric = f"val/{cfg.eval.metric}"
+        bayes = info.get("meta", {}).get("bayes_auc")
+        if bayes:
+            print(f"dataset {info['dataset']}: {info['num_clients']} clients, {info['num_rows']} rows; "
+                  f"Bayes-optimal AUC (a perfect model) val {bayes['val']:.4f} test {bayes['test']:.4f}",
+                  file=self.stream)
+        self.bar = tqdm(total=cfg.rounds, desc=cfg.name, unit="round", file=self.stream, dynamic_ncols=True)
+
+    def on_round(self, record: dict) -> None:
+        post = {"loss": _fmt(record.get("train/train_loss", float("nan")))}
+        if self.metric in record:
+            post[self.metric] = _fmt(record[self.metric])
+        post["upd/s"] = f"{record['client_updates_per_s']:.0f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def on_end(self, result: RunResult) -> None:
+        self.bar.close()
+        print(summary_table(result), file=self.stream)
+
+
+def summary_table(result: RunResult) -> str:
+    rows = [("best round (validation)", _fmt(result.best_round))]
+    rows += [(k, _fmt(v)) for k, v in result.summary().items() if k != "best_round"]
+    recs = result.records
+    if recs:
+        secs = [r["train_seconds"] for r in recs]
+        rows.append(("rounds run", str(len(recs))))
+        rows.append(("median train s/round", f"{sorted(secs)[len(secs) // 2]:.3f}"))
+        rows.append(("client updates/s (median)", f"{sorted(r['client_updates_per_s'] for r in recs)[len(recs) // 2]:.0f}"))
+    if result.run_id:
+        rows.append(("mlflow run", result.run_id))
+    width = max(len(k) for k, _ in rows)
+    lines = ["", "summary", "-" * (width + 14)] + [f"{k.ljust(width)}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+class MlflowLogger(Callback):
+    """One MLflow run per experiment: flattened config as params, per-round metrics, system
+    metrics, and artifacts (resolved YAML, learning curve PNG, summary)."""
+
+    def __init__(self, cfg: ExperimentConfig, parent_run_id: str | None = None):
+        self.cfg = cfg
+        self.parent = parent_run_id
+        self.run_id = None
+
+    def on_start(self, cfg: ExperimentConfig, info: dict) -> None:
+        import mlflow
+        t = cfg.tracking
+        mlflow.set_tracking_uri(t.tracking_uri)
+        mlflow.set_experiment(t.experiment)
+        run = mlflow.start_run(run_name=t.run_name or cfg.name, nested=self.parent is not None,
+                               parent_run_id=self.parent)
+        self.run_id = run.info.run_id
+        params = {k: str(v)[:500] for k, v in flatten(to_dict(cfg)).items()}
+        mlflow.log_params(params)
+        bayes = info.get("meta", {}).get("bayes_auc", {})
+        mlflow.log_params({f"data.bayes_auc.{k}": f"{v:.6f}" for k, v in bayes.items()})
+        mlflow.log_metrics({"system/startup_seconds": info["startup_seconds"],
+                            "system/bytes_up_per_client": info["bytes_up_per_client"],
+                            "system/bytes_down_per_client": info["bytes_down_per_client"]}, step=0)
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "config.yaml"
+            p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            mlflow.log_artifact(str(p))
+
+    def on_round(self, record: dict) -> None:
+        import mlflow
+        m = {}
+        for k, v in record.items():
+            if k == "round" or not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
+                continue
+            m[f"system/{k}" if k in _SYSTEM else k] = float(v)
+        mlflow.log_metrics(m, step=record["round"])
+
+    def on_end(self, result: RunResult) -> None:
+        import mlflow
+        result.run_id = self.run_id
+        best = {f"best/{k}": float(v) for k, v in result.summary().items() if v is not None}
+        mlflow.log_metrics(best)
+        with tempfile.TemporaryDirectory() as d:
+            png = Path(d) / "learning_curve.png"
+            learning_curve(result.records, self.cfg.eval.metric, png)
+            mlflow.log_artifact(str(png))
+        mlflow.end_run()
+
+
+def learning_curve(records: list[dict], metric: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a1.plot([r["round"] for r in records], [r.get("train/train_loss", float("nan")) for r in records])
+    a1.set(xlabel="round", ylabel="train loss")
+    for split in ("val", "test"):
+        pts = [(r["round"], r[f"{split}/{metric}"]) for r in records if f"{split}/{metric}" in r]
+        if pts:
+            a2.plot(*zip(*pts), marker=".", label=split)
+    a2.set(xlabel="round", ylabel=metric)
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def default_callbacks(cfg: ExperimentConfig) -> list[Callback]:
+    cbs: list[Callback] = []
+    if cfg.tracking.mlflow:          # first, so the summary table can name the MLflow run
+        cbs.append(MlflowLogger(cfg))
+    if cfg.tracking.progress:
+        cbs.append(ProgressBar())
+    return cbs

@@ -1,0 +1,97 @@
+"""Worker actors: stateful shards that own clients and train them in vectorized cohorts.
+
+Worker `w` of `W` owns the clients with `id % W == w`; client `c` lives in local slot
+`c // W`. Its personal state (e.g. user embeddings) is stacked per tensor, so a cohort's
+state is one gather and one scatter, and it never leaves the worker.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import ray
+import torch
+
+from algorithms import make_algorithm
+from algorithms.protocol import Accumulator, Setup, TrainPlan, Tensors
+from datasets.federated import FederatedDataset
+from simulator.cohort import DataView
+
+
+def owned_clients(num_clients: int, index: int, workers: int) -> np.ndarray:
+    return np.arange(index, num_clients, workers, dtype=np.int64)
+
+
+@ray.remote
+class Worker:
+    def __init__(self, index: int, workers: int, dataset: FederatedDataset, algo_config, setup: Setup,
+                 cohort_size: int, threads: int):
+        torch.set_num_threads(max(1, threads))
+        gpu_ids = ray.get_gpu_ids()
+        device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
+        self.setup = Setup(**{**setup.__dict__, "device": device})
+        self.index, self.workers = index, workers
+        self.data = DataView(dataset)
+        self.algo = make_algorithm(algo_config, self.setup)
+        self.cohort_size = cohort_size
+        owned = owned_clients(setup.num_clients, index, workers)
+        self.personal: Tensors = {}
+        for chunk in np.array_split(owned, max(1, math.ceil(len(owned) / 65536))):
+            part = self.algo.init_personal(torch.from_numpy(chunk))
+            for k, v in part.items():
+                self.personal[k] = torch.cat([self.personal[k], v]) if k in self.personal else v
+
+    def _slots(self, client_ids: np.ndarray) -> torch.Tensor:
+        if len(client_ids) and np.any(client_ids % self.workers != self.index):
+            raise ValueError(f"worker {self.index} got clients it does not own")
+        return torch.from_numpy(client_ids // self.workers)
+
+    def _chunks(self, client_ids: np.ndarray):
+        for s in range(0, len(client_ids), self.cohort_size):
+            yield client_ids[s:s + self.cohort_size]
+
+    def train(self, plan: TrainPlan, client_ids: np.ndarray) -> Accumulator:
+        """Train the given owned clients, cohort by cohort; return the pre-reduced accumulator."""
+        acc = Accumulator()
+        cfg, dev = self.setup.train, self.setup.device
+        if dev != "cpu":
+            plan = TrainPlan(plan.round, {k: v.to(dev) for k, v in plan.params.items()}, plan.extra)
+        for ids in self._chunks(np.sort(client_ids)):
+            slots = self._slots(ids)
+            batch = self.data.batch(ids, 0, epochs=cfg.local_epochs, seed=self.setup.seed, rnd=plan.round)
+            personal = {k: v[slots].to(dev) for k, v in self.personal.items()}
+            update = self.algo.train_cohort(plan, batch.to(dev), personal)
+            for k, v in update.personal.items():
+                self.personal[k][slots] = v.to("cpu", self.personal[k].dtype)
+            acc.merge(update.acc)
+        return acc.cpu()
+
+    def evaluate(self, state: Tensors, splits: tuple[int, ...], client_ids: np.ndarray | None = None) -> dict:
+        """Scores of owned clients (all, or the given ones) on each split: flat numpy arrays."""
+        ids_all = owned_clients(self.setup.num_clients, self.index, self.workers) if client_ids is None else np.sort(client_ids)
+        out, dev = {}, self.setup.device
+        if dev != "cpu":
+            state = {k: v.to(dev) for k, v in state.items()}
+        for split in splits:
+            cl, sc, lb = [], [], []
+            for ids in self._chunks(ids_all):
+                batch = self.data.batch(ids, split)
+                personal = {k: v[self._slots(ids)].to(dev) for k, v in self.personal.items()}
+                prob = self.algo.evaluate_cohort(state, batch.to(dev), personal).cpu()   # (K, L, T)
+                real = batch.mask > 0                                              # (K, L)
+                cl.append(batch.client_ids[:, None].expand_as(real)[real].numpy())
+                sc.append(prob[real].float().cpu().numpy())
+                lb.append(batch.labels[real].numpy())
+            out[split] = (np.concatenate(cl), np.concatenate(sc), np.concatenate(lb))
+        return out
+
+    def personal_state(self, client_ids: np.ndarray) -> Tensors:
+        """A copy of some owned clients' personal state (for inspection and tests)."""
+        slots = self._slots(np.asarray(client_ids, dtype=np.int64))
+        return {k: v[slots].clone() for k, v in self.personal.items()}
+
+    def info(self) -> dict:
+        return {"index": self.index, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "device": self.setup.device, "gpu_ids": ray.get_gpu_ids(),
+                "personal_bytes": sum(v.numel() * v.element_size() for v in self.personal.values())}
