@@ -1,0 +1,87 @@
+"""The config loader: unknown keys, wrong types, out-of-range values and broken YAML give
+one line naming the file and dotted key; the CLI exits 2 with no traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from simulator.cli import main
+from simulator.config import ExperimentConfig, from_dict, load
+from simulator.config_loader import ConfigError, apply_overrides, flatten, to_dict
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"roundz": 3}, "roundz: unknown key; allowed keys are"),
+    ({"train": {"lr": "fast"}}, "train.lr: got 'fast', expected a number"),
+    ({"train": {"lr": -1}}, "train.lr: got -1.0, expected a value > 0"),
+    ({"train": {"optimizer": "lbfgs"}}, "train.optimizer: got 'lbfgs', expected one of 'sgd', 'adam'"),
+    ({"rounds": 2.5}, "rounds: got 2.5, expected an integer"),
+    ({"resources": {"workers": True}}, "resources.workers: got True, expected an integer"),
+    ({"algorithm": {"name": "fedsgd"}}, "algorithm.name: got 'fedsgd', expected one of"),
+    ({"algorithm": {"name": "fedavg", "mu": 1}}, "algorithm.mu: unknown key"),
+    ({"data": {"num_clients": 0}}, "data.num_clients: got 0, expected a value >= 1"),
+    ({"data": {"rows_min": 10, "rows_max": 5}}, "data.rows_max: got 5, expected >= rows_min"),
+    ({"model": {"hidden": "wide"}}, "model.hidden: got 'wide', expected a list"),
+    ({"federation": []}, "federation: got [], expected a mapping"),
+])
+def test_bad_values_name_the_dotted_path(data, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(data, "exp.yaml")
+    text = str(e.value)
+    assert text.startswith("exp.yaml: ") and message in text and "\n" not in text
+
+
+def test_defaults_and_round_trip():
+    cfg = from_dict({})
+    assert isinstance(cfg, ExperimentConfig)
+    again = from_dict(to_dict(cfg))
+    assert again == cfg
+    flat = flatten(to_dict(cfg))
+    assert flat["train.lr"] == cfg.train.lr and flat["algorithm.name"] == "fedavg"
+
+
+def test_overrides_go_through_the_same_loader():
+    cfg = load(None, ["rounds=7", "train.lr=0.5", "model.hidden=[4, 4]", "resources.address=auto"])
+    assert cfg.rounds == 7 and cfg.train.lr == 0.5 and cfg.model.hidden == (4, 4)
+    assert cfg.resources.address == "auto"
+    with pytest.raises(ConfigError, match="train.lr: got 'abc'"):
+        load(None, ["train.lr=abc"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_overrides({}, ["rounds"])
+
+
+def test_broken_yaml_names_the_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("rounds: 3\ntrain:\n  lr: [0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+: not valid YAML"):
+        load(p)
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load(p)
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):
+    p = tmp_path / "exp.yaml"
+    p.write_text("rounds: 3\ntrain:\n  batch_size: 0\n")
+    assert main(["run", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fleetrec: error: {p}: train.batch_size: got 0, expected a value >= 1"
+    assert main(["run", "rounds=-1"]) == 2
+    assert "rounds: got -1" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_console_script_exit_code_and_help(tmp_path):
+    p = tmp_path / "exp.yaml"
+    p.write_text("federation:\n  clients_per_round: many\n")
+    r = subprocess.run([sys.executable, "-m", "simulator.cli", "run", str(p)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert "federation.clients_per_round: got 'many', expected an integer" in r.stderr
+    h = subprocess.run([sys.executable, "-m", "simulator.cli", "--help"], capture_output=True, text=True)
+    assert h.returncode == 0
+    for verb in ("run", "ui"):
+        assert any(line.strip().startswith(verb + " ") for line in h.stdout.splitlines())
