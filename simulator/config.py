@@ -43,8 +43,9 @@ class EvalConfig:
     every: int = 1                     # evaluate every k rounds (and after the last round)
     metric: str = "auc"                # validation metric that selects the best round
     mode: str = "max"
+    clients: int = 0                   # evaluate a fixed seeded sample of this many clients; 0 = all
 
-    CHECKS: ClassVar[dict] = {"every": ">=1", "metric": ("auc", "gauc", "logloss"), "mode": ("max", "min")}
+    CHECKS: ClassVar[dict] = {"every": ">=1", "clients": ">=0", "metric": ("auc", "gauc", "logloss"), "mode": ("max", "min")}
 
 
 @dataclass(frozen=True)

@@ -90,9 +90,17 @@ class Coordinator:
             record["eval_seconds"] = time.perf_counter() - t1
         return record
 
+    def _eval_clients(self) -> list[np.ndarray | None]:
+        n = self.cfg.eval.clients
+        if n == 0 or n >= self.num_clients:
+            return [None] * len(self.workers)
+        g = np.random.default_rng([self.cfg.seed, rng.SAMPLE, 2**31])      # same sample every time
+        return split_by_owner(np.sort(g.choice(self.num_clients, size=n, replace=False)), len(self.workers))
+
     def evaluate(self) -> dict[str, float]:
         state_ref = ray.put(self.state)
-        parts = ray.get([w.evaluate.remote(state_ref, (VAL, TEST)) for w in self.workers])
+        parts = ray.get([w.evaluate.remote(state_ref, (VAL, TEST), ids)
+                         for w, ids in zip(self.workers, self._eval_clients())])
         out = {}
         for split, name in ((VAL, "val"), (TEST, "test")):
             client = np.concatenate([p[split][0] for p in parts])
@@ -100,6 +108,7 @@ class Coordinator:
             labels = np.concatenate([p[split][2] for p in parts])
             if len(client):
                 out.update(eval_metrics(name, self.tasks, client, scores, labels))
+                out[f"{name}/clients"] = int(len(np.unique(client)))
         return out
 
     def server_state(self) -> Tensors:

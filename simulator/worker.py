@@ -33,6 +33,8 @@ class Worker:
         self.setup = Setup(**{**setup.__dict__, "device": device})
         self.index, self.workers = index, workers
         self.data = DataView(dataset)
+        # columns are views of the object store's buffers, not copies (read-only memory)
+        self.zero_copy = all(not dataset.column(c).flags.writeable for c in dataset.table.column_names)
         self.algo = make_algorithm(algo_config, self.setup)
         self.cohort_size = cohort_size
         owned = owned_clients(setup.num_clients, index, workers)
@@ -93,5 +95,5 @@ class Worker:
 
     def info(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "device": self.setup.device, "gpu_ids": ray.get_gpu_ids(),
+                "device": self.setup.device, "gpu_ids": ray.get_gpu_ids(), "zero_copy": self.zero_copy,
                 "personal_bytes": sum(v.numel() * v.element_size() for v in self.personal.values())}

@@ -40,6 +40,19 @@ def test_cohort_size_one_equals_256(ray_session, tiny_cfg, reference_run):
     _assert_same_run(reference_run, one)
 
 
+def test_workers_read_the_dataset_zero_copy(reference_run):
+    assert all(w["zero_copy"] for w in reference_run.info["workers"])
+
+
+def test_eval_on_a_client_sample(ray_session, tiny_cfg):
+    res = run(tiny_cfg(**{"eval.clients": 5, "rounds": 1}))
+    assert res.records[-1]["test/clients"] == 5
+
+
+def test_eval_covers_every_client_by_default(reference_run):
+    assert reference_run.records[-1]["test/clients"] == 37
+
+
 def test_training_changes_the_model(reference_run):
     first, last = reference_run.records[0], reference_run.records[-1]
     assert last["train/train_loss"] < first["train/train_loss"]
