@@ -1,0 +1,35 @@
+"""Every experiment YAML in configs/ loads and runs one tiny round."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from simulator.config import load
+from simulator.run import run
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def _tiny(path: Path) -> list[str]:
+    cfg = load(path)
+    fields = {f.name for f in dataclasses.fields(cfg.data)}
+    out = ["rounds=1", "tracking.mlflow=false", "tracking.progress=false", "resources.workers=2",
+           "resources.cpus_per_worker=0.5", "federation.clients_per_round=8"]
+    if "num_clients" in fields:
+        out += ["data.num_clients=23"]
+    if "max_clients" in fields:
+        out += ["data.max_clients=23"]
+    return out
+
+
+def test_there_is_a_quickstart():
+    assert any(p.name == "quickstart.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_runs_one_tiny_round(ray_session, path):
+    cfg = load(path, _tiny(path))
+    result = run(cfg)
+    assert len(result.records) == 1 and result.records[0]["train/clients_trained"] > 0
