@@ -126,3 +126,10 @@ def test_traffic_counts_only_shared_tensors():
     expected = sum(algo.init_server()[k].numel() * 4 for k in algo.shared_names)
     assert up == down == expected
     assert "user_emb" not in algo.shared_names
+
+
+def test_registry_refuses_a_taken_name():
+    import algorithms
+    with pytest.raises(ValueError, match="already registered"):
+        algorithms.register("fedavg", object)
+    assert algorithms.ALGORITHMS["fedavg"].__name__ == "FedAvg"
