@@ -14,6 +14,9 @@ def register_source(name: str, config_cls: type) -> type:
 def _register_builtins() -> None:
     from datasets.synthetic import SyntheticPerUserConfig
     register_source("synthetic_per_user", SyntheticPerUserConfig)
+    from datasets.real import REAL_SOURCES
+    for name, cls in REAL_SOURCES.items():
+        register_source(name, cls)
 
 
 _register_builtins()

@@ -19,17 +19,18 @@ from datasets.sources import DataConfig
 
 @dataclass(frozen=True)
 class SyntheticPerUserConfig(DataConfig):
+    """Seeded per-user federation (users = clients) with groups, item features and a known Bayes AUC."""
     name: str = "synthetic_per_user"
     num_clients: int = 1000            # users (= clients)
-    num_items: int = 500
-    rows_min: int = 20                 # interactions per user, uniform in [rows_min, rows_max]
-    rows_max: int = 80
+    num_items: int = 200
+    rows_min: int = 40                 # interactions per user, uniform in [rows_min, rows_max]
+    rows_max: int = 120
     latent_dim: int = 8
     user_groups: tuple[int, ...] = (4, 6)      # vocab sizes of user attributes group_0, group_1, ...
     item_features: tuple[int, ...] = (20, 8)   # vocab sizes of item features item_f0, item_f1, ...
-    group_share: float = 0.6           # share of a user's taste explained by its groups
-    item_share: float = 0.7            # share of an item's vector explained by its features
-    signal: float = 3.0                # logit scale of the ground truth
+    group_share: float = 0.95          # share of a user's taste explained by its groups
+    item_share: float = 0.95           # share of an item's vector explained by its features
+    signal: float = 2.0                # logit scale of the ground truth
     bias: float = -0.5                 # logit offset (sets the positive rate)
     val_fraction: float = 0.1
     test_fraction: float = 0.2

@@ -15,6 +15,7 @@ from simulator.config_loader import ConfigError
 VERBS = {
     "run": "run an experiment (default configs/quickstart.yaml) with key.path=value overrides",
     "ui": "open the MLflow UI on the tracking store (default sqlite:///mlflow.db here)",
+    "data": "describe or prepare (cache) a dataset: fleetrec data describe|prepare|list NAME-OR-CONFIG",
 }
 
 
@@ -26,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help=VERBS["run"], description=VERBS["run"])
     r.add_argument("config", nargs="?", default=None, help="experiment YAML (default: configs/quickstart.yaml)")
     r.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. rounds=5 train.lr=0.05")
+    d = sub.add_parser("data", help=VERBS["data"], description=VERBS["data"], add_help=False)
+    d.add_argument("args", nargs=argparse.REMAINDER)
     u = sub.add_parser("ui", help=VERBS["ui"], description=VERBS["ui"])
     u.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
     u.add_argument("--port", type=int, default=5000)
@@ -50,6 +53,11 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from datasets.describe import main as data_main
+    return data_main(args.args)
+
+
 def cmd_ui(args) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.backend_store_uri,
            "--port", str(args.port), "--host", args.host]
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     try:
-        return {"run": cmd_run, "ui": cmd_ui}[args.verb](args)
+        return {"run": cmd_run, "ui": cmd_ui, "data": cmd_data}[args.verb](args)
     except (ConfigError, DataError) as e:
         print(f"fleetrec: error: {e}", file=sys.stderr)
         return 2

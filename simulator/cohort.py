@@ -29,6 +29,7 @@ class DataView:
         s = ds.schema
         self.schema = s
         self.split_offsets = ds.split_offsets                                   # (C, 4)
+        self.num_rows = ds.num_rows
         self.categorical = {f.name: _tensor(ds.column(f.name)) for f in s.categorical}
         num = [ds.column(c) for c in s.numeric]
         self.numeric = _tensor(np.stack(num, 1)) if num else None                # (N, M)
@@ -43,7 +44,9 @@ class DataView:
         L = max(int(n.max()) if len(n) else 0, 1)
         pos = np.arange(L)[None, :]                                              # (1, L)
         idx = start[:, None] + np.minimum(pos, np.maximum(n[:, None] - 1, 0))    # (K, L)
-        return idx, n
+        # a client with no rows of this split pads with its split start, which may be one past
+        # the table's end (last client); padded rows are masked, any valid index will do
+        return np.minimum(idx, max(self.num_rows - 1, 0)), n
 
     def batch(self, client_ids: np.ndarray, split: int, epochs: int = 0, seed: int = 0,
               rnd: int = 0) -> CohortBatch:

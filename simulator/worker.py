@@ -49,9 +49,13 @@ class Worker:
             raise ValueError(f"worker {self.index} got clients it does not own")
         return torch.from_numpy(client_ids // self.workers)
 
-    def _chunks(self, client_ids: np.ndarray):
-        for s in range(0, len(client_ids), self.cohort_size):
-            yield client_ids[s:s + self.cohort_size]
+    def _chunks(self, client_ids: np.ndarray, split: int = 0):
+        """Cohorts of at most `cohort_size` clients of similar size (sorted by rows of `split`),
+        so padding to the longest client of a cohort wastes little."""
+        n = self.data.split_offsets[client_ids, split + 1] - self.data.split_offsets[client_ids, split]
+        ordered = client_ids[np.lexsort((client_ids, -n))]
+        for s in range(0, len(ordered), self.cohort_size):
+            yield ordered[s:s + self.cohort_size]
 
     def train(self, plan: TrainPlan, client_ids: np.ndarray) -> Accumulator:
         """Train the given owned clients, cohort by cohort; return the pre-reduced accumulator."""
@@ -59,7 +63,7 @@ class Worker:
         cfg, dev = self.setup.train, self.setup.device
         if dev != "cpu":
             plan = TrainPlan(plan.round, {k: v.to(dev) for k, v in plan.params.items()}, plan.extra)
-        for ids in self._chunks(np.sort(client_ids)):
+        for ids in self._chunks(np.asarray(client_ids, dtype=np.int64)):
             slots = self._slots(ids)
             batch = self.data.batch(ids, 0, epochs=cfg.local_epochs, seed=self.setup.seed, rnd=plan.round)
             personal = {k: v[slots].to(dev) for k, v in self.personal.items()}
@@ -77,7 +81,7 @@ class Worker:
             state = {k: v.to(dev) for k, v in state.items()}
         for split in splits:
             cl, sc, lb = [], [], []
-            for ids in self._chunks(ids_all):
+            for ids in self._chunks(ids_all, split):
                 batch = self.data.batch(ids, split)
                 personal = {k: v[self._slots(ids)].to(dev) for k, v in self.personal.items()}
                 prob = self.algo.evaluate_cohort(state, batch.to(dev), personal).cpu()   # (K, L, T)

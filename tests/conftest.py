@@ -33,10 +33,13 @@ def tiny_overrides(**extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def tiny_config(*overrides: str, **extra):
+    """The dataclass defaults (not configs/quickstart.yaml) plus tiny overrides."""
+    from simulator.config import from_dict
+    from simulator.config_loader import apply_overrides
+    return from_dict(apply_overrides({}, tiny_overrides(**extra) + list(overrides)), "tiny")
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    from simulator.config import load
-
-    def make(**extra):
-        return load(None, tiny_overrides(**extra))
-    return make
+    return lambda **extra: tiny_config(**extra)

@@ -1,0 +1,584 @@
+"""Real public rating datasets read in place from `shared/data/`: MovieLens-100k, Epinions, Ciao, FilmTrust.
+
+Each source is a `DataConfig` whose fields are the YAML keys of the `data:` block. Building runs:
+
+1. parse the raw files into one normalized frame (columns `user`, `item`, `rating`, and where the
+   data has them `category`, `time`, `helpfulness`, user demographics, `genre`), checking every
+   column's type and range; the frame is cached as Parquet, keyed by the SHA-256 of the raw
+   files' bytes, the parser version and the options that affect parsing;
+2. dedupe repeated (user, item) pairs, keep users with >= `min_rows` rows, keep `max_clients`
+   users by a seeded hash order (or, with `scenario_top_k`, make the k largest categories the clients);
+3. split each client's rows (random fractions, or chronological where timestamps exist);
+4. derive tasks: `like` = rating >= `rating_threshold`; with `negatives_per_positive` = k, also
+   `interaction`: observed rows are positives and k unobserved items per positive are negatives
+   (negatives inherit their positive's split and have every task = 0).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datasets.federated import (CLIENT, SPLIT, SPLIT_NAMES, TEST, VAL, CategoricalField, DataError,
+                                DatasetSchema, FederatedDataset)
+from datasets.partition import (by_column, chronological_split, quantile_buckets, random_split,
+                                rows_at_least, subsample_clients)
+from datasets.sources import DataConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARSE_VERSION = 1
+PARSE_COUNT = {"parses": 0}        # raw parses done in this process (the cache-hit test reads it)
+ACTIVITY_BUCKETS = 4
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FLEETREC_CACHE") or Path.home() / ".cache" / "fleetrec")
+
+
+# ---------------------------------------------------------------------------------------- raw reading
+def _read_csv(path: Path, columns: tuple[str, ...], *, sep: str = ",", header: bool = True,
+              encoding: str = "utf-8") -> pd.DataFrame:
+    """Read a delimited file; DataError (naming the file and column) when it is absent, empty or short."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (set data.path to the folder holding it)")
+    try:
+        df = pd.read_csv(path, sep=sep, header=0 if header else None, encoding=encoding,
+                         skipinitialspace=True, engine="c" if sep != "|" else "python")
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty, expected columns {', '.join(columns)}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot parse ({e}); expected columns {', '.join(columns)}") from None
+    if header:
+        df.columns = [str(c).strip() for c in df.columns]
+        missing = [c for c in columns if c not in df.columns]
+        if missing:
+            raise DataError(f"{path}: missing column '{missing[0]}' (header has {list(df.columns)}, "
+                            f"expected {', '.join(columns)})")
+        df = df[list(columns)]
+    else:
+        if df.shape[1] < len(columns):
+            raise DataError(f"{path}: missing column '{columns[df.shape[1]]}' (found {df.shape[1]} "
+                            f"fields per line, expected {len(columns)}: {', '.join(columns)})")
+        df = df.iloc[:, :len(columns)]
+        df.columns = list(columns)
+    if len(df) == 0:
+        raise DataError(f"{path}: file has no rows, expected columns {', '.join(columns)}")
+    return df
+
+
+def _numeric(df: pd.DataFrame, col: str, path: Path, *, integer: bool, lo: float | None = None,
+             hi: float | None = None, header: bool = True) -> np.ndarray:
+    """Column as int64/float64; DataError naming file, column, line and expectation on a bad value."""
+    s = df[col]
+    kind = "an integer" if integer else "a number"
+    first_line = 2 if header else 1
+    if not pd.api.types.is_numeric_dtype(s) or s.isna().any():
+        num = pd.to_numeric(s, errors="coerce")
+        bad = np.flatnonzero(num.isna().to_numpy())
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(f"{path}: column '{col}' must be {kind}, found {s.iloc[i]!r} at line {i + first_line}")
+        s = num
+    v = s.to_numpy(dtype=np.float64)
+    if integer:
+        bad = np.flatnonzero(v != np.floor(v))
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(f"{path}: column '{col}' must be {kind}, found {v[i]!r} at line {i + first_line}")
+    if lo is not None or hi is not None:
+        lo_ = -np.inf if lo is None else lo
+        hi_ = np.inf if hi is None else hi
+        bad = np.flatnonzero((v < lo_) | (v > hi_))
+        if len(bad):
+            i = int(bad[0])
+            rng = f"[{lo:g}, {hi:g}]" if lo is not None and hi is not None else (f">= {lo:g}" if lo is not None else f"<= {hi:g}")
+            val = int(v[i]) if integer else float(v[i])
+            raise DataError(f"{path}: column '{col}' must be in {rng}, found {val} at line {i + first_line}")
+    return v.astype(np.int64) if integer else v
+
+
+# ---------------------------------------------------------------------------------------- cache
+def _atomic_write_parquet(table: pa.Table, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _check_cached(table: pa.Table, path: Path, expected: dict[str, str]) -> pd.DataFrame:
+    for col, kind in expected.items():
+        if col not in table.column_names:
+            raise DataError(f"{path}: cache file lacks column '{col}' (expected {kind}); delete the file to rebuild")
+        t = table.schema.field(col).type
+        ok = pa.types.is_integer(t) if kind == "int64" else (pa.types.is_floating(t) if kind == "float64" else True)
+        if not ok:
+            raise DataError(f"{path}: column '{col}' in the cache must be {kind}, found {t}; "
+                            "delete the file to rebuild")
+        if table.column(col).null_count:
+            raise DataError(f"{path}: column '{col}' in the cache must have no nulls; delete the file to rebuild")
+    return table.to_pandas()
+
+
+# ---------------------------------------------------------------------------------------- base config
+@dataclass(frozen=True)
+class RatingsConfig(DataConfig):
+    """Options shared by every real rating source (subclasses set the name, folder and parser)."""
+    name: str = "ratings"
+    path: str | None = None                # folder with the raw files; null = shared/data/<folder>
+    cache_dir: str | None = None           # null = $FLEETREC_CACHE or ~/.cache/fleetrec
+    cache: bool = True                     # false: always parse the raw files, write nothing
+    rating_threshold: float | None = 4.0   # task `like` = rating >= threshold; null = no `like` task
+    negatives_per_positive: int = 0        # > 0 adds task `interaction` with sampled unobserved items
+    max_clients: int | None = None         # keep the first N users by seeded hash order
+    min_rows: int = 5                      # keep users (or scenarios) with >= min_rows observed rows
+    split: str = "random"                  # random | chronological (sources with timestamps)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    dedupe: bool = True                    # keep one row per (user, item): the latest
+    seed: int | None = None                # data seed (subsampling, split, negatives); null = experiment seed
+
+    FOLDER: ClassVar[str] = ""
+    FILES: ClassVar[tuple[str, ...]] = ()
+    HAS_TIME: ClassVar[bool] = False
+    HAS_CATEGORY: ClassVar[bool] = False
+    RATING_FILE: ClassVar[str] = ""
+    CHECKS: ClassVar[dict] = {"negatives_per_positive": ">=0", "max_clients": ">=1", "min_rows": ">=1",
+                              "split": ("random", "chronological"), "val_fraction": "0..0.5",
+                              "test_fraction": "0..0.5"}
+
+    # -- validation
+    def validate(self) -> str | None:
+        if self.split == "chronological" and not self.HAS_TIME:
+            return f"data.split: got 'chronological', but {self.name} has no timestamps; use 'random'"
+        if not self.task_names():
+            return "data: no task: set rating_threshold or negatives_per_positive > 0"
+        return None
+
+    def task_names(self) -> tuple[str, ...]:
+        out = []
+        if self.negatives_per_positive > 0:
+            out.append("interaction")
+        if self.rating_threshold is not None:
+            out.append("like")
+        return tuple(out)
+
+    # -- locations
+    def root(self) -> Path:
+        if self.path is None:
+            return SHARED_DATA / self.FOLDER
+        p = Path(self.path).expanduser()
+        if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
+            p = REPO_ROOT / p
+        return p
+
+    def rating_path(self) -> Path:
+        return self.root() / self.RATING_FILE
+
+    # -- parse + cache
+    def parse_options(self) -> dict:
+        """Options that change the parsed frame (part of the cache key)."""
+        return {}
+
+    def frame_columns(self) -> dict[str, str]:
+        cols = {"user": "int64", "item": "int64", "rating": "float64"}
+        if self.HAS_CATEGORY:
+            cols["category"] = "int64"
+        if self.HAS_TIME:
+            cols["time"] = "int64"
+        return cols
+
+    def parse(self, root: Path) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def cache_path(self, root: Path) -> Path:
+        h = hashlib.sha256()
+        h.update(f"{self.FOLDER}|parser-v{PARSE_VERSION}|{json.dumps(self.parse_options(), sort_keys=True)}".encode())
+        for f in self.FILES:
+            p = root / f
+            if not p.is_file():
+                raise DataError(f"{p}: file not found (set data.path to the folder holding {', '.join(self.FILES)})")
+            h.update(f"|{f}|".encode())
+            h.update(p.read_bytes())
+        base = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+        return base / f"{self.FOLDER}-{h.hexdigest()[:20]}.parquet"
+
+    def load_frame(self) -> pd.DataFrame:
+        """The parsed, checked raw rows (from the Parquet cache when present)."""
+        root = self.root()
+        if not root.is_dir():
+            raise DataError(f"{root}: data folder not found (set data.path)")
+        expected = self.frame_columns()
+        target = self.cache_path(root) if self.cache else None
+        if target is not None and target.is_file():
+            try:
+                table = pq.read_table(target)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{target}: unreadable cache file ({e}); delete it to rebuild") from None
+            return _check_cached(table, target, expected)
+        PARSE_COUNT["parses"] += 1
+        df = self.parse(root)
+        df = pd.DataFrame({c: df[c].to_numpy().astype(k) for c, k in expected.items()})
+        if target is not None:
+            try:
+                _atomic_write_parquet(pa.Table.from_pandas(df, preserve_index=False), target)
+            except OSError:
+                pass    # the cache is an optimization: an unwritable cache dir only costs a re-parse
+        return df
+
+    # -- build
+    def build(self, seed: int) -> FederatedDataset:
+        return build_ratings(self, seed if self.seed is None else self.seed)
+
+    def client_attributes(self, df: pd.DataFrame, users: np.ndarray) -> tuple[dict, list[CategoricalField]]:
+        """Per-client attributes beyond `activity` (users = original user id per client)."""
+        return {}, []
+
+    def row_features(self, df: pd.DataFrame) -> dict[str, tuple[np.ndarray, int]]:
+        """Extra per-row categorical features from the frame (name -> (codes, vocab)); item-keyed."""
+        return {}
+
+    def scenario_top_k_value(self) -> int:
+        return 0
+
+    def extra_tasks(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+        return {}
+
+
+# ---------------------------------------------------------------------------------------- build
+def _dedupe(df: pd.DataFrame, has_time: bool) -> pd.DataFrame:
+    order = np.arange(len(df))
+    if has_time:
+        df = df.assign(_o=order).sort_values(["time", "_o"], kind="stable")
+    keep = ~df.duplicated(["user", "item"], keep="last")
+    df = df[keep]
+    if has_time:
+        df = df.sort_values("_o", kind="stable").drop(columns="_o")
+    return df.reset_index(drop=True)
+
+
+def _member(keys: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    pos = np.searchsorted(sorted_set, keys)
+    return sorted_set[np.minimum(pos, len(sorted_set) - 1)] == keys
+
+
+def _sample_negatives(rng, owner: np.ndarray, item: np.ndarray, num_items: int,
+                      k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k items per observed row, each unobserved by that row's owner (user); draws are with replacement.
+
+    Returns (keep mask over the len(owner) * k draws, sampled item codes): a draw is dropped only when
+    its owner has observed (almost) every item and 50 redraws found nothing new.
+    """
+    observed = np.unique(owner.astype(np.int64) * num_items + item)
+    neg_owner = np.repeat(owner.astype(np.int64), k)
+    neg_item = rng.integers(0, num_items, size=len(neg_owner))
+    clash = _member(neg_owner * num_items + neg_item, observed)
+    for _ in range(50):
+        if not clash.any():
+            break
+        idx = np.flatnonzero(clash)
+        neg_item[idx] = rng.integers(0, num_items, size=len(idx))
+        clash[idx] = _member(neg_owner[idx] * num_items + neg_item[idx], observed)
+    return ~clash, neg_item
+
+
+def build_ratings(cfg: RatingsConfig, seed: int) -> FederatedDataset:
+    src = cfg.rating_path()
+    df = cfg.load_frame()
+    if cfg.dedupe:
+        df = _dedupe(df, cfg.HAS_TIME)
+    rng = np.random.default_rng([seed, 7301])
+    top_k = cfg.scenario_top_k_value()
+    if top_k:
+        sizes = df.groupby("category").size()
+        sizes = sizes[sizes >= cfg.min_rows]
+        ids, counts = sizes.index.to_numpy(), sizes.to_numpy()
+        cats = np.sort(ids[np.lexsort((ids, -counts))][:top_k])      # largest first, ties by id
+        df = df[df["category"].isin(cats)]
+        max_users = getattr(cfg, "max_users", None)
+        if max_users is not None:
+            df = df[df["user"].isin(subsample_clients(df["user"].to_numpy(), max_users, seed))]
+        key = df["category"].to_numpy()
+    else:
+        df = df[rows_at_least(df["user"].to_numpy(), cfg.min_rows)]
+        if len(df):
+            df = df[df["user"].isin(subsample_clients(df["user"].to_numpy(), cfg.max_clients, seed))]
+        key = df["user"].to_numpy()
+    df = df.reset_index(drop=True)
+    if len(df) == 0:
+        raise DataError(f"{src}: column 'user_id': no client has >= min_rows={cfg.min_rows} rows "
+                        "after filtering; expected at least one")
+    client, client_keys = by_column(key)
+    num_clients = len(client_keys)
+    item, item_ids = by_column(df["item"].to_numpy())
+    num_items = len(item_ids)
+    if cfg.split == "chronological":
+        split = chronological_split(client, df["time"].to_numpy(), cfg.val_fraction, cfg.test_fraction)
+    else:
+        split = random_split(client, cfg.val_fraction, cfg.test_fraction, seed)
+
+    cols: dict[str, np.ndarray] = {CLIENT: client, SPLIT: split, "item_id": item}
+    fields = [CategoricalField("item_id", num_items)]
+    first_row_of_item = np.empty(num_items, dtype=np.int64)            # item code -> its first row
+    first_row_of_item[item[::-1]] = np.arange(len(item))[::-1]
+    item_feats: dict[str, np.ndarray] = {}
+    if cfg.HAS_CATEGORY:
+        cat_code, cat_ids = by_column(df["category"].to_numpy())
+        cols["category_id"] = cat_code
+        item_feats["category_id"] = cat_code[first_row_of_item]
+        fields.append(CategoricalField("category_id", len(cat_ids)))
+    for name, (codes, vocab) in cfg.row_features(df).items():
+        cols[name] = codes
+        item_feats[name] = codes[first_row_of_item]
+        fields.append(CategoricalField(name, vocab))
+    if top_k:
+        user_code, user_ids = by_column(df["user"].to_numpy())
+        cols["user_id"] = user_code
+        fields.append(CategoricalField("user_id", len(user_ids)))
+
+    rating = df["rating"].to_numpy()
+    tasks: dict[str, np.ndarray] = {}
+    if cfg.negatives_per_positive > 0:
+        tasks["interaction"] = np.ones(len(df), np.float32)
+    if cfg.rating_threshold is not None:
+        tasks["like"] = (rating >= cfg.rating_threshold).astype(np.float32)
+    for name, y in cfg.extra_tasks(df).items():
+        tasks[name] = y.astype(np.float32)
+    cols.update(tasks)
+
+    if cfg.negatives_per_positive > 0:
+        k = cfg.negatives_per_positive
+        # the "observed" set is per user, also in scenario mode (a user's items are never its negatives)
+        owner = cols["user_id"] if top_k else client
+        keep, neg_item = _sample_negatives(rng, owner, item, num_items, k)
+        src_row = np.repeat(np.arange(len(df)), k)[keep]
+        neg = {CLIENT: client[src_row], SPLIT: split[src_row], "item_id": neg_item[keep]}
+        for name, per_item in item_feats.items():
+            neg[name] = per_item[neg["item_id"]]
+        if top_k:
+            neg["user_id"] = cols["user_id"][src_row]
+        for t in tasks:
+            neg[t] = np.zeros(len(src_row), np.float32)
+        cols = {c: np.concatenate([v, neg[c]]) for c, v in cols.items()}
+
+    for s, frac in ((VAL, cfg.val_fraction), (TEST, cfg.test_fraction)):
+        if frac > 0 and not np.any(cols[SPLIT] == s):
+            raise DataError(f"{src}: column 'split': the {SPLIT_NAMES[s]} split is empty after filtering "
+                            f"(min_rows={cfg.min_rows}); expected >= 1 row (clients need >= 3 rows)")
+
+    n_obs = np.bincount(client, minlength=num_clients)
+    attrs: dict[str, np.ndarray] = {}
+    client_fields: list[CategoricalField] = []
+    scenario = None
+    if top_k:
+        attrs["scenario"] = np.arange(num_clients, dtype=np.int64)
+        client_fields.append(CategoricalField("scenario", num_clients))
+        attrs["label"] = np.array([f"category:{int(c)}" for c in client_keys], dtype=object)
+        scenario = "scenario"
+    else:
+        more, more_fields = cfg.client_attributes(df, client_keys)
+        attrs.update(more)
+        client_fields.extend(more_fields)
+        attrs["activity"] = quantile_buckets(n_obs, ACTIVITY_BUCKETS)
+        client_fields.append(CategoricalField("activity", ACTIVITY_BUCKETS))
+        attrs["label"] = np.array([f"user:{int(u)}" for u in client_keys], dtype=object)
+    schema = DatasetSchema(categorical=tuple(fields), numeric=(), tasks=tuple(tasks),
+                           client_categorical=tuple(client_fields), scenario=scenario)
+    meta = {"source": cfg.name, "path": str(cfg.root()), "seed": seed,
+            "positive_rate": {t: float(cols[t].mean()) for t in tasks}}
+    return FederatedDataset.from_columns(cfg.name, cols, schema, attrs, num_clients, meta)
+
+
+# ---------------------------------------------------------------------------------------- sources
+_ML_GENRES = 19
+_ML_AGE_EDGES = (18, 25, 35, 45, 50, 56)      # MovieLens-1M age groups: <18, 18-24, ..., 56+
+
+
+@dataclass(frozen=True)
+class MovieLens100kConfig(RatingsConfig):
+    """MovieLens-100k (`u.data`, `u.user`, `u.item`, `u.occupation`): 943 users, 1,682 movies, timestamps.
+    Row features: item_id, genre (first genre flag); client attributes: age_group (7), gender (2),
+    occupation (21), activity (4)."""
+    name: str = "movielens_100k"
+
+    FOLDER: ClassVar[str] = "movielens-100k"
+    FILES: ClassVar[tuple[str, ...]] = ("u.data", "u.user", "u.item", "u.occupation")
+    HAS_TIME: ClassVar[bool] = True
+    RATING_FILE: ClassVar[str] = "u.data"
+
+    def frame_columns(self) -> dict[str, str]:
+        return {**super().frame_columns(), "age": "int64", "gender": "int64", "occupation": "int64",
+                "genre": "int64"}
+
+    def parse(self, root: Path) -> pd.DataFrame:
+        p = root / "u.data"
+        raw = _read_csv(p, ("user_id", "item_id", "rating", "timestamp"), sep="\t", header=False)
+        df = pd.DataFrame({
+            "user": _numeric(raw, "user_id", p, integer=True, lo=1, header=False),
+            "item": _numeric(raw, "item_id", p, integer=True, lo=1, header=False),
+            "rating": _numeric(raw, "rating", p, integer=True, lo=1, hi=5, header=False).astype(np.float64),
+            "time": _numeric(raw, "timestamp", p, integer=True, lo=0, header=False)})
+        po = root / "u.occupation"
+        if not po.is_file():
+            raise DataError(f"{po}: file not found")
+        occupations = [line.strip() for line in po.read_text(encoding="latin-1").splitlines() if line.strip()]
+        if not occupations:
+            raise DataError(f"{po}: column 'occupation': file is empty, expected one occupation per line")
+        pu = root / "u.user"
+        users = _read_csv(pu, ("user_id", "age", "gender", "occupation", "zip_code"), sep="|", header=False,
+                          encoding="latin-1")
+        uid = _numeric(users, "user_id", pu, integer=True, lo=1, header=False)
+        age = _numeric(users, "age", pu, integer=True, lo=0, hi=150, header=False)
+        gender = users["gender"].astype(str).str.strip().map({"M": 0, "F": 1})
+        if gender.isna().any():
+            i = int(np.flatnonzero(gender.isna().to_numpy())[0])
+            raise DataError(f"{pu}: column 'gender' must be 'M' or 'F', found {users['gender'].iloc[i]!r} at line {i + 1}")
+        occ = users["occupation"].astype(str).str.strip().map({o: j for j, o in enumerate(occupations)})
+        if occ.isna().any():
+            i = int(np.flatnonzero(occ.isna().to_numpy())[0])
+            raise DataError(f"{pu}: column 'occupation' must be listed in u.occupation, "
+                            f"found {users['occupation'].iloc[i]!r} at line {i + 1}")
+        pi = root / "u.item"
+        items = _read_csv(pi, ("movie_id", "title", "release_date", "video_release_date", "imdb_url",
+                               *[f"g{j}" for j in range(_ML_GENRES)]), sep="|", header=False, encoding="latin-1")
+        mid = _numeric(items, "movie_id", pi, integer=True, lo=1, header=False)
+        flags = np.stack([_numeric(items, f"g{j}", pi, integer=True, lo=0, hi=1, header=False)
+                          for j in range(_ML_GENRES)], axis=1)
+        genre = np.where(flags.any(axis=1), flags.argmax(axis=1), 0)
+        u_idx = pd.Index(uid).get_indexer(df["user"].to_numpy())
+        if (u_idx < 0).any():
+            i = int(np.flatnonzero(u_idx < 0)[0])
+            raise DataError(f"{p}: column 'user_id' must reference a user in u.user, found {df['user'].iloc[i]} at line {i + 1}")
+        i_idx = pd.Index(mid).get_indexer(df["item"].to_numpy())
+        if (i_idx < 0).any():
+            i = int(np.flatnonzero(i_idx < 0)[0])
+            raise DataError(f"{p}: column 'item_id' must reference a movie in u.item, found {df['item'].iloc[i]} at line {i + 1}")
+        df["age"] = age[u_idx]
+        df["gender"] = gender.to_numpy().astype(np.int64)[u_idx]
+        df["occupation"] = occ.to_numpy().astype(np.int64)[u_idx]
+        df["genre"] = genre[i_idx]
+        return df
+
+    def row_features(self, df):
+        return {"genre": (df["genre"].to_numpy(), _ML_GENRES)}
+
+    def client_attributes(self, df, users):
+        first = df.drop_duplicates("user").set_index("user").loc[users]
+        age_group = np.digitize(first["age"].to_numpy(), _ML_AGE_EDGES).astype(np.int64)
+        occ = first["occupation"].to_numpy()
+        n_occ = max(21, int(df["occupation"].max()) + 1)
+        return ({"age_group": age_group, "gender": first["gender"].to_numpy(), "occupation": occ},
+                [CategoricalField("age_group", len(_ML_AGE_EDGES) + 1), CategoricalField("gender", 2),
+                 CategoricalField("occupation", n_occ)])
+
+
+@dataclass(frozen=True)
+class _CategoryConfig(RatingsConfig):
+    scenario_top_k: int = 0                # > 0: clients = the k largest categories (scenario variant)
+    max_users: int | None = None           # scenario variant only: keep N users by seeded hash order
+
+    HAS_CATEGORY: ClassVar[bool] = True
+    CHECKS: ClassVar[dict] = {**RatingsConfig.CHECKS, "scenario_top_k": ">=0", "max_users": ">=1"}
+
+    def validate(self) -> str | None:
+        if self.scenario_top_k and self.max_clients is not None:
+            return ("data.max_clients: with scenario_top_k the clients are categories; "
+                    "use max_users to subsample users")
+        if not self.scenario_top_k and self.max_users is not None:
+            return "data.max_users: only used with scenario_top_k > 0; use max_clients for per-user clients"
+        return super().validate()
+
+    def scenario_top_k_value(self) -> int:
+        return self.scenario_top_k
+
+
+@dataclass(frozen=True)
+class EpinionsConfig(_CategoryConfig):
+    """Epinions (`ratings.csv.gz`): 22,164 users, 296,277 items, 27 categories, ratings 1..5, no timestamps."""
+    name: str = "epinions"
+
+    FOLDER: ClassVar[str] = "epinions"
+    FILES: ClassVar[tuple[str, ...]] = ("ratings.csv.gz",)
+    RATING_FILE: ClassVar[str] = "ratings.csv.gz"
+
+    def parse(self, root: Path) -> pd.DataFrame:
+        p = root / "ratings.csv.gz"
+        raw = _read_csv(p, ("user_id", "item_id", "category_id", "rating"))
+        return pd.DataFrame({
+            "user": _numeric(raw, "user_id", p, integer=True, lo=0),
+            "item": _numeric(raw, "item_id", p, integer=True, lo=0),
+            "category": _numeric(raw, "category_id", p, integer=True, lo=0),
+            "rating": _numeric(raw, "rating", p, integer=True, lo=1, hi=5).astype(np.float64)})
+
+
+@dataclass(frozen=True)
+class CiaoConfig(_CategoryConfig):
+    """Ciao (`ratings.csv.gz`): 7,375 users, 105,114 items, 28 categories, ratings 0..5, helpfulness 1..7,
+    timestamps. `helpfulness_threshold` adds task `helpful` = helpfulness >= threshold."""
+    name: str = "ciao"
+    helpfulness_threshold: int | None = None
+
+    FOLDER: ClassVar[str] = "ciao"
+    FILES: ClassVar[tuple[str, ...]] = ("ratings.csv.gz",)
+    HAS_TIME: ClassVar[bool] = True
+    RATING_FILE: ClassVar[str] = "ratings.csv.gz"
+    CHECKS: ClassVar[dict] = {**_CategoryConfig.CHECKS, "helpfulness_threshold": "1..7"}
+
+    def task_names(self) -> tuple[str, ...]:
+        return super().task_names() + (("helpful",) if self.helpfulness_threshold is not None else ())
+
+    def frame_columns(self) -> dict[str, str]:
+        return {**super().frame_columns(), "helpfulness": "int64"}
+
+    def parse(self, root: Path) -> pd.DataFrame:
+        p = root / "ratings.csv.gz"
+        raw = _read_csv(p, ("user_id", "item_id", "category_id", "rating", "helpfulness", "timestamp"))
+        return pd.DataFrame({
+            "user": _numeric(raw, "user_id", p, integer=True, lo=0),
+            "item": _numeric(raw, "item_id", p, integer=True, lo=0),
+            "category": _numeric(raw, "category_id", p, integer=True, lo=0),
+            "rating": _numeric(raw, "rating", p, integer=True, lo=0, hi=5).astype(np.float64),
+            "helpfulness": _numeric(raw, "helpfulness", p, integer=True, lo=1, hi=7),
+            "time": _numeric(raw, "timestamp", p, integer=True, lo=0)})
+
+    def extra_tasks(self, df):
+        if self.helpfulness_threshold is None:
+            return {}
+        return {"helpful": (df["helpfulness"].to_numpy() >= self.helpfulness_threshold)}
+
+
+@dataclass(frozen=True)
+class FilmTrustConfig(RatingsConfig):
+    """FilmTrust (`ratings.txt`): 1,508 users, 2,071 items, ratings 0.5..4 (step 0.5), no timestamps."""
+    name: str = "filmtrust"
+    rating_threshold: float | None = 3.0
+
+    FOLDER: ClassVar[str] = "filmtrust"
+    FILES: ClassVar[tuple[str, ...]] = ("ratings.txt",)
+    RATING_FILE: ClassVar[str] = "ratings.txt"
+
+    def parse(self, root: Path) -> pd.DataFrame:
+        p = root / "ratings.txt"
+        raw = _read_csv(p, ("user_id", "item_id", "rating"), sep=r"\s+", header=False)
+        return pd.DataFrame({
+            "user": _numeric(raw, "user_id", p, integer=True, lo=0, header=False),
+            "item": _numeric(raw, "item_id", p, integer=True, lo=0, header=False),
+            "rating": _numeric(raw, "rating", p, integer=False, lo=0.5, hi=4, header=False)})
+
+
+REAL_SOURCES = {"movielens_100k": MovieLens100kConfig, "epinions": EpinionsConfig, "ciao": CiaoConfig,
+                "filmtrust": FilmTrustConfig}
