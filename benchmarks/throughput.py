@@ -109,15 +109,10 @@ def to_dataset(W, wl):
     n = np.diff(wl.offsets)
     schema = DatasetSchema(categorical=(CategoricalField("item_id", W.CFG["num_items"]),),
                            numeric=(), tasks=("click",))
-    # All interactions are training rows. Plus ONE test row (a copy of the last user's last
-    # interaction): DataView.rows pads an empty split with the index of the split's start,
-    # which is one past the table's end for the last client when it has no val/test rows,
-    # so run()'s final evaluation would raise IndexError on an all-train table.
-    last = len(wl.items) - 1
-    columns = {"client": np.append(np.repeat(np.arange(wl.num_users, dtype=np.int64), n), wl.num_users - 1),
-               "split": np.append(np.zeros(len(wl.items), dtype=np.int8), 2),
-               "item_id": np.append(wl.items, wl.items[last]).astype(np.int64),
-               "click": np.append(wl.labels, wl.labels[last]).astype(np.float32)}
+    # All interactions are training rows (no validation / test rows: evaluation is empty).
+    columns = {"client": np.repeat(np.arange(wl.num_users, dtype=np.int64), n),
+               "split": np.zeros(len(wl.items), dtype=np.int8),
+               "item_id": wl.items.astype(np.int64), "click": wl.labels.astype(np.float32)}
     return FederatedDataset.from_columns("bench_workload", columns, schema, {}, wl.num_users,
                                          meta={"workload": {k: W.CFG[k] for k in ("num_users", "num_items", "seed")}})
 
