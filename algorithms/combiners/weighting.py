@@ -1,0 +1,192 @@
+"""Loss-weighting combiners: the update is a weighted sum of task losses (or gradients).
+
+equal (EW), uncertainty weighting (Kendall et al. 2018), DWA (Liu et al. 2019),
+RLW (Lin et al. 2022) and GradNorm (Chen et al. 2018). Each returns (T,) weights; with
+`grads` given, the combined gradient is weights @ grads, with `losses` the weighted loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from algorithms.combiners.base import (RLW_STREAM, CombineInput, Combined, Combiner, CombinerConfig,
+                                       apply_weights, dtype_of, flat, generator)
+
+
+# ------------------------------------------------------------------------------------ equal
+@dataclass(frozen=True)
+class EqualConfig(CombinerConfig):
+    name: str = "equal"
+
+
+class Equal(Combiner):
+    """Equal weighting: the mean of the task losses / gradients."""
+    Config = EqualConfig
+
+    def combine(self, inp: CombineInput) -> Combined:
+        return apply_weights(torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=dtype_of(inp)), inp)
+
+
+# ------------------------------------------------------------------------ uncertainty weighting
+@dataclass(frozen=True)
+class UncertaintyConfig(CombinerConfig):
+    name: str = "uncertainty"
+    init_log_var: float = 0.0        # starting s_t = log sigma_t^2 for every task
+
+
+class Uncertainty(Combiner):
+    """Kendall et al.: total = sum_t ½·exp(-s_t)·L_t + ½·s_t with learned log-variances s.
+
+    `loss` is differentiable in `log_vars`: backprop it (or add `parameters()` to the optimizer
+    and call backward on `loss`) so s is learned; `weights` = ½·exp(-s) are detached.
+    """
+    Config = UncertaintyConfig
+
+    def __init__(self, num_tasks: int, config=None, seed: int = 0):
+        super().__init__(num_tasks, config, seed)
+        self.log_vars = torch.full((num_tasks,), float(self.config.init_log_var), requires_grad=True)
+
+    def combine(self, inp: CombineInput) -> Combined:
+        w = 0.5 * torch.exp(-self.log_vars)                                      # (T,)
+        out = apply_weights(w, inp)
+        if inp.losses is not None:
+            out.loss = uncertainty_loss(inp.losses, self.log_vars)
+        return out
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.log_vars]
+
+    def state_dict(self) -> dict:
+        return {"log_vars": self.log_vars.detach().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.log_vars.copy_(state["log_vars"])
+
+
+def uncertainty_loss(losses: torch.Tensor, log_vars: torch.Tensor) -> torch.Tensor:
+    """sum_t ½·exp(-s_t)·L_t + ½·s_t  (Gaussian likelihood form, s = log sigma^2)."""
+    return (0.5 * torch.exp(-log_vars) * losses + 0.5 * log_vars).sum()
+
+
+# ------------------------------------------------------------------------------------- DWA
+@dataclass(frozen=True)
+class DWAConfig(CombinerConfig):
+    name: str = "dwa"
+    temperature: float = 2.0         # softmax temperature over the loss descent rates
+
+    CHECKS: ClassVar[dict] = {"temperature": ">0"}
+
+
+def dwa_weights(history: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(T,) weights from (E, T) per-epoch mean losses: softmax_t((L_t[-1] / L_t[-2]) / temp).
+
+    Uniform before two epochs are recorded. The paper's weights are T times these (sum T);
+    dividing by T keeps the mean-scale convention.
+    """
+    T = history.shape[1]
+    if history.shape[0] < 2:
+        return torch.full((T,), 1.0 / T, dtype=history.dtype)
+    rate = history[-1] / history[-2]                                            # (T,)
+    return torch.softmax(rate / temperature, dim=0)
+
+
+class DWA(Combiner):
+    """Dynamic Weight Average. Records the mean loss of every epoch from the losses it is given;
+    the weights of epoch e use the recorded means of epochs e-1 and e-2."""
+    Config = DWAConfig
+
+    def __init__(self, num_tasks: int, config=None, seed: int = 0):
+        super().__init__(num_tasks, config, seed)
+        self.history: list[torch.Tensor] = []         # per finished epoch: (T,) mean loss
+        self._epoch, self._sum, self._count = None, torch.zeros(num_tasks, dtype=torch.float64), 0
+
+    def combine(self, inp: CombineInput) -> Combined:
+        if inp.losses is None:
+            raise ValueError("dwa needs per-task losses")
+        if self._epoch is not None and inp.epoch != self._epoch and self._count:
+            self.history.append(self._sum / self._count)
+            self._sum, self._count = torch.zeros_like(self._sum), 0
+        self._epoch = inp.epoch
+        self._sum += inp.losses.detach().double().cpu()
+        self._count += 1
+        hist = torch.stack(self.history[-2:]) if self.history else torch.zeros(0, self.num_tasks)
+        return apply_weights(dwa_weights(hist.double(), self.config.temperature).to(dtype_of(inp)), inp)
+
+    def state_dict(self) -> dict:
+        return {"history": [h.clone() for h in self.history], "epoch": self._epoch,
+                "sum": self._sum.clone(), "count": self._count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [h.clone() for h in state["history"]]
+        self._epoch, self._sum, self._count = state["epoch"], state["sum"].clone(), state["count"]
+
+
+# ------------------------------------------------------------------------------------- RLW
+@dataclass(frozen=True)
+class RLWConfig(CombinerConfig):
+    name: str = "rlw"
+
+
+class RLW(Combiner):
+    """Random loss weighting: softmax of standard-normal draws, a pure function of (seed, step)."""
+    Config = RLWConfig
+
+    def combine(self, inp: CombineInput) -> Combined:
+        z = torch.randn(self.num_tasks, generator=generator(self.seed, RLW_STREAM, inp.step))
+        return apply_weights(torch.softmax(z, dim=0).to(dtype_of(inp)), inp)
+
+
+# -------------------------------------------------------------------------------- GradNorm
+@dataclass(frozen=True)
+class GradNormConfig(CombinerConfig):
+    name: str = "gradnorm"
+    alpha: float = 1.5               # restoring-force strength (paper's alpha)
+    lr: float = 0.025                # step size of the task-weight update
+
+    CHECKS: ClassVar[dict] = {"alpha": ">=0", "lr": ">0"}
+
+
+class GradNorm(Combiner):
+    """GradNorm. `grads` must be the per-task gradients of the LAST SHARED LAYER, `losses` the
+    per-task losses. Returns the current weights (w / T, so they sum to one), then updates w by
+    one step on L_grad = sum_t |w_t·||g_t|| - mean(w·||g||)·r_t^alpha| with the target held
+    constant (r_t = relative inverse training rate L_t/L_t(0) over its mean), and renormalises
+    w to sum to T as in the paper. For the full shared gradient, backprop the returned `loss`.
+    """
+    Config = GradNormConfig
+    needs_grads = True
+
+    def __init__(self, num_tasks: int, config=None, seed: int = 0):
+        super().__init__(num_tasks, config, seed)
+        self.w = torch.ones(num_tasks, dtype=torch.float64)
+        self.initial_losses: torch.Tensor | None = None
+
+    def combine(self, inp: CombineInput) -> Combined:
+        if inp.losses is None or inp.grads is None:
+            raise ValueError("gradnorm needs losses and last-shared-layer grads")
+        losses = inp.losses.detach().double().cpu()
+        if self.initial_losses is None:
+            self.initial_losses = losses.clone()
+        out = apply_weights((self.w / self.num_tasks).to(dtype_of(inp)), inp)
+        self.w = gradnorm_step(self.w, flat(inp.grads).detach().double().norm(dim=1).cpu(),
+                               losses / self.initial_losses, self.config.alpha, self.config.lr)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"w": self.w.clone(), "initial_losses": self.initial_losses}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.w, self.initial_losses = state["w"].clone(), state["initial_losses"]
+
+
+def gradnorm_step(w: torch.Tensor, norms: torch.Tensor, loss_ratio: torch.Tensor,
+                  alpha: float, lr: float) -> torch.Tensor:
+    """One GradNorm update of (T,) weights summing to T; norms = ||grad_W L_t|| (unweighted)."""
+    G = w * norms                                                               # (T,) weighted grad norms
+    r = loss_ratio / loss_ratio.mean()                                          # (T,) relative inverse rate
+    target = G.mean() * r ** alpha                                              # (T,) held constant
+    w = (w - lr * torch.sign(G - target) * norms).clamp_min(1e-6)             # d|G_t - c_t|/dw_t
+    return w * (w.numel() / w.sum())
