@@ -27,8 +27,19 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help=VERBS["run"], description=VERBS["run"])
     r.add_argument("config", nargs="?", default=None, help="experiment YAML (default: configs/quickstart.yaml)")
     r.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. rounds=5 train.lr=0.05")
+    r.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the run checkpointed in DIR (its config; overrides such as rounds=N apply)")
     d = sub.add_parser("data", help=VERBS["data"], description=VERBS["data"], add_help=False)
     d.add_argument("args", nargs=argparse.REMAINDER)
+    t = sub.add_parser("tune", help="hyperparameter sweep with Ray Tune: fleetrec tune SPACE.yaml [key.path=value ...]",
+                       description="Run (or --resume) a Ray Tune sweep described by a search-space YAML "
+                                   "(see tune_spaces/README.md); overrides apply to its base config.")
+    t.add_argument("space", help="search-space YAML, e.g. tune_spaces/quickstart.yaml")
+    t.add_argument("overrides", nargs="*", help="key.path=value overrides of the base config, e.g. rounds=5")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted sweep in <storage_path>/<name>")
+    t.add_argument("--name", default=None, help="sweep name (default: the YAML's name, else its file stem)")
+    t.add_argument("--storage-path", default=None, help="Tune results folder (default: the YAML's, ./tune_results)")
+    t.add_argument("--check", action="store_true", help="validate the YAML and print the sweep; run nothing")
     u = sub.add_parser("ui", help=VERBS["ui"], description=VERBS["ui"])
     u.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
     u.add_argument("--port", type=int, default=5000)
@@ -44,18 +55,43 @@ def _split_config(config: str | None, overrides: list[str]) -> tuple[str | None,
 
 
 def cmd_run(args) -> int:
-    from simulator.config import load
+    from simulator.config import from_dict, load
+    from simulator.config_loader import apply_overrides
     path, overrides = _split_config(args.config, args.overrides)
-    cfg = load(path, overrides)
+    resume = None
+    if args.resume:
+        from simulator import checkpoint
+        if path:
+            raise ConfigError(f"--resume {args.resume}: the config comes from the checkpoint; "
+                              f"give overrides only, not {path}")
+        resume = checkpoint.load(args.resume)
+        overrides = [f"checkpoint.dir={args.resume}", *overrides]   # keep checkpointing where it was
+        cfg = from_dict(apply_overrides(resume.config, overrides), f"{args.resume}/config.yaml")
+    else:
+        cfg = load(path, overrides)
     from simulator.run import run
     from simulator.tracking import default_callbacks
-    run(cfg, default_callbacks(cfg))
+    run(cfg, default_callbacks(cfg), resume=resume)
     return 0
 
 
 def cmd_data(args) -> int:
     from datasets.describe import main as data_main
     return data_main(args.args)
+
+
+def cmd_tune(args) -> int:
+    from simulator.tune import SweepInterrupted, describe, load_sweep, report, tune_sweep
+    sweep = load_sweep(args.space, args.overrides, name=args.name, storage_path=args.storage_path)
+    print(describe(sweep), file=sys.stderr)
+    if args.check:
+        return 0
+    try:
+        print(report(tune_sweep(sweep, resume=args.resume), sweep), file=sys.stderr)
+    except SweepInterrupted as e:
+        print(f"fleetrec: {e}", file=sys.stderr)
+        return 130
+    return 0
 
 
 def cmd_ui(args) -> int:
@@ -74,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     try:
-        return {"run": cmd_run, "ui": cmd_ui, "data": cmd_data}[args.verb](args)
+        return {"run": cmd_run, "ui": cmd_ui, "data": cmd_data, "tune": cmd_tune}[args.verb](args)
     except (ConfigError, DataError) as e:
         print(f"fleetrec: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from algorithms.fedavg import FedAvgConfig
 from algorithms.protocol import AlgorithmConfig, LocalTrainConfig
 from datasets.sources import DataConfig
 from datasets.synthetic import SyntheticPerUserConfig
+from simulator.checkpoint import CheckpointConfig
 from simulator.config_loader import ConfigError, apply_overrides, build, read_yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
@@ -71,6 +72,7 @@ class ExperimentConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     CHECKS: ClassVar[dict] = {"rounds": ">=1", "early_stop_patience": ">=0", "seed": ">=0"}
 

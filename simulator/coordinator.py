@@ -111,6 +111,18 @@ class Coordinator:
                 out[f"{name}/clients"] = int(len(np.unique(client)))
         return out
 
+    def snapshot(self) -> tuple[Tensors, list[Tensors]]:
+        """Server state and every worker's shard of personal state, for a checkpoint."""
+        return self.server_state(), ray.get([w.shard.remote() for w in self.workers])
+
+    def restore(self, server: Tensors, shards: list[Tensors]) -> None:
+        if len(shards) != len(self.workers):
+            raise ValueError(f"checkpoint has {len(shards)} worker shards, the run has {len(self.workers)} workers")
+        if set(server) != set(self.state):
+            raise ValueError(f"checkpoint server state has tensors {sorted(server)}, expected {sorted(self.state)}")
+        self.state = {k: v.clone() for k, v in server.items()}
+        ray.get([w.load_shard.remote(s) for w, s in zip(self.workers, shards)])
+
     def server_state(self) -> Tensors:
         return {k: v.clone() for k, v in self.state.items()}
 

@@ -31,11 +31,18 @@ class RunResult:
 
 
 class Callback:
-    """Driver-side consumer of round records. Return True from `on_round` to stop early."""
+    """Driver-side consumer of round records. Return True from `on_round` to stop early.
+    `state_dict` / `load_state_dict` carry what a resumed run needs (e.g. the MLflow run id)."""
 
     def on_start(self, cfg: ExperimentConfig, info: dict) -> None: ...
     def on_round(self, record: dict) -> bool | None: ...
     def on_end(self, result: RunResult) -> None: ...
+    def on_abort(self, error: BaseException) -> None: ...   # the run failed or was interrupted
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def ensure_ray(cfg: ExperimentConfig) -> None:
@@ -50,44 +57,91 @@ def _better(a: float, b: float | None, mode: str) -> bool:
     return b is None or (a > b if mode == "max" else a < b)
 
 
-def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, keep_actors: bool = False):
-    """Run one experiment. Returns a RunResult (and the coordinator handle if keep_actors)."""
+def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, keep_actors: bool = False,
+        resume=None):
+    """Run one experiment. Returns a RunResult (and the coordinator handle if keep_actors).
+
+    `resume`: a `simulator.checkpoint.Checkpoint` to continue from (its round + 1 onwards).
+    """
+    from simulator import checkpoint
     from simulator.coordinator import Coordinator
     ensure_ray(cfg)
     t0 = time.perf_counter()
     ds = dataset if dataset is not None else cfg.data.build(cfg.seed)
     ds_ref = ray.put(ds)
     coord = Coordinator.options(num_cpus=0).remote(cfg, [ds_ref])
-    info = ray.get(coord.info.remote())
-    info.update(dataset=ds.name, num_clients=ds.num_clients, num_rows=ds.num_rows, meta=ds.meta,
-                startup_seconds=time.perf_counter() - t0)
-    for cb in callbacks:
-        cb.on_start(cfg, info)
-    records, best, best_val, stale = [], None, None, 0
-    metric = f"val/{cfg.eval.metric}"
     try:
-        for rnd in range(cfg.rounds):
+        info = ray.get(coord.info.remote())
+        info.update(dataset=ds.name, num_clients=ds.num_clients, num_rows=ds.num_rows, meta=ds.meta,
+                    startup_seconds=time.perf_counter() - t0)
+        loop = _Loop(cfg, callbacks)
+        if resume is not None:
+            ray.get(coord.restore.remote(resume.server, resume.shards))
+            loop.load_state_dict(resume.driver)
+            info["resumed_from_round"] = resume.round
+        for cb in callbacks:
+            cb.on_start(cfg, info)
+        for rnd in range(loop.next_round, cfg.rounds):
             due = (rnd + 1) % cfg.eval.every == 0 or rnd == cfg.rounds - 1
             rec = ray.get(coord.run_round.remote(rnd, due))
-            records.append(rec)
-            stop = False
-            if metric in rec:
-                if _better(rec[metric], best_val, cfg.eval.mode):
-                    best, best_val, stale = rec, rec[metric], 0
-                else:
-                    stale += 1
-                    stop = 0 < cfg.early_stop_patience <= stale
-            for cb in callbacks:
-                stop = bool(cb.on_round(rec)) or stop
+            stop = loop.record(rec)
+            ck = cfg.checkpoint
+            if ck.every and ((rnd + 1) % ck.every == 0 or rnd == cfg.rounds - 1 or stop):
+                server, shards = ray.get(coord.snapshot.remote())
+                checkpoint.save(ck.dir, rnd, cfg, server, shards, loop.state_dict(rnd), ck.keep)
             if stop:
                 break
-        evaluated = [r for r in records if metric in r]
-        result = RunResult(records=records, best_round=best["round"] if best else None, best=best or {},
-                           final=evaluated[-1] if evaluated else {},
-                           server_state=ray.get(coord.server_state.remote()), info=info)
+        result = loop.result(ray.get(coord.server_state.remote()), info)
         for cb in callbacks:
             cb.on_end(result)
+    except BaseException as e:
+        for cb in callbacks:
+            cb.on_abort(e)
+        raise
     finally:
         if not keep_actors:
             ray.kill(coord)
     return (result, coord) if keep_actors else result
+
+
+class _Loop:
+    """Round records, best-validation tracking and early stopping: the driver's state."""
+
+    def __init__(self, cfg: ExperimentConfig, callbacks):
+        self.cfg, self.callbacks = cfg, list(callbacks)
+        self.metric = f"val/{cfg.eval.metric}"
+        self.records: list[dict] = []
+        self.best, self.best_val, self.stale, self.next_round = None, None, 0, 0
+
+    def record(self, rec: dict) -> bool:
+        self.records.append(rec)
+        self.next_round = rec["round"] + 1
+        stop = False
+        if self.metric in rec:
+            if _better(rec[self.metric], self.best_val, self.cfg.eval.mode):
+                self.best, self.best_val, self.stale = rec, rec[self.metric], 0
+            else:
+                self.stale += 1
+                stop = 0 < self.cfg.early_stop_patience <= self.stale
+        for cb in self.callbacks:
+            stop = bool(cb.on_round(rec)) or stop
+        return stop
+
+    def state_dict(self, rnd: int) -> dict:
+        return {"round": rnd, "records": self.records, "best_round": self.best["round"] if self.best else None,
+                "best_val": self.best_val, "stale": self.stale,
+                "callbacks": [cb.state_dict() for cb in self.callbacks]}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.records = list(d["records"])
+        self.next_round = d["round"] + 1
+        self.best = next((r for r in self.records if r["round"] == d["best_round"]), None)
+        self.best_val, self.stale = d["best_val"], d["stale"]
+        for cb, state in zip(self.callbacks, d.get("callbacks", [])):
+            cb.load_state_dict(state)
+
+    def result(self, server_state: dict, info: dict) -> RunResult:
+        evaluated = [r for r in self.records if self.metric in r]
+        return RunResult(records=self.records, best_round=self.best["round"] if self.best else None,
+                         best=self.best or {}, final=evaluated[-1] if evaluated else {},
+                         server_state=server_state, info=info)

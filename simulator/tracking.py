@@ -36,7 +36,9 @@ class ProgressBar(Callback):
             print(f"dataset {info['dataset']}: {info['num_clients']} clients, {info['num_rows']} rows; "
                   f"Bayes-optimal AUC (a perfect model) val {bayes['val']:.4f} test {bayes['test']:.4f}",
                   file=self.stream)
-        self.bar = tqdm(total=cfg.rounds, desc=cfg.name, unit="round", file=self.stream, dynamic_ncols=True)
+        start = info.get("resumed_from_round", -1) + 1
+        self.bar = tqdm(total=cfg.rounds, initial=start, desc=cfg.name, unit="round", file=self.stream,
+                        dynamic_ncols=True)
 
     def on_round(self, record: dict) -> None:
         post = {"loss": _fmt(record.get("train/train_loss", float("nan")))}
@@ -45,6 +47,10 @@ class ProgressBar(Callback):
         post["upd/s"] = f"{record['client_updates_per_s']:.0f}"
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
+
+    def on_abort(self, error: BaseException) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
     def on_end(self, result: RunResult) -> None:
         self.bar.close()
@@ -76,11 +82,21 @@ class MlflowLogger(Callback):
         self.parent = parent_run_id
         self.run_id = None
 
+    def state_dict(self) -> dict:
+        return {"mlflow_run_id": self.run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.run_id = state.get("mlflow_run_id")
+
     def on_start(self, cfg: ExperimentConfig, info: dict) -> None:
         import mlflow
         t = cfg.tracking
         mlflow.set_tracking_uri(t.tracking_uri)
         mlflow.set_experiment(t.experiment)
+        if self.run_id:                  # a resumed run continues its own MLflow run
+            mlflow.start_run(run_id=self.run_id)
+            mlflow.set_tag("fleetrec.resumed_from_round", str(info.get("resumed_from_round")))
+            return
         run = mlflow.start_run(run_name=t.run_name or cfg.name, nested=self.parent is not None,
                                parent_run_id=self.parent)
         self.run_id = run.info.run_id
@@ -95,6 +111,11 @@ class MlflowLogger(Callback):
             p = Path(d) / "config.yaml"
             p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             mlflow.log_artifact(str(p))
+
+    def on_abort(self, error: BaseException) -> None:
+        import mlflow
+        if self.run_id and mlflow.active_run() is not None:
+            mlflow.end_run(status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
 
     def on_round(self, record: dict) -> None:
         import mlflow

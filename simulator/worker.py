@@ -97,6 +97,17 @@ class Worker:
         slots = self._slots(np.asarray(client_ids, dtype=np.int64))
         return {k: v[slots].clone() for k, v in self.personal.items()}
 
+    def shard(self) -> Tensors:
+        """This worker's personal state (all owned clients, by slot) for a checkpoint."""
+        return {k: v.clone() for k, v in self.personal.items()}
+
+    def load_shard(self, shard: Tensors) -> None:
+        for k, v in self.personal.items():
+            if k not in shard or shard[k].shape != v.shape:
+                raise ValueError(f"checkpoint shard of worker {self.index} does not match tensor {k!r} "
+                                 f"(expected shape {tuple(v.shape)})")
+        self.personal = {k: shard[k].clone() for k in self.personal}
+
     def info(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "device": self.setup.device, "gpu_ids": ray.get_gpu_ids(), "zero_copy": self.zero_copy,

@@ -1,0 +1,88 @@
+"""Checkpoints: everything a run needs to continue, written atomically every k rounds.
+
+A checkpoint directory holds the resolved config (`config.yaml`), one folder per saved round
+(`round_000012/`: `server.pt` with the server state, `worker_<i>.pt` with worker i's shard
+of personal state, `driver.json` with the round records, best-round tracking and callback
+state such as the MLflow run id) and `LATEST` naming the newest complete folder. A folder is
+written under a temporary name and renamed when complete, so a crash mid-write leaves the
+previous checkpoint intact. Randomness is a pure function of (seed, round, client), so no
+generator state needs saving.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import yaml
+
+from simulator.config_loader import ConfigError, to_dict
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0                     # checkpoint every k rounds; 0 = never
+    dir: str = "checkpoints"           # directory (relative to the working directory)
+    keep: int = 2                      # newest checkpoints kept
+
+    CHECKS: ClassVar[dict] = {"every": ">=0", "keep": ">=1"}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(directory: str | Path, rnd: int, cfg, server: dict, shards: list[dict], driver: dict,
+         keep: int = 2) -> Path:
+    """Write the checkpoint of a completed round `rnd` and prune old ones."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "config.yaml").exists():
+        _atomic_write_text(d / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    final = d / f"round_{rnd:06d}"
+    tmp = d / f".tmp_round_{rnd:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(server, tmp / "server.pt")
+    for i, shard in enumerate(shards):
+        torch.save(shard, tmp / f"worker_{i}.pt")
+    (tmp / "driver.json").write_text(json.dumps(driver))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_write_text(d / "LATEST", final.name)
+    for old in sorted(p for p in d.glob("round_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    server: dict
+    shards: list[dict]
+    driver: dict
+    config: dict
+
+
+def load(directory: str | Path) -> Checkpoint:
+    """Read the newest complete checkpoint; one clear error if there is none."""
+    d = Path(directory)
+    latest = d / "LATEST"
+    if not latest.is_file():
+        raise ConfigError(f"{d}: no checkpoint to resume from (expected {latest})")
+    folder = d / latest.read_text().strip()
+    try:
+        server = torch.load(folder / "server.pt", weights_only=True)
+        shards = [torch.load(p, weights_only=True)
+                  for p in sorted(folder.glob("worker_*.pt"), key=lambda p: int(p.stem.split("_")[1]))]
+        driver = json.loads((folder / "driver.json").read_text())
+        config = yaml.safe_load((d / "config.yaml").read_text())
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"{folder}: unreadable checkpoint ({e})") from None
+    return Checkpoint(round=driver["round"], server=server, shards=shards, driver=driver, config=config)
