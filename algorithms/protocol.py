@@ -58,6 +58,8 @@ class Setup:
     train: LocalTrainConfig
     model: object                    # the model's config dataclass (algorithms.models)
     device: str = "cpu"
+    privacy: object = None           # algorithms.privacy.CentralDPConfig, or None (no central DP)
+    clients_per_round: int = 0       # cohort size the server expects (central DP's q * N)
 
 
 @dataclass

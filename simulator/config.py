@@ -12,7 +12,8 @@ from typing import ClassVar
 from algorithms.models import ModelConfig
 from algorithms.models.per_user import PerUserModelConfig
 from algorithms.fedavg import FedAvgConfig
-from algorithms.protocol import AlgorithmConfig, LocalTrainConfig
+from algorithms.privacy import CentralDPConfig
+from algorithms.protocol import AlgorithmConfig, LocalTrainConfig, Setup
 from datasets.sources import DataConfig
 from datasets.synthetic import SyntheticPerUserConfig
 from simulator.checkpoint import CheckpointConfig
@@ -73,8 +74,16 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    privacy: CentralDPConfig = field(default_factory=CentralDPConfig)   # central DP on the aggregate
 
     CHECKS: ClassVar[dict] = {"rounds": ">=1", "early_stop_patience": ">=0", "seed": ">=0"}
+
+
+def make_setup(cfg: ExperimentConfig, ds) -> Setup:
+    """What every algorithm instance (coordinator and workers) is built from."""
+    return Setup(schema=ds.schema, num_clients=ds.num_clients, seed=cfg.seed, train=cfg.train, model=cfg.model,
+                 privacy=cfg.privacy if cfg.privacy.enabled else None,
+                 clients_per_round=min(cfg.federation.clients_per_round, ds.num_clients))
 
 
 def from_dict(data: dict, source: str = "config") -> ExperimentConfig:

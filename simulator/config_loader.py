@@ -10,12 +10,16 @@ Rules every config dataclass follows:
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -95,6 +99,8 @@ def _convert(value, tp, path: str):
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)          # YAML 1.1 reads 1e-5 (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
             return value

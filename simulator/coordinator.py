@@ -15,7 +15,7 @@ import ray
 import torch
 
 from algorithms import make_algorithm, metrics, rng
-from algorithms.protocol import Accumulator, Setup, Tensors
+from algorithms.protocol import Accumulator, Tensors
 from datasets.federated import TEST, VAL, FederatedDataset
 from simulator.worker import Worker
 
@@ -52,7 +52,8 @@ class Coordinator:
         self.cfg = cfg
         self.tasks = ds.schema.tasks
         self.num_clients = ds.num_clients
-        setup = Setup(schema=ds.schema, num_clients=ds.num_clients, seed=cfg.seed, train=cfg.train, model=cfg.model)
+        from simulator.config import make_setup
+        setup = make_setup(cfg, ds)
         self.algo = make_algorithm(cfg.algorithm, setup)
         self.state: Tensors = self.algo.init_server()
         res = cfg.resources
@@ -83,7 +84,7 @@ class Coordinator:
         record = {"round": rnd, "cohort": len(cohort), "train_seconds": seconds,
                   "client_updates_per_s": len(cohort) / seconds,
                   "bytes_up": up * acc.clients, "bytes_down": down * len(cohort),
-                  **{f"train/{k}": v for k, v in train_metrics.items()}}
+                  **{(k if "/" in k else f"train/{k}"): v for k, v in train_metrics.items()}}
         if evaluate:
             t1 = time.perf_counter()
             record.update(self.evaluate())

@@ -85,3 +85,12 @@ def test_console_script_exit_code_and_help(tmp_path):
     assert h.returncode == 0
     for verb in ("run", "ui"):
         assert any(line.strip().startswith(verb + " ") for line in h.stdout.splitlines())
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    p = tmp_path / "e.yaml"
+    p.write_text("privacy:\n  delta: 1e-5\ntrain:\n  lr: 5E-2\n")
+    cfg = load(p, ["privacy.clip=1e6"])
+    assert cfg.privacy.delta == 1e-5 and cfg.train.lr == 0.05 and cfg.privacy.clip == 1e6
+    with pytest.raises(ConfigError, match="train.lr: got '1e-5x'"):
+        load(p, ["train.lr=1e-5x"])

@@ -138,3 +138,10 @@ def test_round_two_continues_from_round_one_state(ray_session, tiny_cfg):
     expected = algo.train_cohort(plan, batch, {"user_emb": emb_one[None]}).personal["user_emb"][0]
     torch.testing.assert_close(emb_two, expected, atol=1e-6, rtol=0)
     assert not torch.allclose(emb_two, emb_one)
+
+
+def test_central_dp_run_logs_epsilon_every_round(ray_session, tiny_cfg):
+    res = run(tiny_cfg(**{"privacy.enabled": True, "privacy.noise_multiplier": 1.0, "privacy.clip": 0.5,
+                          "rounds": 2, "algorithm.weighting": "uniform"}))
+    eps = [r["privacy/epsilon"] for r in res.records]
+    assert 0 < eps[0] < eps[1]

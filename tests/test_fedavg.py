@@ -134,3 +134,46 @@ def test_registry_refuses_a_taken_name():
     with pytest.raises(ValueError, match="already registered"):
         algorithms.register("fedavg", object)
     assert algorithms.ALGORITHMS["fedavg"].__name__ == "FedAvg"
+
+
+def _one_round(algo, ds, cfg, clients):
+    from simulator.cohort import DataView
+    state = algo.init_server()
+    batch = DataView(ds).batch(clients, 0, epochs=cfg.train.local_epochs, seed=cfg.seed, rnd=0)
+    plan = algo.configure_train(0, state, torch.from_numpy(clients))
+    upd = algo.train_cohort(plan, batch, algo.init_personal(torch.from_numpy(clients)))
+    return algo.aggregate_train(0, state, upd.acc)
+
+
+def test_central_dp_with_no_clipping_and_tiny_noise_is_uniform_fedavg():
+    from simulator.config import make_setup
+    clients = np.arange(12)
+    plain_cfg = tiny_config("algorithm.weighting=uniform", "federation.clients_per_round=12")
+    dp_cfg = tiny_config("algorithm.weighting=uniform", "federation.clients_per_round=12", "privacy.enabled=true",
+                         "privacy.clip=1e6", "privacy.noise_multiplier=1e-12")
+    ds = plain_cfg.data.build(plain_cfg.seed)
+    plain, _ = _one_round(make_algorithm(plain_cfg.algorithm, make_setup(plain_cfg, ds)), ds, plain_cfg, clients)
+    dp_algo = make_algorithm(dp_cfg.algorithm, make_setup(dp_cfg, ds))
+    private, metrics = _one_round(dp_algo, ds, dp_cfg, clients)
+    for k in plain:
+        torch.testing.assert_close(private[k], plain[k], atol=1e-5, rtol=1e-5)
+    assert metrics["privacy/epsilon"] > 0
+
+
+def test_central_dp_clips_and_reports_the_accountants_epsilon():
+    from opacus.accountants import RDPAccountant
+    from simulator.config import make_setup
+    cfg = tiny_config("federation.clients_per_round=10", "privacy.enabled=true", "privacy.clip=0.01",
+                      "privacy.noise_multiplier=1.3", "train.lr=1.0")
+    ds = cfg.data.build(cfg.seed)
+    algo = make_algorithm(cfg.algorithm, make_setup(cfg, ds))
+    state = algo.init_server()
+    new, metrics = _one_round(algo, ds, cfg, np.arange(10))
+    acct = RDPAccountant()
+    acct.step(noise_multiplier=1.3, sample_rate=10 / ds.num_clients)
+    assert metrics["privacy/epsilon"] == pytest.approx(acct.get_epsilon(delta=1e-5))
+    # each client's update has norm <= clip, so without noise the mean moves by <= clip;
+    # with noise sigma*clip per coordinate over 10 clients the step stays of that order
+    step = torch.cat([(new[k] - state[k]).flatten() for k in state]).norm()
+    n_coords = sum(state[k].numel() for k in state)
+    assert step < 0.01 + 5 * 1.3 * 0.01 * n_coords ** 0.5 / 10
