@@ -53,7 +53,7 @@ class FedAvg(RoleModelAlgorithm):
 
     def aggregate_train(self, rnd: int, state: Tensors, acc: Accumulator) -> tuple[Tensors, dict]:
         new, dp = dict(state), self.setup.privacy
-        if dp is not None:
+        if dp is not None and acc.sums:
             noisy = privacy.privatize(acc, dp, self.setup.seed, rnd, self.setup.clients_per_round)
             for k in self.shared_names:
                 new[k] = state[k] + self.config.server_lr * noisy[k].to(state[k].dtype)

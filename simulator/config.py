@@ -18,6 +18,7 @@ from datasets.sources import DataConfig
 from datasets.synthetic import SyntheticPerUserConfig
 from simulator.checkpoint import CheckpointConfig
 from simulator.config_loader import ConfigError, apply_overrides, build, read_yaml
+from simulator.system import SystemConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
@@ -75,6 +76,7 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     privacy: CentralDPConfig = field(default_factory=CentralDPConfig)   # central DP on the aggregate
+    system: SystemConfig = field(default_factory=SystemConfig)          # availability, stragglers, virtual clock
 
     CHECKS: ClassVar[dict] = {"rounds": ">=1", "early_stop_patience": ">=0", "seed": ">=0"}
 

@@ -63,6 +63,12 @@ class Coordinator:
                 cfg.federation.cohort_size, int(res.cpus_per_worker))
             for i in range(res.workers)]
         self.worker_info = ray.get([w.info.remote() for w in self.workers])
+        self.system = None
+        if cfg.system.active:
+            from simulator.system import SystemModel
+            up, down = self.algo.traffic()
+            self.system = SystemModel(cfg.system, cfg.seed, ds.num_clients, ds.rows_per_client(0), up + down,
+                                      cfg.train.local_epochs)
 
     def info(self) -> dict:
         up, down = self.algo.traffic()
@@ -71,7 +77,11 @@ class Coordinator:
 
     def run_round(self, rnd: int, evaluate: bool) -> dict:
         t0 = time.perf_counter()
-        cohort = sample_cohort(self.cfg.seed, rnd, self.num_clients, self.cfg.federation.clients_per_round)
+        k = self.cfg.federation.clients_per_round
+        if self.system is None:
+            cohort, system_record = sample_cohort(self.cfg.seed, rnd, self.num_clients, k), {}
+        else:
+            cohort, system_record = self.system.select(rnd, self.num_clients, k)
         plan_ref = ray.put(self.algo.configure_train(rnd, self.state, torch.from_numpy(cohort)))
         parts = split_by_owner(cohort, len(self.workers))
         futures = [w.train.remote(plan_ref, ids) for w, ids in zip(self.workers, parts) if len(ids)]
@@ -84,6 +94,7 @@ class Coordinator:
         record = {"round": rnd, "cohort": len(cohort), "train_seconds": seconds,
                   "client_updates_per_s": len(cohort) / seconds,
                   "bytes_up": up * acc.clients, "bytes_down": down * len(cohort),
+                  **system_record,
                   **{(k if "/" in k else f"train/{k}"): v for k, v in train_metrics.items()}}
         if evaluate:
             t1 = time.perf_counter()
