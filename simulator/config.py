@@ -37,8 +37,10 @@ class ResourcesConfig:
     cpus_per_worker: float = 1.0       # fractional allowed; torch threads = max(1, floor(cpus))
     gpus_per_worker: float = 0.0       # fractional allowed: 0.25 = four workers share a GPU
     address: str | None = None         # Ray address ("auto" joins a running cluster); null = local
+    max_restarts: int = 3              # Ray restarts of a crashed worker (restored from the last checkpoint)
 
-    CHECKS: ClassVar[dict] = {"workers": ">=1", "cpus_per_worker": ">0", "gpus_per_worker": ">=0"}
+    CHECKS: ClassVar[dict] = {"workers": ">=1", "cpus_per_worker": ">0", "gpus_per_worker": ">=0",
+                              "max_restarts": ">=0"}
 
 
 @dataclass(frozen=True)

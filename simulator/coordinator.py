@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -17,7 +18,8 @@ import torch
 from algorithms import make_algorithm, metrics, rng
 from algorithms.protocol import Accumulator, Tensors
 from datasets.federated import TEST, VAL, FederatedDataset
-from simulator.worker import Worker
+from simulator import checkpoint
+from simulator.worker import Worker, WorkerRestarted
 
 
 def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> np.ndarray:
@@ -58,11 +60,14 @@ class Coordinator:
         self.state: Tensors = self.algo.init_server()
         res = cfg.resources
         self.workers = [
-            Worker.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker).remote(
+            Worker.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
+                           max_restarts=res.max_restarts).remote(
                 i, res.workers, dataset_holder[0], cfg.algorithm, setup,
                 cfg.federation.cohort_size, int(res.cpus_per_worker))
             for i in range(res.workers)]
         self.worker_info = ray.get([w.info.remote() for w in self.workers])
+        self.history: list = []            # (plan ref, per-worker client ids) of rounds since the last snapshot
+        self.recoveries = 0
         self.system = None
         if cfg.system.active:
             from simulator.system import SystemModel
@@ -73,7 +78,7 @@ class Coordinator:
     def info(self) -> dict:
         up, down = self.algo.traffic()
         return {"workers": self.worker_info, "bytes_up_per_client": up, "bytes_down_per_client": down,
-                "num_clients": self.num_clients}
+                "num_clients": self.num_clients, "worker_recoveries": self.recoveries}
 
     def run_round(self, rnd: int, evaluate: bool) -> dict:
         t0 = time.perf_counter()
@@ -84,10 +89,11 @@ class Coordinator:
             cohort, system_record = self.system.select(rnd, self.num_clients, k)
         plan_ref = ray.put(self.algo.configure_train(rnd, self.state, torch.from_numpy(cohort)))
         parts = split_by_owner(cohort, len(self.workers))
-        futures = [w.train.remote(plan_ref, ids) for w, ids in zip(self.workers, parts) if len(ids)]
+        calls = [(i, w.train.remote(plan_ref, ids)) for i, (w, ids) in enumerate(zip(self.workers, parts)) if len(ids)]
         acc = Accumulator()
-        for part in ray.get(futures):          # fixed (worker) order; sums are float64
-            acc.merge(part)
+        for part in self._gather(calls, lambda i: self.workers[i].train.remote(plan_ref, parts[i])):
+            acc.merge(part)                    # fixed (worker) order; sums are float64
+        self.history.append((plan_ref, parts))
         self.state, train_metrics = self.algo.aggregate_train(rnd, self.state, acc)
         seconds = time.perf_counter() - t0
         up, down = self.algo.traffic()
@@ -111,8 +117,10 @@ class Coordinator:
 
     def evaluate(self) -> dict[str, float]:
         state_ref = ray.put(self.state)
-        parts = ray.get([w.evaluate.remote(state_ref, (VAL, TEST), ids)
-                         for w, ids in zip(self.workers, self._eval_clients())])
+        subsets = self._eval_clients()
+        calls = [(i, w.evaluate.remote(state_ref, (VAL, TEST), ids))
+                 for i, (w, ids) in enumerate(zip(self.workers, subsets))]
+        parts = self._gather(calls, lambda i: self.workers[i].evaluate.remote(state_ref, (VAL, TEST), subsets[i]))
         out = {}
         for split, name in ((VAL, "val"), (TEST, "test")):
             client = np.concatenate([p[split][0] for p in parts])
@@ -123,9 +131,47 @@ class Coordinator:
                 out[f"{name}/clients"] = int(len(np.unique(client)))
         return out
 
+    def _gather(self, calls: list, redo) -> list:
+        """Results of per-worker calls in worker order; a worker that crashed (and was restarted
+        by Ray) is restored and its call re-issued with `redo(i)`."""
+        out = []
+        for i, ref in calls:
+            try:
+                out.append(ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                if isinstance(e, ray.exceptions.RayTaskError) and not isinstance(e.cause, WorkerRestarted):
+                    raise
+                self._recover(i)
+                out.append(ray.get(redo(i)))
+        return out
+
+    def _recover(self, i: int) -> None:
+        """Restore worker i from the last checkpoint and replay the rounds since then."""
+        ck = self.cfg.checkpoint
+        if not ck.every:
+            raise RuntimeError(f"worker {i} failed and its clients' personal state is lost; "
+                               "set checkpoint.every > 0 so fleetrec can restore a failed worker")
+        shard = None
+        if (Path(ck.dir) / "LATEST").is_file():
+            shard = checkpoint.load(ck.dir).shards[i]
+        replay = [(plan_ref, parts[i]) for plan_ref, parts in self.history]
+        for attempt in range(120):             # Ray is restarting the actor: wait for it (up to ~60 s)
+            try:
+                ray.get(self.workers[i].restore.remote(shard, replay))
+                break
+            except ray.exceptions.ActorUnavailableError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError(f"worker {i} did not come back after a failure")
+        self.recoveries += 1
+
     def snapshot(self) -> tuple[Tensors, list[Tensors]]:
-        """Server state and every worker's shard of personal state, for a checkpoint."""
-        return self.server_state(), ray.get([w.shard.remote() for w in self.workers])
+        """Server state and every worker's shard of personal state, for a checkpoint. The
+        rounds before it no longer need replaying after a worker failure."""
+        shards = self._gather([(i, w.shard.remote()) for i, w in enumerate(self.workers)],
+                              lambda i: self.workers[i].shard.remote())
+        self.history.clear()
+        return self.server_state(), shards
 
     def restore(self, server: Tensors, shards: list[Tensors]) -> None:
         if len(shards) != len(self.workers):

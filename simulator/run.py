@@ -73,7 +73,8 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
     try:
         info = ray.get(coord.info.remote())
         info.update(dataset=ds.name, num_clients=ds.num_clients, num_rows=ds.num_rows, meta=ds.meta,
-                    startup_seconds=time.perf_counter() - t0)
+                    startup_seconds=time.perf_counter() - t0,
+                    worker_handles=ray.get(coord.worker_handles.remote()))
         loop = _Loop(cfg, callbacks)
         if resume is not None:
             ray.get(coord.restore.remote(resume.server, resume.shards))
@@ -91,6 +92,7 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
                 checkpoint.save(ck.dir, rnd, cfg, server, shards, loop.state_dict(rnd), ck.keep)
             if stop:
                 break
+        info["worker_recoveries"] = ray.get(coord.info.remote())["worker_recoveries"]
         result = loop.result(ray.get(coord.server_state.remote()), info)
         for cb in callbacks:
             cb.on_end(result)

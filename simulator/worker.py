@@ -19,6 +19,10 @@ from datasets.federated import FederatedDataset
 from simulator.cohort import DataView
 
 
+class WorkerRestarted(RuntimeError):
+    """A restarted worker holds fresh personal state until the coordinator restores it."""
+
+
 def owned_clients(num_clients: int, index: int, workers: int) -> np.ndarray:
     return np.arange(index, num_clients, workers, dtype=np.int64)
 
@@ -31,6 +35,8 @@ class Worker:
         gpu_ids = ray.get_gpu_ids()
         device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
         self.setup = Setup(**{**setup.__dict__, "device": device})
+        # after a crash Ray re-runs __init__: state is fresh until `restore` brings it back
+        self.stale = ray.get_runtime_context().was_current_actor_reconstructed
         self.index, self.workers = index, workers
         self.data = DataView(dataset)
         # columns are views of the object store's buffers, not copies (read-only memory)
@@ -57,8 +63,26 @@ class Worker:
         for s in range(0, len(ordered), self.cohort_size):
             yield ordered[s:s + self.cohort_size]
 
+    def _check(self) -> None:
+        if self.stale:
+            raise WorkerRestarted(f"worker {self.index} was restarted and has not been restored")
+
+    def restore(self, shard: Tensors | None, replay: list) -> None:
+        """Bring a restarted worker back: load its checkpointed shard (None = initial state),
+        then re-train its clients of every round since that checkpoint, in order."""
+        if shard is not None:
+            self.load_shard(shard)
+        for plan_ref, ids in replay:
+            if len(ids):
+                self._train(ray.get(plan_ref), ids)
+        self.stale = False
+
     def train(self, plan: TrainPlan, client_ids: np.ndarray) -> Accumulator:
         """Train the given owned clients, cohort by cohort; return the pre-reduced accumulator."""
+        self._check()
+        return self._train(plan, client_ids)
+
+    def _train(self, plan: TrainPlan, client_ids: np.ndarray) -> Accumulator:
         acc = Accumulator()
         cfg, dev = self.setup.train, self.setup.device
         if dev != "cpu":
@@ -75,6 +99,7 @@ class Worker:
 
     def evaluate(self, state: Tensors, splits: tuple[int, ...], client_ids: np.ndarray | None = None) -> dict:
         """Scores of owned clients (all, or the given ones) on each split: flat numpy arrays."""
+        self._check()
         ids_all = owned_clients(self.setup.num_clients, self.index, self.workers) if client_ids is None else np.sort(client_ids)
         out, dev = {}, self.setup.device
         if dev != "cpu":
@@ -99,6 +124,7 @@ class Worker:
 
     def shard(self) -> Tensors:
         """This worker's personal state (all owned clients, by slot) for a checkpoint."""
+        self._check()
         return {k: v.clone() for k, v in self.personal.items()}
 
     def load_shard(self, shard: Tensors) -> None:

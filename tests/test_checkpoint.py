@@ -55,3 +55,36 @@ def test_checkpoints_are_pruned_and_missing_dir_is_a_clear_error(ray_session, ti
     assert not list(tmp_path.glob(".tmp*"))
     with pytest.raises(ConfigError, match="no checkpoint to resume from"):
         checkpoint.load(tmp_path / "nothing")
+
+
+class _KillWorker(Callback):
+    """Kills worker 1 (Ray restarts it with fresh state) after a given round."""
+
+    def __init__(self, after_round: int):
+        self.after = after_round
+
+    def on_start(self, cfg, info):
+        self.handle = info["worker_handles"][1]
+
+    def on_round(self, record):
+        if record["round"] == self.after:
+            import ray
+            ray.kill(self.handle, no_restart=False)
+
+
+@pytest.mark.parametrize("after_round", [2, 3])   # right after a checkpoint, and between checkpoints
+def test_killed_worker_is_restored_and_results_are_unchanged(ray_session, tiny_cfg, tmp_path, after_round):
+    opts = {"rounds": 5, "checkpoint.every": 2, "resources.workers": 2}
+    full = run(tiny_cfg(**{**opts, "checkpoint.dir": str(tmp_path / "a")}))
+    hurt = run(tiny_cfg(**{**opts, "checkpoint.dir": str(tmp_path / "b")}), [_KillWorker(after_round)])
+    assert hurt.info["worker_recoveries"] == 1
+    for k in full.records[-1]:
+        if k.startswith(("val/", "test/", "train/train_loss")):
+            assert hurt.records[-1][k] == pytest.approx(full.records[-1][k], abs=1e-6), k
+    for k in full.server_state:
+        torch.testing.assert_close(hurt.server_state[k], full.server_state[k], atol=1e-6, rtol=0)
+
+
+def test_worker_failure_without_checkpoints_is_a_clear_error(ray_session, tiny_cfg):
+    with pytest.raises(Exception, match="set checkpoint.every > 0"):
+        run(tiny_cfg(**{"rounds": 3}), [_KillWorker(0)])
