@@ -18,6 +18,8 @@ def make_algorithm(config, setup):
 def _register_builtins() -> None:
     from algorithms.fedavg import FedAvg
     register("fedavg", FedAvg)
+    from algorithms.fedpa import FedPA
+    register("fedpa", FedPA)
 
 
 _register_builtins()

@@ -17,7 +17,8 @@ from algorithms.vectorized import predict_cohort
 def build_model(setup: Setup):
     from algorithms.models.adapter import AdapterModel, AdapterModelConfig
     from algorithms.models.per_user import PerUserModel, PerUserModelConfig
-    builders = {PerUserModelConfig: PerUserModel, AdapterModelConfig: AdapterModel}
+    from algorithms.models.fedpa import FedPAModel, FedPAModelConfig
+    builders = {PerUserModelConfig: PerUserModel, AdapterModelConfig: AdapterModel, FedPAModelConfig: FedPAModel}
     torch.manual_seed(setup.seed)   # the one global-RNG use: identical initial model everywhere
     model = builders[type(setup.model)](setup.model, setup.schema)
     return model.to(setup.device)

@@ -16,6 +16,7 @@ VERBS = {
     "run": "run an experiment (default configs/quickstart.yaml) with key.path=value overrides",
     "ui": "open the MLflow UI on the tracking store (default sqlite:///mlflow.db here)",
     "data": "describe or prepare (cache) a dataset: fleetrec data describe|prepare|list NAME-OR-CONFIG",
+    "pretrain": "stage 1 of FedPA: pre-train the backbone on the open users of CONFIG",
 }
 
 
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--name", default=None, help="sweep name (default: the YAML's name, else its file stem)")
     t.add_argument("--storage-path", default=None, help="Tune results folder (default: the YAML's, ./tune_results)")
     t.add_argument("--check", action="store_true", help="validate the YAML and print the sweep; run nothing")
+    pt = sub.add_parser("pretrain", help=VERBS["pretrain"], description=VERBS["pretrain"], add_help=False)
+    pt.add_argument("args", nargs=argparse.REMAINDER)
     u = sub.add_parser("ui", help=VERBS["ui"], description=VERBS["ui"])
     u.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
     u.add_argument("--port", type=int, default=5000)
@@ -92,6 +95,11 @@ def cmd_tune(args) -> int:
         print(f"fleetrec: {e}", file=sys.stderr)
         return 130
     return 0
+
+
+def cmd_pretrain(args) -> int:
+    from simulator.pretrain import main as pretrain_main
+    return pretrain_main(args.args)
 
 
 def cmd_ui(args) -> int:

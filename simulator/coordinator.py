@@ -35,9 +35,11 @@ def split_by_owner(cohort: np.ndarray, workers: int) -> list[np.ndarray]:
 
 def eval_metrics(prefix: str, tasks: tuple[str, ...], client, scores, labels) -> dict[str, float]:
     """AUC, GAUC and log-loss per task (when several) and their means over tasks."""
-    out, per = {}, {"auc": [], "gauc": [], "logloss": []}
+    out, per = {}, {"auc": [], "gauc": [], "logloss": [], "precision_w": [], "recall_w": [], "f1_w": []}
     for t, task in enumerate(tasks):
         m = metrics.summarize_task(client, scores[:, t], labels[:, t])
+        m.update(zip(("precision_w", "recall_w", "f1_w"),
+                     metrics.weighted_precision_recall_f1(scores[:, t], labels[:, t])))
         for k, v in m.items():
             per[k].append(v)
             if len(tasks) > 1:

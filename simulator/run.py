@@ -67,7 +67,10 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
     from simulator.coordinator import Coordinator
     ensure_ray(cfg)
     t0 = time.perf_counter()
-    ds = dataset if dataset is not None else cfg.data.build(cfg.seed)
+    if dataset is None:
+        from simulator.pretrain import federated_dataset   # the data itself, or FedPA's private users
+        dataset = federated_dataset(cfg)
+    ds = dataset
     ds_ref = ray.put(ds)
     coord = Coordinator.options(num_cpus=0).remote(cfg, [ds_ref])
     try:

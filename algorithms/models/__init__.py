@@ -13,4 +13,5 @@ class ModelConfig:
     def VARIANTS(cls) -> dict[str, type]:
         from algorithms.models.per_user import PerUserModelConfig
         from algorithms.models.adapter import AdapterModelConfig
-        return {"per_user": PerUserModelConfig, "adapter": AdapterModelConfig}
+        from algorithms.models.fedpa import FedPAModelConfig
+        return {"per_user": PerUserModelConfig, "adapter": AdapterModelConfig, "fedpa": FedPAModelConfig}

@@ -1,0 +1,216 @@
+"""FedPA stage 1: pre-train the backbone centrally on "open" clients; stage 2 federates the rest.
+
+`pretrain(cfg)` builds the experiment's dataset, takes a deterministic fraction of its clients
+(seeded hash order of the client ids, `model.pretrain.open_fraction`) as open users, trains the
+backbone only (feature tables + MLP + output layer, no adapters) on their rows with Adam,
+keeps the best epoch by AUC on those rows (as the official code does; or on the open
+clients' validation rows, `select: open_val_auc`), and writes the weights
+to `model.backbone`. With MLflow tracking on, the file is logged as an artifact of its own run.
+
+`federated_dataset(cfg)` is stage 2's dataset: the same build minus the open clients (client
+ids renumbered 0..P-1, schema and vocabularies unchanged, so the backbone's tables fit).
+
+    fleetrec pretrain CONFIG [key=value ...]        (or python -m simulator.pretrain ...)
+    python -m simulator.pretrain --run CONFIG [...] (stage 2 on the private clients)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from algorithms.metrics import pooled_auc
+from algorithms.models.fedpa import FedPAModel, FedPAModelConfig, load_backbone, save_backbone
+from datasets.federated import CLIENT, SPLIT, TRAIN, VAL, DataError, FederatedDataset
+from datasets.partition import hash_order
+from simulator.config import ExperimentConfig, load
+from simulator.config_loader import ConfigError, apply_overrides, flatten, read_yaml, to_dict
+
+
+def open_clients(num_clients: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted ids of the open clients: the first round(fraction * C) ids in seeded hash order."""
+    n = int(round(fraction * num_clients))
+    return np.sort(hash_order(np.arange(num_clients), seed)[:n]).astype(np.int64)
+
+
+def subset_clients(ds: FederatedDataset, keep: np.ndarray) -> FederatedDataset:
+    """The clients `keep` (sorted ids) only, renumbered 0..len(keep)-1; schema unchanged."""
+    keep = np.asarray(keep, dtype=np.int64)
+    starts, ends = ds.offsets[keep], ds.offsets[keep + 1]
+    rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(keep) else np.zeros(0, np.int64)
+    cols = {c: ds.column(c)[rows] for c in ds.table.column_names}
+    cols[CLIENT] = np.repeat(np.arange(len(keep)), ends - starts)
+    attrs = {c: ds.client_attr(c)[keep] for c in ds.client_attrs.column_names if c != "_"}
+    meta = {**ds.meta, "clients_kept": int(len(keep)), "clients_before": ds.num_clients}
+    return FederatedDataset.from_columns(ds.name, cols, ds.schema, attrs, len(keep), meta)
+
+
+def _fedpa_model(cfg: ExperimentConfig) -> FedPAModelConfig:
+    if not isinstance(cfg.model, FedPAModelConfig):
+        raise ConfigError(f"model.name: got {cfg.model.name!r}, pre-training needs 'fedpa'")
+    return cfg.model
+
+
+def federated_dataset(cfg: ExperimentConfig) -> FederatedDataset:
+    """Stage 2's dataset: without the open clients named by the backbone file's meta (when the
+    model is FedPA with a backbone pre-trained on open clients), else the full build."""
+    ds = cfg.data.build(cfg.seed)
+    if not isinstance(cfg.model, FedPAModelConfig) or not cfg.model.backbone:
+        return ds
+    _, meta = load_backbone(cfg.model.backbone)
+    if not meta.get("open_clients"):
+        return ds
+    if meta["total_clients"] != ds.num_clients:
+        raise ConfigError(f"model.backbone: pre-trained on a dataset of {meta['total_clients']} clients, this data "
+                          f"config builds {ds.num_clients}; pre-train with the same data config")
+    opened = open_clients(ds.num_clients, meta["open_fraction"], meta["seed"])
+    return subset_clients(ds, np.setdiff1d(np.arange(ds.num_clients), opened))
+
+
+def _rows(ds: FederatedDataset, clients: np.ndarray, splits: tuple[int, ...]) -> np.ndarray:
+    client, split = ds.column(CLIENT), ds.column(SPLIT)
+    return np.flatnonzero(np.isin(client, clients) & np.isin(split, splits))
+
+
+def _tensors(ds: FederatedDataset, rows: np.ndarray) -> tuple[dict, dict, torch.Tensor]:
+    cat = {f.name: torch.from_numpy(ds.column(f.name)[rows].astype(np.int64)) for f in ds.schema.categorical}
+    owner = ds.column(CLIENT)[rows]
+    attrs = {f.name: torch.from_numpy(ds.client_attr(f.name)[owner].astype(np.int64))
+             for f in ds.schema.client_categorical}
+    y = torch.from_numpy(np.stack([ds.column(t)[rows] for t in ds.schema.tasks], 1).astype(np.float32))
+    return cat, attrs, y                                                      # (N,), (N,), (N, T)
+
+
+def _scores(model, cat, attrs, n: int, bs: int = 8192) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for s in range(0, n, bs):
+            sl = slice(s, s + bs)
+            logits = model({k: v[sl] for k, v in cat.items()}, torch.zeros(0), {k: v[sl] for k, v in attrs.items()})
+            out.append(torch.sigmoid(logits).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+def _auc(scores: np.ndarray, y: torch.Tensor) -> float:
+    return float(np.nanmean([pooled_auc(scores[:, t], y[:, t].numpy()) for t in range(y.shape[1])]))
+
+
+def train_backbone(cfg: ExperimentConfig, ds: FederatedDataset, opened: np.ndarray, log=None) -> tuple[dict, dict]:
+    """Adam on the open clients' rows; returns (best backbone tensors, summary)."""
+    mcfg = _fedpa_model(cfg)
+    pcfg = mcfg.pretrain
+    torch.manual_seed(cfg.seed)
+    model = FedPAModel(dataclasses.replace(mcfg, backbone="", user_lora="none", group_lora=False), ds.schema)
+    splits = (TRAIN,) if pcfg.rows == "train" else (0, 1, 2)
+    rows = _rows(ds, opened, splits)
+    cat, attrs, y = _tensors(ds, rows)
+    private = np.setdiff1d(np.arange(ds.num_clients), opened)
+    mon = _tensors(ds, _rows(ds, private, (VAL,)))                            # monitoring only, never selects
+    sel = _tensors(ds, _rows(ds, opened, (VAL,))) if pcfg.select == "open_val_auc" else (cat, attrs, y)
+    params = [p for n, p in model.named_parameters() if n in model.backbone_names()]
+    opt = torch.optim.Adam(params, lr=pcfg.lr, weight_decay=pcfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed)
+    best, best_auc, best_epoch, best_mon = model.backbone_tensors(), -1.0, -1, float("nan")
+    for epoch in range(pcfg.epochs):
+        perm = torch.randperm(len(rows), generator=g)
+        model.train()
+        for s in range(0, len(rows), pcfg.batch_size):
+            idx = perm[s:s + pcfg.batch_size]
+            logits = model({k: v[idx] for k, v in cat.items()}, torch.zeros(0), {k: v[idx] for k, v in attrs.items()})
+            loss = F.binary_cross_entropy_with_logits(logits, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        auc = _auc(_scores(model, sel[0], sel[1], len(sel[2])), sel[2])      # the selection metric
+        mon_auc = _auc(_scores(model, mon[0], mon[1], len(mon[2])), mon[2]) if len(mon[2]) else float("nan")
+        if log is not None:
+            log({"pretrain/open_auc": auc, "pretrain/private_val_auc": mon_auc, "pretrain/loss": float(loss.detach())}, epoch)
+        if pcfg.select == "last" or auc > best_auc:
+            best, best_auc, best_epoch, best_mon = model.backbone_tensors(), auc, epoch, mon_auc
+    return best, {"open_rows": int(len(rows)), "best_epoch": best_epoch, "open_auc": best_auc,
+                  "private_val_auc": best_mon}
+
+
+def pretrain(cfg: ExperimentConfig, out: str | Path | None = None) -> Path:
+    """Stage 1: train the backbone on the open clients and write it to `out` (default model.backbone)."""
+    mcfg = _fedpa_model(cfg)
+    out = Path(out or mcfg.backbone)
+    if not str(out):
+        raise ConfigError("model.backbone: expected the path to write the pre-trained backbone to")
+    ds = cfg.data.build(cfg.seed)
+    opened = open_clients(ds.num_clients, mcfg.pretrain.open_fraction, cfg.seed)
+    if len(opened) == 0:
+        raise ConfigError(f"model.pretrain.open_fraction: {mcfg.pretrain.open_fraction} of {ds.num_clients} "
+                          "clients is none; expected at least one open client")
+    track = _mlflow_run(cfg) if cfg.tracking.mlflow else None
+    t0 = time.perf_counter()
+    log = (lambda m, step: track.log_metrics(m, step=step)) if track else None
+    try:
+        tensors, summary = train_backbone(cfg, ds, opened, log)
+        meta = {"open_clients": int(len(opened)), "private_clients": int(ds.num_clients - len(opened)),
+                "total_clients": ds.num_clients, "open_fraction": mcfg.pretrain.open_fraction, "seed": cfg.seed,
+                "dataset": ds.name, "seconds": time.perf_counter() - t0, **summary}
+        path = save_backbone(out, tensors, meta)
+        if track:
+            track.log_metrics({f"pretrain/best_{k}": float(v) for k, v in summary.items()})
+            track.log_artifact(str(path))
+    finally:
+        if track:
+            track.end_run()
+    return path
+
+
+def _mlflow_run(cfg: ExperimentConfig):
+    import mlflow
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    mlflow.start_run(run_name=f"{cfg.tracking.run_name or cfg.name}-pretrain")
+    mlflow.set_tags({"stage": "pretrain"})
+    params = flatten({"data": to_dict(cfg.data), "model": to_dict(cfg.model), "seed": cfg.seed})
+    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+    return mlflow
+
+
+def load_for_pretrain(path: str, overrides: list[str]) -> tuple[ExperimentConfig, str]:
+    """The config with its backbone path set aside (the file does not exist yet) and that path."""
+    data = apply_overrides(read_yaml(path), list(overrides))
+    target = str((data.get("model") or {}).get("backbone") or "")
+    if not target:
+        raise ConfigError(f"{path}: model.backbone: expected the path to write the pre-trained backbone to")
+    return load(path, [*overrides, "model.backbone="]), target
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fleetrec pretrain", description="FedPA stage 1: pre-train the backbone "
+                                "on the open clients and write model.backbone.")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--run", action="store_true", help="instead run stage 2 on the private clients")
+    args = p.parse_args(argv)
+    try:
+        if args.run:
+            from simulator.run import run
+            from simulator.tracking import default_callbacks
+            cfg = load(args.config, args.overrides)
+            run(cfg, default_callbacks(cfg), dataset=federated_dataset(cfg))
+            return 0
+        cfg, target = load_for_pretrain(args.config, args.overrides)
+        path = pretrain(cfg, target)
+        _, meta = load_backbone(path)
+        print(f"backbone {path}: {meta['open_clients']} open clients, {meta['open_rows']} rows, "
+              f"best epoch {meta['best_epoch']} open AUC {meta['open_auc']:.4f} (private users' validation AUC "
+              f"{meta['private_val_auc']:.4f}, monitoring only)", file=sys.stderr)
+        return 0
+    except (ConfigError, DataError) as e:
+        print(f"fleetrec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
