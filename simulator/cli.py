@@ -78,11 +78,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_data(args) -> int:
-    from datasets.describe import main as data_main
-    return data_main(args.args)
-
-
 def cmd_tune(args) -> int:
     from simulator.tune import SweepInterrupted, describe, load_sweep, report, tune_sweep
     sweep = load_sweep(args.space, args.overrides, name=args.name, storage_path=args.storage_path)
@@ -97,11 +92,6 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def cmd_pretrain(args) -> int:
-    from simulator.pretrain import main as pretrain_main
-    return pretrain_main(args.args)
-
-
 def cmd_ui(args) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.backend_store_uri,
            "--port", str(args.port), "--host", args.host]
@@ -112,13 +102,20 @@ def cmd_ui(args) -> int:
         return 0
 
 
+PASS_THROUGH = {"data": "datasets.describe", "pretrain": "simulator.pretrain"}   # verbs with their own parser
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASS_THROUGH:          # argparse's REMAINDER would swallow their --help
+        import importlib
+        return importlib.import_module(PASS_THROUGH[argv[0]]).main(argv[1:])
     args = _parser().parse_args(argv)
     if args.verb is None:
         _parser().print_help()
         return 2
     try:
-        return {"run": cmd_run, "ui": cmd_ui, "data": cmd_data, "tune": cmd_tune}[args.verb](args)
+        return {"run": cmd_run, "ui": cmd_ui, "tune": cmd_tune}[args.verb](args)
     except (ConfigError, DataError) as e:
         print(f"fleetrec: error: {e}", file=sys.stderr)
         return 2

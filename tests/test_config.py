@@ -94,3 +94,11 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert cfg.privacy.delta == 1e-5 and cfg.train.lr == 0.05 and cfg.privacy.clip == 1e6
     with pytest.raises(ConfigError, match="train.lr: got '1e-5x'"):
         load(p, ["train.lr=1e-5x"])
+
+
+def test_every_verb_in_help_dispatches():
+    """Each verb listed by --help reaches its handler (its own --help exits 0)."""
+    from simulator.cli import VERBS
+    for verb in VERBS:
+        r = subprocess.run([sys.executable, "-m", "simulator.cli", verb, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0, (verb, r.stderr[-300:])
