@@ -17,6 +17,7 @@ VERBS = {
     "ui": "open the MLflow UI on the tracking store (default sqlite:///mlflow.db here)",
     "data": "describe or prepare (cache) a dataset: fleetrec data describe|prepare|list NAME-OR-CONFIG",
     "pretrain": "stage 1 of FedPA: pre-train the backbone on the open users of CONFIG",
+    "tune": "hyperparameter sweep with Ray Tune: fleetrec tune SPACE.yaml [key.path=value ...]",
 }
 
 
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue the run checkpointed in DIR (its config; overrides such as rounds=N apply)")
     d = sub.add_parser("data", help=VERBS["data"], description=VERBS["data"], add_help=False)
     d.add_argument("args", nargs=argparse.REMAINDER)
-    t = sub.add_parser("tune", help="hyperparameter sweep with Ray Tune: fleetrec tune SPACE.yaml [key.path=value ...]",
+    t = sub.add_parser("tune", help=VERBS["tune"],
                        description="Run (or --resume) a Ray Tune sweep described by a search-space YAML "
                                    "(see tune_spaces/README.md); overrides apply to its base config.")
     t.add_argument("space", help="search-space YAML, e.g. tune_spaces/quickstart.yaml")
