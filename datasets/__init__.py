@@ -17,6 +17,12 @@ def _register_builtins() -> None:
     from datasets.real import REAL_SOURCES
     for name, cls in REAL_SOURCES.items():
         register_source(name, cls)
+    from datasets.aliexpress import AliExpressConfig
+    register_source("aliexpress", AliExpressConfig)
+    from datasets.tenrec import TenrecConfig
+    register_source("tenrec", TenrecConfig)
+    from datasets.census_income import CensusIncomeConfig
+    register_source("census_income", CensusIncomeConfig)
 
 
 _register_builtins()
