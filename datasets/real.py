@@ -203,7 +203,7 @@ class RatingsConfig(DataConfig):
         return cols
 
     def parse(self, root: Path) -> pd.DataFrame:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define parse()")   # abstract
 
     def cache_path(self, root: Path) -> Path:
         h = hashlib.sha256()

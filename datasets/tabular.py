@@ -74,7 +74,7 @@ class TabularConfig(DataConfig):
 
     def source_files(self, root: Path) -> list[Path]:
         """The raw files, in scenario order (hashed for the cache key)."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define source_files()")   # abstract
 
     def main_file(self) -> Path:
         root = self.root()
@@ -88,10 +88,10 @@ class TabularConfig(DataConfig):
         return {}
 
     def frame_columns(self) -> dict[str, str]:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define frame_columns()")   # abstract
 
     def parse(self, root: Path) -> pd.DataFrame:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define parse()")   # abstract
 
     def cache_path(self, root: Path, files: list[Path]) -> Path:
         h = hashlib.sha256()
@@ -136,16 +136,16 @@ class TabularConfig(DataConfig):
     # -- build hooks
     def client_key(self, df: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
         """(scenario code per row, label per code)."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define client_key()")   # abstract
 
     def categorical_columns(self) -> tuple[str, ...]:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define categorical_columns()")   # abstract
 
     def numeric_columns(self) -> tuple[str, ...]:
         return ()
 
     def task_arrays(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define task_arrays()")   # abstract
 
     def transform_numeric(self, x: np.ndarray, train: np.ndarray) -> np.ndarray:
         return x

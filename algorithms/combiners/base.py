@@ -70,7 +70,7 @@ class Combiner:
         self.seed = seed                     # run seed; random combiners derive per-step generators from it
 
     def combine(self, inp: CombineInput) -> Combined:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define combine()")   # abstract
 
     def parameters(self) -> list[torch.Tensor]:
         """Learned tensors the caller's optimizer must step (uncertainty weighting only)."""
