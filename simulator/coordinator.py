@@ -95,7 +95,8 @@ class Coordinator:
         acc = Accumulator()
         for part in self._gather(calls, lambda i: self.workers[i].train.remote(plan_ref, parts[i])):
             acc.merge(part)                    # fixed (worker) order; sums are float64
-        self.history.append((plan_ref, parts))
+        if self.cfg.checkpoint.every:          # only needed to replay a failed worker since the last checkpoint
+            self.history.append((plan_ref, parts))
         self.state, train_metrics = self.algo.aggregate_train(rnd, self.state, acc)
         seconds = time.perf_counter() - t0
         up, down = self.algo.traffic()
