@@ -26,7 +26,6 @@ first half includes warm-up: allocator pools, lazily imported modules, idle Ray 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import _machine, _proc_children, _rss_pss_bytes, _versions  # noqa: E402
+from throughput import _machine, _proc_children, _rss_pss_bytes, _versions, emit_json, rss_anon  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,16 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json-out", default=None)
     return p.parse_args(argv)
 
-
-def rss_anon(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _role(pid: int) -> str:
@@ -249,12 +238,7 @@ def main(argv=None) -> dict:
                    "checkpoint_every": cfg.checkpoint.every, "ray_started_here": started_ray},
         "versions": _versions(), "machine": _machine(),
     }
-    line = json.dumps(out)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(line + "\n")
-    print(line, flush=True)
-    return out
+    return emit_json(out, args.json_out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ anonymous memory; the dataset's object-store pages are shared memory and not in 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -45,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import MemSampler, WorkerWatch, _machine, _versions  # noqa: E402
+from throughput import MemSampler, WorkerWatch, _machine, _versions, emit_json, rss_anon  # noqa: E402
 
 WARMUP_ROUNDS = 1
 
@@ -116,17 +115,6 @@ def build_config(args, rounds: int):
         "tracking": {"mlflow": False, "progress": False},
     }, "benchmarks/scale.py")
 
-
-def rss_anon(pid: int) -> int:
-    """Private anonymous resident bytes of a process (/proc/PID/status RssAnon)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def make_probe():
@@ -301,12 +289,7 @@ def main(argv=None) -> dict:
                    "batch_size": args.batch_size, "seed": args.seed, "ray_started_here": started_ray},
         "versions": _versions(), "machine": _machine(),
     }
-    line = json.dumps(out)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(line + "\n")
-    print(line, flush=True)
-    return out
+    return emit_json(out, args.json_out)
 
 
 if __name__ == "__main__":

@@ -338,6 +338,28 @@ def reference_check(W, wl, ds, cfg, records) -> dict:
 
 
 # --------------------------------------------------------------------------------- main
+def rss_anon(pid: int) -> int:
+    """Private anonymous resident bytes of a process (/proc/PID/status RssAnon)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def emit_json(out: dict, json_out: str | None) -> dict:
+    """Print the result as one JSON line (the last output) and optionally write it to a file."""
+    line = json.dumps(out)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(line + "\n")
+    print(line, flush=True)
+    return out
+
+
 def _versions() -> dict:
     import ray
     import torch
@@ -450,12 +472,7 @@ def main(argv=None) -> dict:
         ref.update(max_abs_diff_lora_a=da, max_abs_diff_lora_b=db,
                    adapter_norm=float(torch.cat([st["lora_a"].flatten(), st["lora_b"].flatten()]).norm()))
         out["check"] = ref
-    line = json.dumps(out)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(line + "\n")
-    print(line, flush=True)
-    return out
+    return emit_json(out, args.json_out)
 
 
 if __name__ == "__main__":
