@@ -206,39 +206,22 @@ class RatingsConfig(DataConfig):
         raise TypeError(f"{type(self).__name__} must define parse()")   # abstract
 
     def cache_path(self, root: Path) -> Path:
-        h = hashlib.sha256()
-        h.update(f"{self.FOLDER}|parser-v{PARSE_VERSION}|{json.dumps(self.parse_options(), sort_keys=True)}".encode())
+        files = []
         for f in self.FILES:
             p = root / f
             if not p.is_file():
                 raise DataError(f"{p}: file not found (set data.path to the folder holding {', '.join(self.FILES)})")
-            h.update(f"|{f}|".encode())
-            h.update(p.read_bytes())
-        base = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
-        return base / f"{self.FOLDER}-{h.hexdigest()[:20]}.parquet"
+            files.append(p)
+        return content_cache_path(self.FOLDER, f"parser-v{PARSE_VERSION}", self.parse_options(), root, files,
+                                  self.cache_dir)
 
     def load_frame(self) -> pd.DataFrame:
         """The parsed, checked raw rows (from the Parquet cache when present)."""
         root = self.root()
         if not root.is_dir():
             raise DataError(f"{root}: data folder not found (set data.path)")
-        expected = self.frame_columns()
-        target = self.cache_path(root) if self.cache else None
-        if target is not None and target.is_file():
-            try:
-                table = pq.read_table(target)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise DataError(f"{target}: unreadable cache file ({e}); delete it to rebuild") from None
-            return _check_cached(table, target, expected)
-        PARSE_COUNT["parses"] += 1
-        df = self.parse(root)
-        df = pd.DataFrame({c: df[c].to_numpy().astype(k) for c, k in expected.items()})
-        if target is not None:
-            try:
-                _atomic_write_parquet(pa.Table.from_pandas(df, preserve_index=False), target)
-            except OSError:
-                pass    # the cache is an optimization: an unwritable cache dir only costs a re-parse
-        return df
+        return cached_frame(self.cache_path(root) if self.cache else None, self.frame_columns(),
+                            lambda: self.parse(root))
 
     # -- build
     def build(self, seed: int) -> FederatedDataset:
@@ -257,6 +240,42 @@ class RatingsConfig(DataConfig):
 
     def extra_tasks(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
         return {}
+
+
+# ---------------------------------------------------------------------------------------- cache
+def content_cache_path(folder: str, version: str, options: dict, root: Path, files: list[Path],
+                       cache_dir: str | None) -> Path:
+    """Cache file keyed by the raw files' bytes, the parser version and the parse options."""
+    h = hashlib.sha256()
+    h.update(f"{folder}|{version}|{json.dumps(options, sort_keys=True)}".encode())
+    for p in files:
+        h.update(f"|{p.relative_to(root) if p.is_relative_to(root) else p.name}|".encode())
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return base / f"{folder}-{h.hexdigest()[:20]}.parquet"
+
+
+def cached_frame(target: Path | None, expected: dict[str, str], parse) -> pd.DataFrame:
+    """Rows from the Parquet cache `target` when present, else `parse()` cast to `expected`
+    (int64 / float64, anything else as str) and written atomically (None = no cache)."""
+    if target is not None and target.is_file():
+        try:
+            table = pq.read_table(target)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{target}: unreadable cache file ({e}); delete it to rebuild") from None
+        return _check_cached(table, target, expected)
+    PARSE_COUNT["parses"] += 1
+    df = parse()
+    df = pd.DataFrame({c: (df[c].to_numpy().astype(k) if k in ("int64", "float64")
+                           else df[c].astype(str).to_numpy()) for c, k in expected.items()})
+    if target is not None:
+        try:
+            _atomic_write_parquet(pa.Table.from_pandas(df, preserve_index=False), target)
+        except OSError:
+            pass    # the cache is an optimization: an unwritable cache dir only costs a re-parse
+    return df
 
 
 # ---------------------------------------------------------------------------------------- build

@@ -16,22 +16,17 @@ scenario (a country file, an app/content-type file, or the values of a column). 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from datasets.federated import (CLIENT, SPLIT, SPLIT_NAMES, TEST, TRAIN, VAL, CategoricalField, DataError,
                                 DatasetSchema, FederatedDataset)
 from datasets.partition import _rank_within, by_column, random_split
-from datasets.real import (PARSE_COUNT, RatingsConfig, _atomic_write_parquet, _check_cached, _numeric,
-                           default_cache_dir)
+from datasets.real import RatingsConfig, _numeric, cached_frame, content_cache_path
 from datasets.sources import DataConfig
 
 TABULAR_PARSE_VERSION = 1
@@ -94,16 +89,8 @@ class TabularConfig(DataConfig):
         raise TypeError(f"{type(self).__name__} must define parse()")   # abstract
 
     def cache_path(self, root: Path, files: list[Path]) -> Path:
-        h = hashlib.sha256()
-        h.update(f"{self.FOLDER}|tabular-v{TABULAR_PARSE_VERSION}|"
-                 f"{json.dumps(self.parse_options(), sort_keys=True)}".encode())
-        for p in files:
-            h.update(f"|{p.relative_to(root) if p.is_relative_to(root) else p.name}|".encode())
-            with open(p, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(chunk)
-        base = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
-        return base / f"{self.FOLDER}-{h.hexdigest()[:20]}.parquet"
+        return content_cache_path(self.FOLDER, f"tabular-v{TABULAR_PARSE_VERSION}", self.parse_options(), root,
+                                  files, self.cache_dir)
 
     def load_frame(self) -> pd.DataFrame:
         """The parsed, checked rows of every scenario (from the Parquet cache when present)."""
@@ -114,24 +101,8 @@ class TabularConfig(DataConfig):
         for p in files:
             if not p.is_file():
                 raise DataError(f"{p}: file not found (set data.path to the folder holding it)")
-        expected = self.frame_columns()
-        target = self.cache_path(root, files) if self.cache else None
-        if target is not None and target.is_file():
-            try:
-                table = pq.read_table(target)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise DataError(f"{target}: unreadable cache file ({e}); delete it to rebuild") from None
-            return _check_cached(table, target, expected)
-        PARSE_COUNT["parses"] += 1
-        df = self.parse(root)
-        df = pd.DataFrame({c: (df[c].to_numpy().astype(k) if k in ("int64", "float64")
-                               else df[c].astype(str).to_numpy()) for c, k in expected.items()})
-        if target is not None:
-            try:
-                _atomic_write_parquet(pa.Table.from_pandas(df, preserve_index=False), target)
-            except OSError:
-                pass
-        return df
+        return cached_frame(self.cache_path(root, files) if self.cache else None, self.frame_columns(),
+                            lambda: self.parse(root))
 
     # -- build hooks
     def client_key(self, df: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
