@@ -86,3 +86,13 @@ def load(directory: str | Path) -> Checkpoint:
     except (OSError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{folder}: unreadable checkpoint ({e})") from None
     return Checkpoint(round=driver["round"], server=server, shards=shards, driver=driver, config=config)
+
+
+def load_shard(directory: str | Path, index: int) -> dict:
+    """Worker `index`'s shard of the newest complete checkpoint (reads that one file only)."""
+    d = Path(directory)
+    folder = d / (d / "LATEST").read_text().strip()
+    try:
+        return torch.load(folder / f"worker_{index}.pt", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"{folder}: unreadable shard of worker {index} ({e})") from None

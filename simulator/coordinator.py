@@ -156,7 +156,7 @@ class Coordinator:
                                "set checkpoint.every > 0 so fleetrec can restore a failed worker")
         shard = None
         if (Path(ck.dir) / "LATEST").is_file():
-            shard = checkpoint.load(ck.dir).shards[i]
+            shard = checkpoint.load_shard(ck.dir, i)
         replay = [(plan_ref, parts[i]) for plan_ref, parts in self.history]
         for attempt in range(120):             # Ray is restarting the actor: wait for it (up to ~60 s)
             try:
