@@ -21,10 +21,12 @@ def finite_clients(tensors: Tensors) -> torch.Tensor:
 
 
 def fold_weighted(acc: Accumulator, tensors: Tensors, weights: torch.Tensor,
-                  stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                  stats: dict[str, torch.Tensor] | None = None, also_check: Tensors | None = None) -> torch.Tensor:
     """Add sum_k w_k x_k (float64) of every tensor to `acc`; clients with a non-finite update
-    are dropped and counted. Returns the (K,) mask of kept clients."""
-    keep = finite_clients({**tensors, **(stats or {})}) if tensors or stats else torch.ones(len(weights), dtype=torch.bool, device=weights.device)
+    (in `tensors`, `stats` or `also_check`, tensors the caller folds itself) are dropped and
+    counted. Returns the (K,) mask of kept clients."""
+    checked = {**tensors, **(stats or {}), **(also_check or {})}
+    keep = finite_clients(checked) if checked else torch.ones(len(weights), dtype=torch.bool, device=weights.device)
     w = torch.where(keep, weights.double(), torch.zeros_like(weights, dtype=torch.float64))   # (K,)
     for k, v in tensors.items():
         x = torch.where(bcast(keep, v), v, torch.zeros_like(v)).double()
@@ -61,3 +63,17 @@ def mean_stats(acc: Accumulator) -> dict[str, float]:
     out = {k: v / acc.weight for k, v in acc.stats.items()} if acc.weight > 0 else {}
     out.update(clients_trained=acc.clients, updates_dropped=acc.dropped)
     return out
+
+
+def fold_rows(acc: Accumulator, name: str, num_rows: int, vocab: torch.Tensor, deltas: torch.Tensor,
+              weights: torch.Tensor, keep: torch.Tensor, base: torch.Tensor | None = None) -> None:
+    """Fold per-client row deltas (K, U, ...) of table `name` (rows `vocab` (K, U)) into
+    acc.sums[name] as sum_k w_k x_k over the full table, x_k = base + delta_k (`base` None:
+    the deltas themselves are summed). Clients with keep False add nothing."""
+    from algorithms.sparse_rows import scatter_rows
+    w = torch.where(keep, weights.double(), torch.zeros_like(weights, dtype=torch.float64))
+    d = torch.where(bcast(keep, deltas), deltas, torch.zeros_like(deltas)).double() * bcast(w, deltas)
+    s = scatter_rows(num_rows, vocab, d)
+    if base is not None:
+        s += w.sum() * base.double()
+    acc.sums[name] = acc.sums[name] + s if name in acc.sums else s

@@ -34,7 +34,6 @@ anonymous memory; the dataset's object-store pages are shared memory and not in 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -133,7 +132,7 @@ def make_probe():
             from algorithms import make_algorithm
             from simulator.cohort import DataView
             from simulator.config import make_setup
-            from simulator.worker import owned_clients
+            from simulator.worker import build_personal, owned_clients
             torch.set_num_threads(1)
             setup = make_setup(cfg, dataset)
             algo = make_algorithm(cfg.algorithm, setup)
@@ -143,12 +142,8 @@ def make_probe():
             libc.malloc_trim(0)                      # a tight baseline: no free heap pages left resident
             before = rss_anon(os.getpid())
             owned = owned_clients(setup.num_clients, index, workers)
-            personal = {}
             t0 = time.perf_counter()
-            for chunk in np.array_split(owned, max(1, math.ceil(len(owned) / 65536))):   # as Worker.__init__
-                part = algo.init_personal(torch.from_numpy(chunk))
-                for k, v in part.items():
-                    personal[k] = torch.cat([personal[k], v]) if k in personal else v
+            personal = build_personal(algo, owned)          # what Worker.__init__ runs
             init_s = time.perf_counter() - t0
             gc.collect()
             after = rss_anon(os.getpid())

@@ -39,6 +39,21 @@ def owned_clients(num_clients: int, index: int, workers: int) -> np.ndarray:
     return np.arange(index, num_clients, workers, dtype=np.int64)
 
 
+def build_personal(algo, owned: np.ndarray, chunk_rows: int = 65536) -> Tensors:
+    """Personal state of the `owned` clients, stacked by slot. Built chunk by chunk into tensors
+    allocated once at full size, so init never holds two copies (no concatenation)."""
+    personal: Tensors = {}
+    start = 0
+    for chunk in np.array_split(owned, max(1, math.ceil(len(owned) / chunk_rows))):
+        part = algo.init_personal(torch.from_numpy(chunk))
+        for k, v in part.items():
+            if k not in personal:
+                personal[k] = torch.empty((len(owned), *v.shape[1:]), dtype=v.dtype, device=v.device)
+            personal[k][start:start + len(chunk)] = v
+        start += len(chunk)
+    return personal
+
+
 @ray.remote
 class Worker:
     def __init__(self, index: int, workers: int, dataset: FederatedDataset, algo_config, setup: Setup,
@@ -56,11 +71,7 @@ class Worker:
         self.algo = make_algorithm(algo_config, self.setup)
         self.cohort_size = cohort_size
         owned = owned_clients(setup.num_clients, index, workers)
-        self.personal: Tensors = {}
-        for chunk in np.array_split(owned, max(1, math.ceil(len(owned) / 65536))):
-            part = self.algo.init_personal(torch.from_numpy(chunk))
-            for k, v in part.items():
-                self.personal[k] = torch.cat([self.personal[k], v]) if k in self.personal else v
+        self.personal: Tensors = build_personal(self.algo, owned)
         _release_freed_heap()   # init temporaries (float64 draws, concatenations) stay resident otherwise
 
     def _slots(self, client_ids: np.ndarray) -> torch.Tensor:

@@ -46,9 +46,11 @@ def _reference_client(algo, state, personal, ds, client, cfg, rnd):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_vectorized_cohort_equals_per_client_loop(optimizer):
+@pytest.mark.parametrize("weight_decay", [0.01, 0.0])   # 0.0: item table trained as per-client row subsets
+def test_vectorized_cohort_equals_per_client_loop(optimizer, weight_decay):
     cfg, ds, algo = _setup(f"train.optimizer={optimizer}", "train.local_epochs=2", "train.lr=0.05",
-                           "train.weight_decay=0.01")
+                           f"train.weight_decay={weight_decay}")
+    assert bool(algo._row_vocab(DataView(ds).batch(np.array([0]), 0))) == (weight_decay == 0)
     state = algo.init_server()
     clients = np.array([0, 3, 5, 11, 36])            # unequal sizes: padding and masking matter
     personal = algo.init_personal(torch.from_numpy(clients))
@@ -177,3 +179,35 @@ def test_central_dp_clips_and_reports_the_accountants_epsilon():
     step = torch.cat([(new[k] - state[k]).flatten() for k in state]).norm()
     n_coords = sum(state[k].numel() for k in state)
     assert step < 0.01 + 5 * 1.3 * 0.01 * n_coords ** 0.5 / 10
+
+
+def test_local_vocab_recodes_every_client_onto_its_own_rows():
+    from algorithms import sparse_rows
+    ids = torch.tensor([[7, 3, 7, 9], [2, 2, 2, 2], [5, 1, 8, 0]])
+    vocab, rec = sparse_rows.local_vocab(ids)
+    assert vocab.shape == (3, 4)
+    assert torch.equal(vocab.gather(1, rec), ids)                      # the re-coding is exact
+    assert vocab[0, :3].tolist() == [3, 7, 9] and vocab[1, 0] == 2      # sorted distinct ids first
+    assert set(vocab[1].tolist()) == {2}                                # padding repeats a real id
+    table = torch.arange(10.0).unsqueeze(1)
+    delta = torch.zeros(3, 4, 1)
+    delta[0, 1] = 1.0                                                   # client 0 moves row 7
+    delta[2, 0] = 2.0                                                   # client 2 moves row 0
+    s = sparse_rows.scatter_rows(10, vocab, delta)
+    assert s[7, 0] == 1.0 and s[0, 0] == 2.0 and float(s.sum()) == 3.0
+    assert torch.equal(sparse_rows.gather_rows(table, vocab)[0, :, 0], torch.tensor([3.0, 7.0, 9.0, 3.0]))
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_sparse_rows_aggregate_equals_dense(dp):
+    from simulator.config import make_setup
+    extra = ["privacy.enabled=true", "privacy.clip=0.05", "privacy.noise_multiplier=0.5"] if dp else []
+    clients = np.arange(0, 30, 2)
+    out = {}
+    for sparse in (True, False):
+        cfg = tiny_config(f"algorithm.sparse_rows={str(sparse).lower()}", "train.optimizer=adam", *extra)
+        ds = cfg.data.build(cfg.seed)
+        algo = make_algorithm(cfg.algorithm, make_setup(cfg, ds))
+        out[sparse] = _one_round(algo, ds, cfg, clients)[0]
+    for k in out[False]:
+        torch.testing.assert_close(out[True][k], out[False][k], atol=1e-6, rtol=1e-5)

@@ -60,6 +60,11 @@ class PerUserModel(nn.Module):
                 out[name] = SHARED
         return out
 
+    def row_tables(self) -> dict[str, str]:
+        """Embedding tables indexed by one categorical field each: param name -> field (the
+        tables a client may train as its own row subset; see algorithms/sparse_rows.py)."""
+        return {f"item_emb.{name}.weight": name for name in self.item_emb}
+
     def init_private(self, normal: callable) -> Tensors:
         """Fresh private tensors for K clients; `normal(shape_tail)` draws (K, *shape_tail)."""
         return {"user_emb": normal(tuple(self.user_emb.shape)) * self.cfg.init_std}
