@@ -17,6 +17,11 @@ def _register_builtins() -> None:
     from datasets.real import REAL_SOURCES
     for name, cls in REAL_SOURCES.items():
         register_source(name, cls)
+    from datasets.amazon import AMAZON_SOURCES
+    for name, cls in AMAZON_SOURCES.items():
+        register_source(name, cls)
+    from datasets.kuairand import KuaiRandConfig
+    register_source("kuairand", KuaiRandConfig)
     from datasets.aliexpress import AliExpressConfig
     register_source("aliexpress", AliExpressConfig)
     from datasets.tenrec import TenrecConfig
