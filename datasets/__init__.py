@@ -28,6 +28,8 @@ def _register_builtins() -> None:
     register_source("tenrec", TenrecConfig)
     from datasets.census_income import CensusIncomeConfig
     register_source("census_income", CensusIncomeConfig)
+    from datasets.ali_ccp import AliCcpConfig
+    register_source("ali_ccp", AliCcpConfig)
 
 
 _register_builtins()

@@ -121,6 +121,17 @@ class TabularConfig(DataConfig):
     def transform_numeric(self, x: np.ndarray, train: np.ndarray) -> np.ndarray:
         return x
 
+    def split_from_files(self, fixed: np.ndarray, client: np.ndarray, seed: int) -> np.ndarray:
+        """Row splits where the files fix them (`fixed`: the file's split per row): official test
+        rows stay test; a seeded `val_fraction` of each client's other rows becomes validation."""
+        split = np.where(fixed == TEST, TEST, TRAIN).astype(np.int8)
+        tr = fixed != TEST
+        split[tr] = random_split(client[tr], self.val_fraction, 0.0, seed)
+        return split
+
+    def extra_meta(self) -> dict:
+        return {}
+
     def test_fraction_value(self) -> float:
         return getattr(self, "test_fraction", 0.0)
 
@@ -144,13 +155,11 @@ def build_tabular(cfg: TabularConfig, seed: int) -> FederatedDataset:
     num_clients = len(keys)
     test_fraction = cfg.test_fraction_value()
     if FILE_SPLIT in df.columns:
-        fixed = df[FILE_SPLIT].to_numpy()
-        split = np.where(fixed == TEST, TEST, TRAIN).astype(np.int8)
-        tr = fixed != TEST
-        split[tr] = random_split(client[tr], cfg.val_fraction, 0.0, seed)
+        split = cfg.split_from_files(df[FILE_SPLIT].to_numpy(), client, seed)
     else:
         split = random_split(client, cfg.val_fraction, test_fraction, seed)
-    for s, frac in ((VAL, cfg.val_fraction), (TEST, test_fraction if FILE_SPLIT not in df.columns else 1.0)):
+    val_expected = 1.0 if cfg.val_fraction is None else cfg.val_fraction    # None: the files give it
+    for s, frac in ((VAL, val_expected), (TEST, test_fraction if FILE_SPLIT not in df.columns else 1.0)):
         if frac > 0 and not np.any(split == s):
             raise DataError(f"{src}: column 'split': the {SPLIT_NAMES[s]} split is empty; expected >= 1 row "
                             "(clients need >= 3 rows)")
@@ -175,7 +184,7 @@ def build_tabular(cfg: TabularConfig, seed: int) -> FederatedDataset:
              "label": np.array([names[int(k)] for k in keys], dtype=object)}
     schema = DatasetSchema(categorical=tuple(fields), numeric=tuple(numeric), tasks=tuple(tasks),
                            client_categorical=(CategoricalField("scenario", num_clients),), scenario="scenario")
-    meta = {"source": cfg.name, "path": str(cfg.root()), "seed": seed,
+    meta = {"source": cfg.name, "path": str(cfg.root()), "seed": seed, **cfg.extra_meta(),
             "scenarios": [names[int(k)] for k in keys],
             "positive_rate": {t: float(y.mean()) for t, y in tasks.items()}}
     return FederatedDataset.from_columns(cfg.name, cols, schema, attrs, num_clients, meta)
