@@ -49,6 +49,12 @@ class FedPAConfig(AlgorithmConfig):
     CHECKS: ClassVar[dict] = {"shared_weighting": ("uniform", "examples"), "group_weighting": ("uniform", "examples")}
 
 
+# parameter-name prefix -> the part of the model it belongs to (for upload_floats)
+UPLOAD_PARTS = (("group.", "group_lora"), ("gate.", "gate"), ("out_", "output_layer"), ("lora.", "user_lora"),
+                ("user_vec", "user_vector"), ("user.", "user_tables"), ("item.", "item_tables"),
+                ("w.", "backbone_mlp"), ("b.", "backbone_mlp"))
+
+
 def _weights(kind: str, batch: CohortBatch) -> torch.Tensor:
     if kind == "examples":
         return batch.n_rows.double()
@@ -176,9 +182,22 @@ class FedPA(RoleModelAlgorithm):
         params = self._cohort_params(state, batch, personal)
         return predict_cohort(self.model, params, self.frozen, batch)                # (K, L, T)
 
+    def upload_floats(self) -> dict[str, int]:
+        """Floats one client uploads per round, by part of the model, counted from the roles: every
+        SHARED tensor (gates, output layer, and whatever else a baseline trains and averages) plus
+        one row of every GROUP tensor (the client's own value v_f). Private and frozen tensors are
+        never sent; nothing is sent when not adapting. Downloads are the same tensors."""
+        if not self.config.adapt:
+            return {}
+        named = dict(self.model.named_parameters())
+        out: dict[str, int] = {}
+        for k in self.global_names + self.group_names:
+            part = next(p for pre, p in UPLOAD_PARTS if k.startswith(pre))
+            out[part] = out.get(part, 0) + named[k].numel()
+        return out
+
     def traffic(self) -> tuple[int, int]:
-        """(bytes up, bytes down) per client per round: the global tensors plus one group-LoRA
-        row per group parameter (the client's own value), as sent; nothing when not adapting."""
+        """(bytes up, bytes down) per client per round: `upload_floats` at the tensors' width."""
         if not self.config.adapt:
             return 0, 0
         named = dict(self.model.named_parameters())

@@ -148,6 +148,11 @@ def test_ldp_scale_zero_equals_noiseless():
     for k in ua.acc.group_sums:
         assert torch.equal(ua.acc.group_sums[k], ub.acc.group_sums[k])
         assert not torch.equal(ua.acc.group_sums[k], uc.acc.group_sums[k])
+    for k in ua.personal:                    # the private state does not see the noise either
+        assert torch.equal(ua.personal[k], ub.personal[k]) and torch.equal(ua.personal[k], uc.personal[k])
+    new_a, _ = a.aggregate_train(0, state, ua.acc)
+    new_b, _ = b.aggregate_train(0, state, ub.acc)
+    assert all(torch.equal(new_a[k], new_b[k]) for k in new_a)     # the next server state: the same
 
 
 @pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
@@ -176,27 +181,92 @@ def test_ldp_clip_bounds_each_tensor():
     assert torch.all(out.norm(dim=1) <= 1.0 + 1e-5)
 
 
-def _traffic(stem: str, bb: str, *extra):
-    cfg = load(f"configs/fedpa_movielens{stem}.yaml", [f"model.backbone={bb}", *extra])
-    ds = cfg.data.build(cfg.seed)
-    return make_algorithm(cfg.algorithm, Setup(ds.schema, ds.num_clients, cfg.seed, cfg.train, cfg.model)).traffic()[0]
+# KuaiRand-Pure as in methods.md §3.2: 23 user features, 6 item features (vocabulary sizes)
+KUAIRAND_USER = {"user_active_degree": 9, "is_live_streamer": 2, "is_video_author": 2, "follow_user_num_range": 8,
+                 "fans_user_num_range": 9, "friend_user_num_range": 7, "register_days_range": 8,
+                 **{f"onehot_feat{i}": v for i, v in ((0, 2), (1, 7), (2, 50), (4, 16), (5, 34), (6, 3), (7, 118),
+                                                      (9, 7), (10, 5), (11, 5))},
+                 **{f"onehot_feat{i}": 3 for i in range(12, 18)}}
+KUAIRAND_ITEM = {"upload_type": 14, "music_type": 6, "tag": 111, "play_duration": 100, "comment_stay_duration": 100,
+                 "complete_play_cnt": 100}
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "movielens-100k").is_dir(), reason="shared/data/movielens-100k absent")
-def test_upload_bytes_against_fedavg_fine_tuning(tmp_path):
-    """The counters on the MovieLens configs (a random backbone file stands in for stage 1, so the
-    roles are those of a real run). FedPA sends gates + output layer + its own group rows."""
-    cfg = load("configs/fedpa_movielens.yaml", ["model.backbone="])
-    model = FedPAModel(dataclasses.replace(cfg.model, user_lora="none", group_lora=False), cfg.data.build(0).schema)
-    bb = str(save_backbone(tmp_path / "ml.pt", model.backbone_tensors(), {}))
-    fedpa = _traffic("", bb)
-    full_user_side = _traffic("_fedavg_full", bb)                              # user tables + MLP + output
-    full_model = _traffic("_fedavg_full", bb, "model.finetune_items=true")     # ... + item tables
-    assert _traffic("_local", bb) == 0 and _traffic("_pretrained", bb) == 0
-    print(f"bytes up per client: fedpa {fedpa}, fedavg user side {full_user_side} "
-          f"({1 - fedpa / full_user_side:.0%} less), fedavg whole model {full_model} ({1 - fedpa / full_model:.0%} less)")
-    assert fedpa < full_user_side
-    assert fedpa <= 0.2 * full_model
+def _algo_on(stem: str, schema, bb: str, *extra):
+    """The algorithm of configs/fedpa_movielens{stem}.yaml on `schema`, with backbone file `bb`."""
+    cfg = load(f"configs/fedpa_movielens{stem}.yaml", ["model.backbone=", *extra])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=bb))
+    return make_algorithm(cfg.algorithm, Setup(schema, 100, cfg.seed, cfg.train, cfg.model))
+
+
+def _random_backbone(cfg_model, schema, path) -> str:
+    model = FedPAModel(dataclasses.replace(cfg_model, backbone="", user_lora="none", group_lora=False), schema)
+    return str(save_backbone(path, model.backbone_tensors(), {}))
+
+
+def test_upload_floats_on_the_spec_shapes_match_its_count(tmp_path):
+    """methods.md §3.2 on KuaiRand-Pure's shapes (d_0 = 8 x 29 = 232, MLP 232-32-8, rank 4, gate
+    (8, 4), two group features): group LoRA 2 x 1,216, gates 1,900 + 152, output layer 9 = 4,493
+    floats per client per round, against 10,209 for FedAvg of the user side (user tables, MLP,
+    output layer). The adaptive gate alone is over 20% of that, so no configuration that uploads
+    the gate can send 80% less."""
+    from datasets.federated import CategoricalField, DatasetSchema
+    schema = DatasetSchema(categorical=tuple(CategoricalField(k, v) for k, v in KUAIRAND_ITEM.items()), numeric=(),
+                           tasks=("click",),
+                           client_categorical=tuple(CategoricalField(k, v) for k, v in KUAIRAND_USER.items()))
+    groups = "model.group_features=[follow_user_num_range,register_days_range]"
+    cfg = load("configs/fedpa_movielens.yaml", ["model.backbone=", groups])
+    bb = _random_backbone(cfg.model, schema, tmp_path / "kr.pt")
+    fedpa = _algo_on("", schema, bb, groups)
+    assert fedpa.model.widths == [232, 32, 8]
+    assert fedpa.upload_floats() == {"group_lora": 2 * ((232 + 32) * 4 + (32 + 8) * 4),
+                                     "gate": (232 * 8 + 8 + 8 * 4 + 4) + (32 * 4 + 4 + 4 * 4 + 4), "output_layer": 9}
+    assert fedpa.traffic()[0] == 4 * 4493
+    full = _algo_on("_fedavg_full", schema, bb, groups).upload_floats()
+    assert full == {"user_tables": 8 * sum(KUAIRAND_USER.values()), "backbone_mlp": 232 * 32 + 32 + 32 * 8 + 8,
+                    "output_layer": 9}
+    assert sum(full.values()) == 10209
+    assert fedpa.upload_floats()["gate"] > 0.2 * sum(full.values())
+    assert _algo_on("_fedavg_lora", schema, bb).upload_floats() == {"user_lora": (232 + 32) * 4 + (32 + 8) * 4,
+                                                                    "output_layer": 9}
+
+
+@pytest.mark.parametrize("dataset", ["movielens", "epinions"])
+def test_upload_floats_on_the_shipped_configs(tmp_path, dataset):
+    """The counters on the shipped configs (a random backbone file stands in for stage 1, so the
+    roles are those of a real run): exact floats per part, 0 for local and pretrained, and the
+    whole-model FedAvg (item tables too) sends over 5x more than FedPA."""
+    folder = {"movielens": "movielens-100k", "epinions": "epinions"}[dataset]
+    if not (SHARED_DATA / folder).is_dir():
+        pytest.skip(f"shared/data/{folder} absent")
+    base = load(f"configs/fedpa_{dataset}.yaml", ["model.backbone="])
+    schema = base.data.build(base.seed).schema
+    bb = _random_backbone(base.model, schema, tmp_path / "bb.pt")
+
+    def up(stem, *extra):
+        cfg = load(f"configs/fedpa_{dataset}{stem}.yaml", [f"model.backbone={bb}", *extra])
+        return make_algorithm(cfg.algorithm, Setup(schema, 100, cfg.seed, cfg.train, cfg.model)).upload_floats()
+
+    d0 = 8 * (len(schema.client_categorical) + len(schema.categorical))       # user + item fields, dim 8
+    G = len(base.model.group_features)
+    lora = (d0 + 32) * 4 + (32 + 8) * 4
+
+    def gate(branches):                        # V1, c1, V2, c2 of layers 0 (d0 -> 8) and 1 (32 -> 4)
+        return (d0 * 8 + 8 + 8 * branches + branches) + (32 * 4 + 4 + 4 * branches + branches)
+
+    assert up("") == {"group_lora": G * lora, "gate": gate(2 + G), "output_layer": 9}
+    assert up("_no_user_lora") == {"group_lora": G * lora, "gate": gate(1 + G), "output_layer": 9}
+    assert up("_no_group_lora") == {"gate": gate(2), "output_layer": 9}
+    assert up("_no_gate") == {"group_lora": G * lora, "output_layer": 9}
+    assert up("_fedavg_lora") == {"user_lora": lora, "output_layer": 9}
+    user_tables = 8 * sum(f.vocab for f in schema.client_categorical)
+    full = up("_fedavg_full")
+    assert full == {"user_tables": user_tables, "backbone_mlp": d0 * 32 + 32 + 32 * 8 + 8, "output_layer": 9}
+    assert up("_local") == {} and up("_pretrained") == {}
+    whole = sum(up("_fedavg_full", "model.finetune_items=true").values())
+    fedpa = sum(up("").values())
+    print(f"{dataset}: floats up per client per round: fedpa {fedpa}, fedavg user side {sum(full.values())} "
+          f"({1 - fedpa / sum(full.values()):.1%} less), fedavg whole model {whole} ({1 - fedpa / whole:.1%} less)")
+    assert fedpa < sum(full.values()) and fedpa * 5 < whole
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

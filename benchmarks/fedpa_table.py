@@ -1,0 +1,194 @@
+"""FedPA against its baselines and ablations, over seeds, plus a local-DP sweep.
+
+For every dataset and seed: stage 1 (`simulator.pretrain.pretrain`: the backbone on the open
+users, written to benchmarks/out/fedpa/<dataset>_seed<k>_backbone.pt), then stage 2 for every
+method config `configs/fedpa_<dataset>[_<method>].yaml` on the private users with that backbone,
+and, on the LDP dataset, FedPA with Laplace noise of scale δ on every uploaded tensor. Each run
+is the config as shipped except the overrides listed in the output JSON (`overrides`): the seed,
+the backbone path, the rounds, MLflow and the progress bar off, and (Epinions) the user count.
+
+Metrics are those of the round with the best validation AUC (the official model selection):
+pooled test AUC, test GAUC (mean per-user AUC), weighted precision at 0.5, and the floats one
+client uploads per round (from the roles of the tensors sent; `FedPA.upload_floats`).
+
+Writes benchmarks/results/fedpa_<dataset>.json and fedpa_ldp_<dataset>.json (every run and the
+mean ± std over seeds) and prints the markdown tables.
+
+    python benchmarks/fedpa_table.py                          # the grid of algorithms/FEDPA.md
+    python benchmarks/fedpa_table.py --datasets movielens --seeds 0 --rounds 5 --ldp ""   # quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+OUT = REPO / "benchmarks" / "out" / "fedpa"
+RESULTS = REPO / "benchmarks" / "results"
+METHODS = [  # (name in the tables, config suffix)
+    ("fedpa", ""), ("pretrained", "_pretrained"), ("local", "_local"), ("fedavg_full", "_fedavg_full"),
+    ("fedavg_lora", "_fedavg_lora"), ("no_user_lora", "_no_user_lora"), ("no_group_lora", "_no_group_lora"),
+    ("no_gate", "_no_gate"),
+]
+METRICS = ("test/auc", "test/gauc", "test/precision_w")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default="movielens,epinions", help="comma-separated: movielens, epinions")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--rounds", type=int, default=10, help="stage-2 rounds (the pretrained baseline runs 1)")
+    p.add_argument("--pretrain-epochs", type=int, default=20)
+    p.add_argument("--epinions-users", type=int, default=600, help="data.max_clients of the Epinions configs")
+    p.add_argument("--methods", default=",".join(m for m, _ in METHODS))
+    p.add_argument("--ldp", default="0,0.1,0.2,0.5", help="Laplace scales δ for FedPA ('' = no sweep)")
+    p.add_argument("--ldp-dataset", default="movielens")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in the result files")
+    return p.parse_args(argv)
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, s
+
+
+def _upload_floats(cfg, ds) -> dict[str, int]:
+    from algorithms import make_algorithm
+    from algorithms.protocol import Setup
+    algo = make_algorithm(cfg.algorithm, Setup(ds.schema, ds.num_clients, cfg.seed, cfg.train, cfg.model))
+    return algo.upload_floats()
+
+
+def _one(config: Path, overrides: list[str]) -> dict:
+    from simulator.config import load
+    from simulator.pretrain import federated_dataset
+    from simulator.run import run
+    cfg = load(config, overrides)
+    ds = federated_dataset(cfg)
+    t0 = time.perf_counter()
+    res = run(cfg, dataset=ds)
+    parts = _upload_floats(cfg, ds)
+    bytes_up = res.info["bytes_up_per_client"]
+    assert bytes_up == 4 * sum(parts.values()), (bytes_up, parts)        # float32 tensors
+    return {"best_round": res.best_round, **{k: float(res.best[k]) for k in METRICS + ("val/auc",)},
+            "upload_floats": sum(parts.values()), "upload_parts": parts, "clients": ds.num_clients,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _retry(fn, *args, tries: int = 3):
+    """`fn(*args)`, tried again after a pause when it raises (a shared machine: Ray actors can die)."""
+    for i in range(tries):
+        try:
+            return fn(*args)
+        except Exception as e:   # noqa: BLE001 - reported, then retried; the last failure propagates
+            if i == tries - 1:
+                raise
+            print(f"  failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); retrying", file=sys.stderr, flush=True)
+            time.sleep(20)
+
+
+def _summary(runs: list[dict], key: str) -> dict:
+    out = {}
+    for name in dict.fromkeys(r[key] for r in runs):
+        rs = [r for r in runs if r[key] == name]
+        out[str(name)] = {"seeds": [r["seed"] for r in rs],
+                          **{m: _mean_std([r[m] for r in rs]) for m in METRICS + ("upload_floats",)}}
+    return out
+
+
+def _table(summary: dict, first: str) -> str:
+    lines = [f"| {first} | test AUC | test GAUC | precision (weighted) | uploaded floats / client / round |",
+             "|---|---|---|---|---|"]
+    for name, s in summary.items():
+        cells = [f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['upload_floats'][0]:,.0f} |")
+    return "\n".join(lines)
+
+
+def _save(path: Path, blob: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(blob, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from throughput import _machine, _versions
+    from simulator.pretrain import load_for_pretrain, pretrain
+    import torch
+    torch.set_num_threads(1)              # stage 1 runs in this process, next to the Ray workers
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="error",
+                 configure_logging=False, log_to_driver=False)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    methods = [m for m in METHODS if m[0] in args.methods.split(",")]
+    deltas = [float(d) for d in args.ldp.split(",") if d]
+    names = {"movielens": "movielens", "epinions": "epinions"}
+    for dataset in args.datasets.split(","):
+        stem = REPO / "configs" / f"fedpa_{names[dataset]}"
+        data_ov = [f"data.max_clients={args.epinions_users}"] if dataset == "epinions" else []
+        out_path = RESULTS / f"fedpa_{dataset}.json"
+        ldp_path = RESULTS / f"fedpa_ldp_{dataset}.json"
+        old = json.loads(out_path.read_text())["runs"] if args.resume and out_path.is_file() else []
+        old_ldp = json.loads(ldp_path.read_text())["runs"] if args.resume and ldp_path.is_file() else []
+        runs, ldp_runs = list(old), list(old_ldp)
+        done = {(r["method"], r["seed"]) for r in runs}
+        done_ldp = {(r["delta"], r["seed"]) for r in ldp_runs}
+        common_doc = ["seed=K", "model.backbone=benchmarks/out/fedpa/<dataset>_seedK_backbone.pt",
+                      f"rounds={args.rounds}", "tracking.mlflow=false", "tracking.progress=false", *data_ov]
+        header = {"dataset": dataset, "configs": f"configs/fedpa_{names[dataset]}[_<method>].yaml",
+                  "overrides": common_doc, "pretrain_epochs": args.pretrain_epochs,
+                  "machine": {**_machine(), "note": "2-core CPU box, shared"}, "versions": _versions()}
+        for seed in seeds:
+            bb = OUT / f"{dataset}_seed{seed}_backbone.pt"
+            common = [f"seed={seed}", "tracking.mlflow=false", "tracking.progress=false", *data_ov]
+            todo = [m for m in methods if (m[0], seed) not in done]
+            todo_ldp = [d for d in deltas if dataset == args.ldp_dataset and (d, seed) not in done_ldp]
+            if not (todo or todo_ldp):
+                continue
+            t0 = time.perf_counter()
+            cfg, _ = load_for_pretrain(f"{stem}.yaml", [*common, f"model.pretrain.epochs={args.pretrain_epochs}",
+                                                        f"model.backbone={bb}"])
+            pretrain(cfg, bb)
+            print(f"[{dataset} seed {seed}] pretrain {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+            for method, suffix in todo:
+                rounds = [] if method == "pretrained" else [f"rounds={args.rounds}"]
+                r = _retry(_one, Path(f"{stem}{suffix}.yaml"), [*common, f"model.backbone={bb}", *rounds])
+                runs.append({"method": method, "seed": seed, **r})
+                print(f"[{dataset} seed {seed}] {method}: test AUC {r['test/auc']:.4f} GAUC {r['test/gauc']:.4f} "
+                      f"up {r['upload_floats']} ({r['seconds']}s)", file=sys.stderr, flush=True)
+                _save(out_path, {**header, "runs": runs, "summary": _summary(runs, "method")})
+            for d in todo_ldp:
+                same = [x for x in runs if x["method"] == "fedpa" and x["seed"] == seed]
+                if d == 0 and same:        # Laplace with δ = 0 is the noiseless run, bit for bit (tested)
+                    ldp_runs.append({"delta": d, "seed": seed, **same[0], "reused_from": "fedpa"})
+                    ldp_runs[-1].pop("method")
+                    continue
+                r = _retry(_one, Path(f"{stem}.yaml"), [*common, f"model.backbone={bb}", f"rounds={args.rounds}",
+                                                "algorithm.ldp.mechanism=laplace", f"algorithm.ldp.scale={d}"])
+                ldp_runs.append({"delta": d, "seed": seed, **r})
+                print(f"[{dataset} seed {seed}] ldp δ={d}: test AUC {r['test/auc']:.4f} ({r['seconds']}s)",
+                      file=sys.stderr, flush=True)
+                _save(ldp_path, {**header, "mechanism": "laplace (elementwise, scale δ, no clipping)",
+                                 "runs": ldp_runs, "summary": _summary(ldp_runs, "delta")})
+        if runs:
+            print(f"\n{dataset}\n" + _table(_summary(runs, "method"), "method"))
+        if ldp_runs:
+            print(f"\n{dataset}, FedPA with Laplace LDP\n" + _table(_summary(ldp_runs, "delta"), "δ"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
