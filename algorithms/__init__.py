@@ -20,6 +20,15 @@ def _register_builtins() -> None:
     register("fedavg", FedAvg)
     from algorithms.fedpa import FedPA
     register("fedpa", FedPA)
+    from algorithms.pmtrec import FedAvgMF, PMTRecMF
+    register("pmtrec", PMTRecMF)
+    register("fedavg_mf", FedAvgMF)
+    from algorithms import scenario
+    from algorithms.pfmsm import PFMSMTrec
+    for cls in (scenario.ScenarioLocal, scenario.ScenarioCentralized, scenario.ScenarioFedAvg,
+                scenario.ScenarioFedProx, scenario.ScenarioFedBN, scenario.ScenarioFedPer,
+                scenario.ScenarioDitto, PFMSMTrec):
+        register(cls.Config.name, cls)
 
 
 _register_builtins()

@@ -18,7 +18,9 @@ def build_model(setup: Setup):
     from algorithms.models.adapter import AdapterModel, AdapterModelConfig
     from algorithms.models.per_user import PerUserModel, PerUserModelConfig
     from algorithms.models.fedpa import FedPAModel, FedPAModelConfig
-    builders = {PerUserModelConfig: PerUserModel, AdapterModelConfig: AdapterModel, FedPAModelConfig: FedPAModel}
+    from algorithms.models.mtl import MODELS as MTL_MODELS
+    builders = {PerUserModelConfig: PerUserModel, AdapterModelConfig: AdapterModel, FedPAModelConfig: FedPAModel,
+                **dict(MTL_MODELS.values())}
     torch.manual_seed(setup.seed)   # the one global-RNG use: identical initial model everywhere
     model = builders[type(setup.model)](setup.model, setup.schema)
     return model.to(setup.device)

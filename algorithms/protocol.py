@@ -104,6 +104,7 @@ class Accumulator:
 
     `sums[name]` = sum_k w_k * x_k ; `weight` = sum_k w_k ; `stats[name]` = sum_k w_k * metric_k.
     `group_sums[name]` = (G, ...) sums per value of a client attribute, `group_weight[name]` = (G,).
+    `per_client[c]` keeps client c's own tensors, for aggregators that need every client's delta.
     """
     sums: Tensors = field(default_factory=dict)
     weight: float = 0.0
@@ -112,6 +113,7 @@ class Accumulator:
     group_sums: Tensors = field(default_factory=dict)
     group_weight: Tensors = field(default_factory=dict)
     dropped: int = 0                         # client updates rejected (NaN / inf)
+    per_client: dict[int, Tensors] = field(default_factory=dict)   # keep-all: client id -> its tensors
 
     def merge(self, other: "Accumulator") -> "Accumulator":
         for k, v in other.sums.items():
@@ -125,12 +127,14 @@ class Accumulator:
         self.weight += other.weight
         self.clients += other.clients
         self.dropped += other.dropped
+        self.per_client.update(other.per_client)
         return self
 
     def cpu(self) -> "Accumulator":
         mv = lambda d: {k: v.cpu() for k, v in d.items()}
         return Accumulator(mv(self.sums), self.weight, self.clients, dict(self.stats),
-                           mv(self.group_sums), mv(self.group_weight), self.dropped)
+                           mv(self.group_sums), mv(self.group_weight), self.dropped,
+                           {c: mv(t) for c, t in self.per_client.items()})
 
 
 @dataclass

@@ -14,6 +14,8 @@ def register_source(name: str, config_cls: type) -> type:
 def _register_builtins() -> None:
     from datasets.synthetic import SyntheticPerUserConfig
     register_source("synthetic_per_user", SyntheticPerUserConfig)
+    from datasets.synthetic_scenario import SyntheticMultiScenarioConfig
+    register_source("synthetic_multi_scenario", SyntheticMultiScenarioConfig)
     from datasets.real import REAL_SOURCES
     for name, cls in REAL_SOURCES.items():
         register_source(name, cls)
@@ -30,6 +32,9 @@ def _register_builtins() -> None:
     register_source("census_income", CensusIncomeConfig)
     from datasets.ali_ccp import AliCcpConfig
     register_source("ali_ccp", AliCcpConfig)
+    from datasets.graphs import MF_SOURCES
+    for name, cls in MF_SOURCES.items():
+        register_source(name, cls)
 
 
 _register_builtins()

@@ -56,6 +56,7 @@ class FederatedDataset:
     schema: DatasetSchema
     client_attrs: pa.Table                # (C rows) client_categorical columns (+ optional `label` strings)
     meta: dict = field(default_factory=dict)   # e.g. {"bayes_auc": {"test": 0.81}}
+    side: dict = field(default_factory=dict)   # optional named side tables (pa.Table), e.g. social / item graphs
 
     @property
     def num_clients(self) -> int:
@@ -98,7 +99,7 @@ class FederatedDataset:
     @classmethod
     def from_columns(cls, name: str, columns: dict[str, np.ndarray], schema: DatasetSchema,
                      client_attrs: dict[str, np.ndarray], num_clients: int,
-                     meta: dict | None = None) -> "FederatedDataset":
+                     meta: dict | None = None, side: dict | None = None) -> "FederatedDataset":
         """Sort rows by (client, split), compute offsets and validate. `columns` must hold
         `client`, `split`, every schema field and every task."""
         missing = [c for c in (CLIENT, SPLIT, *[f.name for f in schema.categorical],
@@ -120,7 +121,7 @@ class FederatedDataset:
         attrs.update({k: v for k, v in client_attrs.items() if k not in attrs})
         ds = cls(name=name, table=pa.table(cols), offsets=offsets, schema=schema,
                  client_attrs=pa.table(attrs) if attrs else pa.table({"_": np.zeros(num_clients, np.int8)}),
-                 meta=dict(meta or {}))
+                 meta=dict(meta or {}), side=dict(side or {}))
         ds.validate()
         return ds
 

@@ -5,6 +5,7 @@ the one loader that names the dotted path of any bad key, type or value.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -38,9 +39,13 @@ class ResourcesConfig:
     gpus_per_worker: float = 0.0       # fractional allowed: 0.25 = four workers share a GPU
     address: str | None = None         # Ray address ("auto" joins a running cluster); null = local
     max_restarts: int = 3              # Ray restarts of a crashed worker (restored from the last checkpoint)
+    placement: str = "default"         # worker actors: Ray's default placement, or "spread" over the nodes
 
     CHECKS: ClassVar[dict] = {"workers": ">=1", "cpus_per_worker": ">0", "gpus_per_worker": ">=0",
-                              "max_restarts": ">=0"}
+                              "max_restarts": ">=0", "placement": ("default", "spread")}
+
+
+RANKING_METRIC = re.compile(r"(recall|ndcg)@([1-9][0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,14 @@ class EvalConfig:
     mode: str = "max"
     clients: int = 0                   # evaluate a fixed seeded sample of this many clients; 0 = all
 
-    CHECKS: ClassVar[dict] = {"every": ">=1", "clients": ">=0", "metric": ("auc", "gauc", "logloss"), "mode": ("max", "min")}
+    CHECKS: ClassVar[dict] = {"every": ">=1", "clients": ">=0", "mode": ("max", "min")}
+    POINTWISE: ClassVar[tuple] = ("auc", "gauc", "logloss")
+
+    def validate(self) -> str | None:
+        if self.metric not in self.POINTWISE and not RANKING_METRIC.fullmatch(self.metric):
+            return (f"eval.metric: got {self.metric!r}, expected one of {', '.join(self.POINTWISE)} "
+                    "or a ranking metric recall@K / ndcg@K (algorithms that rank)")
+        return None
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,24 @@ class ExperimentConfig:
     system: SystemConfig = field(default_factory=SystemConfig)          # availability, stragglers, virtual clock
 
     CHECKS: ClassVar[dict] = {"rounds": ">=1", "early_stop_patience": ">=0", "seed": ">=0"}
+
+    def validate(self) -> str | None:
+        # ranking algorithms (those with cut-offs `ks`) report recall@K / ndcg@K, the others pointwise metrics
+        ks = getattr(self.algorithm, "ks", None)
+        m = RANKING_METRIC.fullmatch(self.eval.metric)
+        if m and ks is None:
+            return (f"eval.metric: {self.eval.metric!r} is a ranking metric, but algorithm "
+                    f"{self.algorithm.name!r} reports auc, gauc and logloss")
+        if m and int(m.group(2)) not in ks:
+            return f"eval.metric: {self.eval.metric!r} needs {m.group(2)} in algorithm.ks (got {list(ks)})"
+        if ks is not None and not m:
+            return (f"eval.metric: algorithm {self.algorithm.name!r} reports ranking metrics; use recall@K or "
+                    f"ndcg@K with K in algorithm.ks {list(ks)}, not {self.eval.metric!r}")
+        mode = getattr(self.algorithm, "mode", getattr(type(self.algorithm), "MODE", None))
+        layout = getattr(self.data, "layout", None)
+        if mode is not None and layout is not None and mode != layout:
+            return f"algorithm.mode: {mode!r} needs data.layout={mode!r} (got data.layout={layout!r})"
+        return None
 
 
 def make_setup(cfg: ExperimentConfig, ds) -> Setup:

@@ -12,6 +12,11 @@ from simulator.config import ExperimentConfig
 from simulator.config_loader import flatten, to_dict
 from simulator.run import Callback, RunResult
 
+def mlflow_name(key: str) -> str:
+    """A round-record key as an MLflow metric name (MLflow refuses '@'): val/recall@20 -> val/recall_at_20."""
+    return key.replace("@", "_at_")
+
+
 _SYSTEM = ("train_seconds", "eval_seconds", "client_updates_per_s", "bytes_up", "bytes_down", "cohort")
 
 
@@ -123,13 +128,13 @@ class MlflowLogger(Callback):
         for k, v in record.items():
             if k == "round" or not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
                 continue
-            m[f"system/{k}" if k in _SYSTEM else k] = float(v)
+            m[mlflow_name(f"system/{k}" if k in _SYSTEM else k)] = float(v)
         mlflow.log_metrics(m, step=record["round"])
 
     def on_end(self, result: RunResult) -> None:
         import mlflow
         result.run_id = self.run_id
-        best = {f"best/{k}": float(v) for k, v in result.summary().items() if v is not None}
+        best = {mlflow_name(f"best/{k}"): float(v) for k, v in result.summary().items() if v is not None}
         mlflow.log_metrics(best)
         with tempfile.TemporaryDirectory() as d:
             png = Path(d) / "learning_curve.png"

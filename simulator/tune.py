@@ -558,7 +558,8 @@ def _summarize_mlflow(sweep: Sweep, parent: str, trials: list[dict], best: dict,
                                                         for t in trials))
     client.log_metric(parent, "tune/errored", sum(t["error"] is not None for t in trials))
     if best:
-        client.log_metric(parent, f"best/{sc.metric}", best["best"])
+        from simulator.tracking import mlflow_name
+        client.log_metric(parent, mlflow_name(f"best/{sc.metric}"), best["best"])
         client.set_tag(parent, "tune.best_trial_id", best["trial_id"])
         if best_child:
             client.set_tag(parent, "tune.best_run_id", best_child)

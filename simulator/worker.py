@@ -69,6 +69,8 @@ class Worker:
         # columns are views of the object store's buffers, not copies (read-only memory)
         self.zero_copy = all(not dataset.column(c).flags.writeable for c in dataset.table.column_names)
         self.algo = make_algorithm(algo_config, self.setup)
+        if hasattr(self.algo, "attach_data"):      # algorithms that read the dataset's side tables (graphs)
+            self.algo.attach_data(dataset)
         self.cohort_size = cohort_size
         owned = owned_clients(setup.num_clients, index, workers)
         self.personal: Tensors = build_personal(self.algo, owned)
@@ -139,6 +141,22 @@ class Worker:
                 sc.append(prob[real].float().cpu().numpy())
                 lb.append(batch.labels[real].numpy())
             out[split] = (np.concatenate(cl), np.concatenate(sc), np.concatenate(lb))
+        return out
+
+    def evaluate_ranking(self, state: Tensors, splits: tuple[int, ...], client_ids: np.ndarray | None = None) -> dict:
+        """Per split, sums over owned clients (all, or the given ones) of the algorithm's ranking
+        metrics plus "users" (how many were ranked): {split: {"recall@20": sum, ..., "users": n}}."""
+        self._check()
+        ids_all = owned_clients(self.setup.num_clients, self.index, self.workers) if client_ids is None else np.sort(client_ids)
+        out, dev = {s: {} for s in splits}, self.setup.device
+        if dev != "cpu":
+            state = {k: v.to(dev) for k, v in state.items()}
+        for ids in self._chunks(np.asarray(ids_all, dtype=np.int64)):
+            batches = {s: self.data.batch(ids, s).to(dev) for s in (0, 1, 2)}
+            personal = {k: v[self._slots(ids)].to(dev) for k, v in self.personal.items()}
+            for split in splits:
+                for k, v in self.algo.evaluate_ranking(state, batches, personal, split).items():
+                    out[split][k] = out[split].get(k, 0) + v
         return out
 
     def personal_state(self, client_ids: np.ndarray) -> Tensors:

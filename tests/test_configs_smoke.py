@@ -19,12 +19,17 @@ def _tiny(path: Path) -> list[str]:
     pre = ["model.backbone="] if (raw.get("model") or {}).get("backbone") else []
     cfg = load(path, pre)
     fields = {f.name for f in dataclasses.fields(cfg.data)}
-    out = pre + ["rounds=1", "tracking.mlflow=false", "tracking.progress=false", "resources.workers=2",
-           "resources.cpus_per_worker=0.5", "federation.clients_per_round=8"]
+    # never more workers than the config asks (centralized training needs its one worker)
+    out = pre + ["rounds=1", "tracking.mlflow=false", "tracking.progress=false",
+                 f"resources.workers={min(2, cfg.resources.workers)}",
+                 "resources.cpus_per_worker=0.5", "federation.clients_per_round=8"]
+    scenarios = getattr(cfg.data, "scenario_top_k", 0)
     if "num_clients" in fields:
         out += ["data.num_clients=23"]
-    if "max_clients" in fields:
+    if "max_clients" in fields and not scenarios:
         out += ["data.max_clients=23"]
+    if scenarios and "max_users" in fields:   # clients are categories: subsample users instead
+        out += ["data.max_users=200"]
     return out
 
 

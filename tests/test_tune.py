@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simulator.config_loader import ConfigError
+from simulator.config_loader import ConfigError, read_yaml
 from simulator.tune import NoSchedulerConfig, load_sweep, tune_sweep
 from tests.conftest import tiny_overrides
 
@@ -21,7 +21,11 @@ SPACES = sorted(SPACES_DIR.glob("*.yaml"))
 def _tiny(space: Path, **extra) -> list[str]:
     """Tiny base-config overrides for any space: small data, one 0.5-CPU worker, few rounds."""
     sweep_raw = yaml.safe_load(space.read_text())
-    base = load_sweep(space).base_cfg
+    base_path = space.parent / sweep_raw["base"]
+    base_path = base_path if base_path.is_file() else SPACES_DIR.parent / sweep_raw["base"]
+    # a pre-trained backbone fits the full data's vocabularies, not a 23-client slice: random init
+    pre = ["model.backbone="] if (read_yaml(base_path).get("model") or {}).get("backbone") else []
+    base = load_sweep(space, pre).base_cfg
     fields = {f.name for f in dataclasses.fields(base.data)}
     ov = {"rounds": 3, "resources.workers": 1, "resources.cpus_per_worker": 0.5,
           "federation.clients_per_round": 20, "tracking.progress": False, **extra}
@@ -32,7 +36,7 @@ def _tiny(space: Path, **extra) -> list[str]:
         ov["data.max_clients"] = 23
     elif "num_clients" in fields:
         ov["data.num_clients"] = 23
-    return [f"{k}={v}" for k, v in ov.items()]
+    return pre + [f"{k}={v}" for k, v in ov.items()]
 
 
 def _write(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:

@@ -14,4 +14,6 @@ class ModelConfig:
         from algorithms.models.per_user import PerUserModelConfig
         from algorithms.models.adapter import AdapterModelConfig
         from algorithms.models.fedpa import FedPAModelConfig
-        return {"per_user": PerUserModelConfig, "adapter": AdapterModelConfig, "fedpa": FedPAModelConfig}
+        from algorithms.models.mtl import MODELS as MTL_MODELS
+        return {"per_user": PerUserModelConfig, "adapter": AdapterModelConfig, "fedpa": FedPAModelConfig,
+                **{name: cfg for name, (cfg, _) in MTL_MODELS.items()}}

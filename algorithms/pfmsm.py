@@ -1,0 +1,224 @@
+"""PF-MSMTrec (methods.md §1): personalized federated multi-scenario multi-task recommendation.
+
+Scenario = client; each client trains its own multi-task model (MMoE with the parameter template
+by default) with the client half of `algorithms/scenario.py`. The server keeps one personalized
+copy per client of every uploaded tensor (server state `pers.<name>`, stacked (N, ...)) and, each
+round, for every template group P (global experts; task-t experts; scenario experts):
+
+1. federated BN: `fedbn_mode=local_bn` keeps BatchNorm tensors on the client (FedBN);
+   `server_norm` uploads them and puts every client's delta on a common scale before step 2;
+   `aggregate` uploads and aggregates them like the rest, no normalization (ablation);
+2. conflict coordination: d^P = ConflictAverse({Δ_c^P}) with κ (`conflict_coordination=false`: the mean);
+3. personalized aggregation: θ_c^P = θ_c^start + Δ_c^P + α_c · d^P, with α_c learned on the server by
+   the hypergradient −<Δ_c^(r), d^(r−1)> (`personalized=false`: every client gets mean(θ^start) + d^P);
+4. task towers: per tower layer, cross-attention over the clients' deltas with learned β
+   (`tower_aggregation=cross_attention`), modules 2-3 on the towers (`fallback`) or no tower
+   upload at all (`none`).
+
+Local training adds (μ/2)·||θ − θ_ref||² over the uploaded tensors, θ_ref = the mean of the
+clients' personalized copies. `template=false` (ablation) aggregates every expert as one global
+group. Embeddings and gates never leave the client.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from algorithms import aggregate
+from algorithms import pfmsm_math as pm
+from algorithms.protocol import (PERSONALIZED, PRIVATE, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate,
+                                 Tensors, TrainPlan)
+from algorithms.scenario import PERSONAL, ScenarioAlgorithm
+
+PERS, REF = "pers.", "ref."
+FEDBN_MODES = ("local_bn", "server_norm", "aggregate")
+TOWER_MODES = ("cross_attention", "fallback", "none")
+
+
+@dataclass(frozen=True)
+class PFMSMTrecConfig(AlgorithmConfig):
+    name: str = "pf_msmtrec"
+    template: bool = True                    # parameter template (option A); false: all experts in one global group
+    fedbn_mode: str = "local_bn"             # local_bn (FedBN) | server_norm (Eq. 8 reading) | aggregate (ablation)
+    conflict_coordination: bool = True      # conflict-averse aggregated delta (false: plain mean of deltas)
+    kappa: float = 0.4                       # κ of the conflict-averse delta
+    rescale: str = "1+k2"                    # d = (Δ̄ + λ g_w) / s, s = 1+κ² | 1+κ | none
+    personalized: bool = True                # θ_c = θ_c^start + Δ_c + α_c d (false: one global result)
+    alpha_init: float = 0.1                  # α_c and β_{c,l} start here, clipped to [0, 1]
+    alpha_lr: float = 0.01                   # SGD on α and β (hypergradient)
+    alpha_momentum: float = 0.9
+    alpha_weight_decay: float = 1e-4
+    tower_aggregation: str = "cross_attention"   # cross_attention | fallback | none (towers stay local)
+    mu: float = 0.01                         # proximal weight toward the mean personalized copy
+
+    CHECKS: ClassVar[dict] = {"fedbn_mode": FEDBN_MODES, "kappa": ">=0", "rescale": pm.RESCALES,
+                              "alpha_init": "0..1", "alpha_lr": ">=0", "alpha_momentum": "0..1",
+                              "alpha_weight_decay": ">=0", "tower_aggregation": TOWER_MODES, "mu": ">=0"}
+
+
+def _is_tower(role: str) -> bool:
+    return role.startswith(pm.TOWER_PREFIX)
+
+
+class PFMSMTrec(ScenarioAlgorithm):
+    Config = PFMSMTrecConfig
+
+    def select_shared(self) -> list[str]:
+        cfg = self.config
+        roles = {n: self.template[n] for n in self.float_names}
+        if not cfg.template:       # ablation: every expert tensor in one group aggregated over all clients
+            roles = {n: (pm.GLOBAL if r not in (pm.LOCAL,) and not _is_tower(r) else r) for n, r in roles.items()}
+        if cfg.tower_aggregation == "none":
+            roles = {n: (pm.LOCAL if _is_tower(r) else r) for n, r in roles.items()}
+        self.group_roles = roles
+        names = pm.upload_names(roles, "local_bn" if cfg.fedbn_mode == "local_bn" else "server_norm")
+        groups = pm.aggregation_groups(roles, names)
+        self.expert_groups = {g: ns for g, ns in groups.items() if not _is_tower(g)}
+        tower_names = [n for g, ns in groups.items() if _is_tower(g) for n in ns]
+        self.tower_layers: dict[str, list[str]] = {}
+        for n in tower_names:      # one β per client and tower layer (e.g. towers.0.body.lin0)
+            self.tower_layers.setdefault(n.rsplit(".", 1)[0], []).append(n)
+        self.layer_keys = list(self.tower_layers)
+        return names
+
+    def roles(self) -> dict[str, str]:
+        return {n: PERSONALIZED if n in self.shared_names else PRIVATE for n in self.all_names}
+
+    # ---- server half
+    def init_server(self) -> Tensors:
+        N, cfg = self.setup.num_clients, self.config
+        state = {PERS + n: self._initial[n].expand(N, *self._initial[n].shape).clone() for n in self.shared_names}
+        state["alpha"] = torch.full((N,), cfg.alpha_init)
+        state["beta"] = torch.full((N, len(self.layer_keys)), cfg.alpha_init)
+        state["has_prev"] = torch.zeros(())
+        for g, names in self.expert_groups.items():
+            state[f"prev_d.{g}"] = torch.zeros(sum(self._initial[n].numel() for n in names))
+        for layer, names in self.tower_layers.items():
+            state[f"prev_u.{layer}"] = torch.zeros(N, sum(self._initial[n].numel() for n in names))
+        self._opts = None
+        return state
+
+    def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan:
+        params = {PERS + n: state[PERS + n] for n in self.shared_names}
+        if self.config.mu > 0:
+            params.update({REF + n: state[PERS + n].mean(0) for n in self.shared_names})
+        return TrainPlan(round=rnd, params=params)
+
+    def _optimizers(self, state: Tensors) -> tuple[pm.AlphaOptimizer, pm.AlphaOptimizer]:
+        """The α and β optimizers (momentum kept across rounds in this coordinator; rebuilt from the
+        server state's values after a restore)."""
+        cfg = self.config
+        opts = getattr(self, "_opts", None)
+        if opts is None or not torch.equal(opts[0].value(), state["alpha"]) \
+                or not torch.equal(opts[1].value(), state["beta"]):
+            hyper = dict(lr=cfg.alpha_lr, momentum=cfg.alpha_momentum, weight_decay=cfg.alpha_weight_decay)
+            opts = (pm.AlphaOptimizer(state["alpha"], **hyper), pm.AlphaOptimizer(state["beta"], **hyper))
+            self._opts = opts
+        return opts
+
+    def aggregate_train(self, rnd: int, state: Tensors, acc: Accumulator) -> tuple[Tensors, dict]:
+        cfg, stats = self.config, aggregate.mean_stats(acc)
+        ids = sorted(acc.per_client)
+        if not ids:
+            return state, stats
+        idx = torch.tensor(ids)
+        new = dict(state)
+        deltas = {n: torch.stack([acc.per_client[c][n] for c in ids]).float() for n in self.shared_names}
+        start = {n: state[PERS + n][idx] for n in self.shared_names}
+        alpha, beta = state["alpha"], state["beta"]
+
+        # hypergradient step on α and β, one round late (module 3)
+        if cfg.personalized and float(state["has_prev"]) > 0 and cfg.alpha_lr > 0:
+            a_opt, b_opt = self._optimizers(state)
+            g_a = torch.zeros_like(alpha)
+            for g, names in self.expert_groups.items():
+                g_a[idx] += pm.hypergrad_alpha(state[f"prev_d.{g}"], pm.flatten_group(deltas, names)).float()
+            alpha = a_opt.step(g_a)
+            if self.layer_keys and cfg.tower_aggregation != "none":
+                g_b = torch.zeros_like(beta)
+                for j, (layer, names) in enumerate(self.tower_layers.items()):
+                    flat = pm.flatten_group(deltas, names)
+                    g_b[idx, j] = -(flat * state[f"prev_u.{layer}"][idx]).sum(1)
+                beta = b_opt.step(g_b)
+            self._opts = (a_opt, b_opt)
+        new["alpha"], new["beta"] = alpha, beta
+
+        def norm(flat: torch.Tensor) -> torch.Tensor:
+            return pm.server_norm(flat) if cfg.fedbn_mode == "server_norm" else flat
+
+        def combine(flat: torch.Tensor) -> torch.Tensor:
+            if cfg.conflict_coordination:
+                return pm.conflict_averse_delta(flat, cfg.kappa, cfg.rescale)
+            return flat.mean(0)
+
+        # expert groups: federated BN, conflict coordination, personalized aggregation (modules 1-3)
+        for g, names in self.expert_groups.items():
+            G = pm.flatten_group(deltas, names)                               # (M, D)
+            s = pm.flatten_group(start, names)                                # (M, D)
+            d = combine(norm(G))                                              # (D,)
+            if cfg.personalized:
+                out = pm.personalized_update(s, G, d, alpha[idx])
+            else:
+                out = (s.mean(0) + d).expand_as(s)
+            self._write(new, idx, pm.unflatten_group(out, start, names))
+            new[f"prev_d.{g}"] = d.float()
+
+        # task towers (module 4)
+        for j, (layer, names) in enumerate(self.tower_layers.items()):
+            G = pm.flatten_group(deltas, names)                               # (M, D_l)
+            s = pm.flatten_group(start, names)
+            Gn, b = norm(G), beta[idx, j]
+            if cfg.tower_aggregation == "cross_attention":
+                u = pm.tower_cross_attention(Gn, b) - Gn                     # β_c · (a V)_c
+            else:                                                             # fallback: modules 2-3
+                u = b.clamp(0, 1).unsqueeze(1) * combine(Gn).unsqueeze(0)
+            self._write(new, idx, pm.unflatten_group(s + G + u, start, names))
+            prev = state[f"prev_u.{layer}"].clone()
+            prev[idx] = u.float()
+            new[f"prev_u.{layer}"] = prev
+
+        new["has_prev"] = torch.ones(())
+        stats["alpha_mean"] = float(alpha.mean())
+        for c in ids:
+            stats[f"pfmsm/alpha/{c}"] = float(alpha[c])
+        return new, stats
+
+    def _write(self, new: Tensors, idx: torch.Tensor, values: Tensors) -> None:
+        for n, v in values.items():
+            t = new[PERS + n].clone()
+            t[idx] = v.to(t.dtype)
+            if n.endswith("running_var"):
+                t.clamp_(min=1e-5)      # aggregated variances must stay positive
+            new[PERS + n] = t
+
+    # ---- client half
+    def client_start(self, plan_or_state: Tensors, personal: Tensors, k: int, client: int) -> Tensors:
+        own = {n: personal[PERSONAL + n][k] for n in self.all_names}
+        own.update({n: plan_or_state[PERS + n][client] for n in self.shared_names})
+        return own
+
+    def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
+        mu = self.config.mu
+        ref = {n: plan.params[REF + n] for n in self.shared_names} if mu > 0 else None
+        ends, losses, deltas = [], [], {}
+        for k in range(batch.size):
+            c = int(batch.client_ids[k])
+            start = self.client_start(plan.params, personal, k, c)
+            end, loss = self.train_client(start, batch, k, plan.round, ref, mu)
+            ends.append(end)
+            losses.append(loss)
+            deltas[c] = {n: (end[n] - start[n]).double() for n in self.shared_names}
+        new_personal = {PERSONAL + n: torch.stack([e[n] for e in ends]) for n in self.all_names}
+        acc = Accumulator()
+        loss_t = torch.tensor(losses)
+        keep = aggregate.fold_weighted(acc, {}, batch.n_rows.double(), {"train_loss": loss_t})
+        for k, c in enumerate(batch.client_ids.tolist()):
+            finite = all(bool(torch.isfinite(v).all()) for v in deltas[c].values())
+            if bool(keep[k]) and finite:
+                acc.per_client[c] = deltas[c]
+            elif bool(keep[k]):      # a non-finite update: dropped and counted
+                acc.clients -= 1
+                acc.dropped += 1
+        return CohortUpdate(personal=new_personal, acc=acc)

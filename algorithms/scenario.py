@@ -1,0 +1,368 @@
+"""Scenario clients: few clients (business scenarios), each with many rows, and a multi-task model.
+
+Shared machinery of PF-MSMTrec (`algorithms/pfmsm.py`) and its baselines: local-only,
+centralized on pooled data, FedAvg, FedProx, FedBN, FedPer and Ditto over the MTL models of
+`algorithms/models/mtl.py` (Shared-Bottom, MMoE, PLE; `model.name`).
+
+- Every client's whole model (parameters and BatchNorm buffers) is its personal state, stacked
+  per tensor in the worker that owns it under the key `m.<name>`. The server state holds only
+  what is aggregated; at the start of a round (and for evaluation) the server's tensors replace
+  the client's copy of those names.
+- A cohort is a handful of heavy clients, so each client trains an ordinary minibatch loop
+  (`torch.func.functional_call`, Adam or SGD per `train:`) over its own rows, in the order the
+  engine drew for this round. BatchNorm running statistics are updated during training and kept
+  with the client. Dropout draws from a generator seeded by (seed, round, client).
+- Evaluation runs in eval mode, chunked over rows so a client with 250k rows fits.
+- The loss is the mean over tasks of the binary cross-entropy, plus (μ/2)·||θ − θ_ref||² over the
+  aggregated tensors when the algorithm sets a reference (FedProx, Ditto, PF-MSMTrec).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from algorithms import aggregate
+from algorithms.base import build_model
+from algorithms.pfmsm_math import bn_tensor
+from datasets.federated import CategoricalField
+from algorithms.protocol import (PRIVATE, SHARED, Accumulator, AlgorithmConfig, CohortBatch,
+                                 CohortUpdate, Setup, Tensors, TrainPlan)
+
+EVAL_CHUNK = 65536          # rows per forward pass in evaluation
+PERSONAL = "m."             # personal-state prefix of the client's model
+DITTO = "p."                # personal-state prefix of Ditto's personal model
+
+
+def scenario_input(schema) -> CategoricalField | None:
+    """The per-row input field `scenario` (the client's scenario attribute) that scenario models embed,
+    so that a model trained on several scenarios' rows (centralized, FedAvg) can tell them apart;
+    None when the dataset names no scenario attribute or already has a row field of that name."""
+    if schema.scenario is None or any(f.name == "scenario" for f in schema.categorical):
+        return None
+    return CategoricalField("scenario", schema.vocab(schema.scenario))
+
+
+def _client_seed(seed: int, rnd: int, client: int, stream: int) -> int:
+    return int(np.random.default_rng([seed, stream, rnd, client]).integers(2**62))
+
+
+# ----------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class ScenarioFedAvgConfig(AlgorithmConfig):
+    """FedAvg over scenario clients; `local_bn` gives FedBN, `local_towers` FedPer, `mu` FedProx."""
+    name: str = "scenario_fedavg"
+    mu: float = 0.0                   # proximal weight (μ/2)·||θ − θ_global||² in local training (FedProx)
+    local_bn: bool = False            # BatchNorm weights and statistics never leave the client (FedBN)
+    local_towers: bool = False        # task towers stay local (FedPer)
+    weighting: str = "examples"       # examples: weight by training rows; uniform: every client 1
+
+    CHECKS: ClassVar[dict] = {"mu": ">=0", "weighting": ("examples", "uniform")}
+
+
+@dataclass(frozen=True)
+class ScenarioFedProxConfig(ScenarioFedAvgConfig):
+    name: str = "scenario_fedprox"
+    mu: float = 0.01
+
+
+@dataclass(frozen=True)
+class ScenarioFedBNConfig(ScenarioFedAvgConfig):
+    name: str = "scenario_fedbn"
+    local_bn: bool = True
+
+
+@dataclass(frozen=True)
+class ScenarioFedPerConfig(ScenarioFedAvgConfig):
+    name: str = "scenario_fedper"
+    local_towers: bool = True
+
+
+@dataclass(frozen=True)
+class ScenarioDittoConfig(ScenarioFedAvgConfig):
+    """Ditto: a global model by FedAvg, plus a personal model trained with (λ/2)·||v − w_global||²."""
+    name: str = "scenario_ditto"
+    ditto_lambda: float = 0.1         # λ of the personal model's proximal term
+
+    CHECKS: ClassVar[dict] = {**ScenarioFedAvgConfig.CHECKS, "ditto_lambda": ">=0"}
+
+
+@dataclass(frozen=True)
+class ScenarioLocalConfig(AlgorithmConfig):
+    """Local-only: every scenario trains its own model; nothing is sent."""
+    name: str = "scenario_local"
+
+
+@dataclass(frozen=True)
+class ScenarioCentralizedConfig(AlgorithmConfig):
+    """Centralized: one model trained on all scenarios' training rows interleaved, evaluated per scenario.
+    Needs every client in one training call: resources.workers=1, federation.cohort_size and
+    federation.clients_per_round >= the number of scenarios."""
+    name: str = "scenario_centralized"
+
+
+# ----------------------------------------------------------------------------------- base
+class ScenarioAlgorithm:
+    """Client half shared by every scenario algorithm, and the FedAvg-style server half."""
+
+    Config: type
+
+    def __init__(self, config, setup: Setup):
+        self.config = config
+        self.setup = setup
+        self.scenario_field = scenario_input(setup.schema)
+        if self.scenario_field is not None:     # the model also embeds the row's scenario (the client attribute)
+            f = self.scenario_field
+            schema = dataclasses.replace(setup.schema, categorical=setup.schema.categorical + (f,))
+            setup = dataclasses.replace(setup, schema=schema)
+        self.model = build_model(setup)
+        if not hasattr(self.model, "state_roles"):
+            raise ValueError(f"algorithm.name={config.name!r} needs a multi-task model "
+                             f"(model.name: shared_bottom, mmoe or ple), got model.name={setup.model.name!r}")
+        sd = self.model.state_dict()
+        self.param_names = [n for n, _ in self.model.named_parameters()]
+        self.float_names = [n for n, v in sd.items() if v.is_floating_point()]
+        self.all_names = list(sd)
+        self.template = self.model.state_roles()
+        self._initial = {k: v.detach().clone() for k, v in sd.items()}
+        self.shared_names = self.select_shared()
+
+    # ---- which tensors the server holds (FedAvg family); subclasses override
+    def select_shared(self) -> list[str]:
+        cfg = self.config
+        out = []
+        for n in self.float_names:
+            if getattr(cfg, "local_bn", False) and bn_tensor(n):
+                continue
+            if getattr(cfg, "local_towers", False) and self.template[n].startswith("tower:"):
+                continue
+            out.append(n)
+        return out
+
+    def roles(self) -> dict[str, str]:
+        return {n: SHARED if n in self.shared_names else PRIVATE for n in self.all_names}
+
+    # ---- server half
+    def init_server(self) -> Tensors:
+        return {k: self._initial[k].clone() for k in self.shared_names}
+
+    def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan:
+        return TrainPlan(round=rnd, params={k: state[k] for k in self.shared_names})
+
+    def aggregate_train(self, rnd: int, state: Tensors, acc: Accumulator) -> tuple[Tensors, dict]:
+        new = dict(state)
+        if acc.weight > 0:
+            for k in self.shared_names:
+                new[k] = (acc.sums[k] / acc.weight).to(state[k].dtype)
+        return new, aggregate.mean_stats(acc)
+
+    def traffic(self) -> tuple[int, int]:
+        n = sum(self._initial[k].numel() * self._initial[k].element_size() for k in self.shared_names)
+        return n, n
+
+    # ---- client half
+    def init_personal(self, client_ids: torch.Tensor) -> Tensors:
+        n = len(client_ids)
+        return {PERSONAL + k: v.expand(n, *v.shape).clone() for k, v in self._initial.items()}
+
+    def client_start(self, plan_or_state: Tensors, personal: Tensors, k: int, client: int) -> Tensors:
+        """Client k's model at the start of a round / for evaluation: its own tensors, with the
+        server's tensors in place of the aggregated ones."""
+        own = {n: personal[PERSONAL + n][k] for n in self.all_names}
+        own.update({n: plan_or_state[n] for n in self.shared_names if n in plan_or_state})
+        return own
+
+    def weights(self, batch: CohortBatch) -> torch.Tensor:
+        if getattr(self.config, "weighting", "examples") == "uniform":
+            return torch.ones(batch.size, dtype=torch.float64)
+        return batch.n_rows.double()
+
+    def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
+        mu = getattr(self.config, "mu", 0.0)
+        ref = {n: plan.params[n] for n in self.shared_names} if mu > 0 else None
+        ends, losses = [], []
+        for k in range(batch.size):
+            c = int(batch.client_ids[k])
+            start = self.client_start(plan.params, personal, k, c)
+            end, loss = self.train_client(start, batch, k, plan.round, ref, mu)
+            ends.append(end)
+            losses.append(loss)
+        new_personal = {PERSONAL + n: torch.stack([e[n] for e in ends]) for n in self.all_names}
+        acc = Accumulator()
+        shared = {n: new_personal[PERSONAL + n] for n in self.shared_names}
+        keep = aggregate.fold_weighted(acc, shared, self.weights(batch), {"train_loss": torch.tensor(losses)})
+        # a client whose update was dropped (NaN / inf) keeps its previous state
+        new_personal = {k: torch.where(aggregate.bcast(keep, v), v, personal[k]) for k, v in new_personal.items()}
+        return CohortUpdate(personal=new_personal, acc=acc)
+
+    # ---- one client's minibatch loop
+    def _rows(self, batch: CohortBatch, k: int, idx: torch.Tensor):
+        cat = {f: v[k, idx] for f, v in batch.categorical.items()}
+        if self.scenario_field is not None:
+            name = self.scenario_field.name
+            cat[name] = batch.client_attrs[self.setup.schema.scenario][k].expand(len(idx))
+        return cat, batch.numeric[k, idx], batch.labels[k, idx]
+
+    def loss_fn(self, tensors: Tensors, cat: Tensors, num: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(self.model, tensors, (cat, num, {}))            # (B, T)
+        return F.binary_cross_entropy_with_logits(logits, y)                    # mean over rows and tasks
+
+    def make_optimizer(self, leaves: list[torch.Tensor]):
+        tc = self.setup.train
+        if tc.optimizer == "adam":
+            return torch.optim.Adam(leaves, lr=tc.lr, weight_decay=tc.weight_decay)
+        return torch.optim.SGD(leaves, lr=tc.lr, weight_decay=tc.weight_decay)
+
+    def train_client(self, start: Tensors, batch: CohortBatch, k: int, rnd: int,
+                     ref: Tensors | None, mu: float, row_plan=None) -> tuple[Tensors, float]:
+        """`local_epochs` of minibatch training of one client from `start`; returns (end tensors, mean loss).
+
+        `row_plan` (optional) is a list of (client slot, row index) minibatches replacing the client's own
+        order (centralized training over several clients' rows)."""
+        tc = self.setup.train
+        params = {n: start[n].detach().clone().requires_grad_(True) for n in self.param_names}
+        buffers = {n: start[n].detach().clone() for n in self.all_names if n not in params}
+        opt = self.make_optimizer(list(params.values()))
+        client = int(batch.client_ids[k])
+        total, steps = 0.0, 0
+        if row_plan is None:
+            n = int(batch.n_rows[k])
+            row_plan = [[(k, batch.order[e, k, s:min(s + tc.batch_size, n)])]
+                        for e in range(tc.local_epochs) for s in range(0, n, tc.batch_size)]
+        self.model.train()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_client_seed(self.setup.seed, rnd, client, 17))
+            for mb in row_plan:
+                parts = [self._rows(batch, kk, idx) for kk, idx in mb]
+                cat = {f: torch.cat([p[0][f] for p in parts]) for f in parts[0][0]}
+                num = torch.cat([p[1] for p in parts])
+                y = torch.cat([p[2] for p in parts])
+                if y.shape[0] < 2:           # BatchNorm needs two rows in training mode
+                    continue
+                loss = self.loss_fn({**params, **buffers}, cat, num, y)
+                total += float(loss.detach())
+                steps += 1
+                if ref is not None and mu > 0:
+                    loss = loss + 0.5 * mu * sum(((params[n] - ref[n]) ** 2).sum()
+                                                 for n in ref if n in params)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        end = {n: v.detach() for n, v in params.items()}
+        end.update(buffers)
+        return {n: end[n] for n in self.all_names}, (total / steps if steps else float("nan"))
+
+    # ---- evaluation
+    def eval_tensors(self, state: Tensors, personal: Tensors, k: int, client: int) -> Tensors:
+        return self.client_start(state, personal, k, client)
+
+    def evaluate_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
+        K, L = batch.mask.shape
+        out = torch.zeros(K, L, len(self.model.tasks))
+        self.model.eval()
+        with torch.no_grad():
+            for k in range(K):
+                tensors = self.eval_tensors(state, personal, k, int(batch.client_ids[k]))
+                n = int(batch.n_rows[k])
+                for s in range(0, n, EVAL_CHUNK):
+                    idx = torch.arange(s, min(s + EVAL_CHUNK, n))
+                    cat, num, _ = self._rows(batch, k, idx)
+                    out[k, s:s + len(idx)] = torch.sigmoid(functional_call(self.model, tensors, (cat, num, {})))
+        return out
+
+
+class ScenarioFedAvg(ScenarioAlgorithm):
+    """FedAvg / FedProx / FedBN / FedPer over scenario clients (see ScenarioFedAvgConfig)."""
+    Config = ScenarioFedAvgConfig
+
+
+class ScenarioFedProx(ScenarioFedAvg):
+    Config = ScenarioFedProxConfig
+
+
+class ScenarioFedBN(ScenarioFedAvg):
+    Config = ScenarioFedBNConfig
+
+
+class ScenarioFedPer(ScenarioFedAvg):
+    Config = ScenarioFedPerConfig
+
+
+class ScenarioLocal(ScenarioAlgorithm):
+    """Local-only: the server holds nothing; every client keeps training its own model."""
+    Config = ScenarioLocalConfig
+
+    def select_shared(self) -> list[str]:
+        return []
+
+
+class ScenarioDitto(ScenarioAlgorithm):
+    """Ditto: the global model is FedAvg over every float tensor; each client also trains a personal
+    model (personal state `p.<name>`) with (λ/2)·||v − w_global||², and is evaluated with it."""
+    Config = ScenarioDittoConfig
+
+    def init_personal(self, client_ids: torch.Tensor) -> Tensors:
+        out = super().init_personal(client_ids)
+        out.update({DITTO + k[len(PERSONAL):]: v.clone() for k, v in out.items()})
+        return out
+
+    def roles(self) -> dict[str, str]:
+        return {**super().roles(), **{DITTO + n: PRIVATE for n in self.all_names}}
+
+    def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
+        update = super().train_cohort(plan, batch, personal)      # the global model's local steps
+        glob = {n: plan.params[n] for n in self.shared_names}
+        ends = []
+        for k in range(batch.size):
+            start = {n: personal[DITTO + n][k] for n in self.all_names}
+            end, _ = self.train_client(start, batch, k, plan.round, glob, self.config.ditto_lambda)
+            ends.append(end)
+        update.personal.update({DITTO + n: torch.stack([e[n] for e in ends]) for n in self.all_names})
+        return update
+
+    def eval_tensors(self, state: Tensors, personal: Tensors, k: int, client: int) -> Tensors:
+        return {n: personal[DITTO + n][k] for n in self.all_names}
+
+
+class ScenarioCentralized(ScenarioAlgorithm):
+    """One model on the pooled training rows of every scenario, minibatches interleaved across
+    scenarios in a seeded order; every scenario is evaluated with that model."""
+    Config = ScenarioCentralizedConfig
+
+    def select_shared(self) -> list[str]:
+        return list(self.all_names)
+
+    def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
+        if batch.size != self.setup.num_clients:
+            raise ValueError(
+                f"algorithm.name=scenario_centralized trains one model on all {self.setup.num_clients} scenarios "
+                f"at once but got {batch.size} in one call: set resources.workers=1 and "
+                f"federation.cohort_size, federation.clients_per_round >= {self.setup.num_clients}")
+        tc = self.setup.train
+        plan_rows = []
+        for e in range(tc.local_epochs):
+            pairs = np.concatenate([np.stack([np.full(int(n), k), batch.order[e, k, :int(n)].numpy()], 1)
+                                    for k, n in enumerate(batch.n_rows.tolist())])           # (R, 2)
+            g = np.random.default_rng([self.setup.seed, 23, plan.round, e])
+            pairs = pairs[g.permutation(len(pairs))]
+            for s in range(0, len(pairs), tc.batch_size):
+                mb = pairs[s:s + tc.batch_size]
+                plan_rows.append([(k, torch.from_numpy(mb[mb[:, 0] == k, 1])) for k in np.unique(mb[:, 0])])
+        start = {n: plan.params[n] for n in self.all_names}
+        end, loss = self.train_client(start, batch, 0, plan.round, None, 0.0, row_plan=plan_rows)
+        acc = Accumulator()
+        aggregate.fold_weighted(acc, {n: end[n].unsqueeze(0) for n in self.all_names},
+                                torch.ones(1, dtype=torch.float64), {"train_loss": torch.tensor([loss])})
+        acc.clients = batch.size
+        return CohortUpdate(personal={}, acc=acc)
+
+    def init_personal(self, client_ids: torch.Tensor) -> Tensors:
+        return {}
+
+    def eval_tensors(self, state: Tensors, personal: Tensors, k: int, client: int) -> Tensors:
+        return {n: state[n] for n in self.all_names}

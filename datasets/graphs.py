@@ -1,0 +1,272 @@
+"""Matrix-factorization data with auxiliary graphs, for PMTRec (methods.md §2.5).
+
+An `MFData` holds interactions (user, item, rating) with a per-user random train / val / test
+split, plus the auxiliary information the auxiliary tasks read: directed trust edges among the
+kept users, one category per item (-1 = unknown) and optional item-item pairs (co-view /
+co-buy). `to_federated` turns it into a `FederatedDataset` whose rows are interactions and
+whose `side` tables carry the graphs:
+
+    side["trust"]          columns src, dst         (int64 user ids)
+    side["item_category"]  column  category         (int64, one row per item, -1 = unknown)
+    side["item_pairs"]     columns a, b             (int64 item ids; absent when the source has none)
+
+Layouts: `centralized` = one client (id 0) holds every user's rows (the paper's setting);
+`federated` = client c is user c. Row columns in both: categorical `user`, `item`, `item_category`
+(the item's category + 1, 0 = unknown); numeric `rating`; task `interaction` (every observed
+row is a positive).
+
+Sources: `mf_synthetic` (seeded generator, social edges correlated with user factors, item
+categories and co-view pairs from item factors) and `mf_epinions` (ratings + trust). A source
+with item pairs (e.g. an Amazon loader) provides them through `MFData.item_pairs`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from datasets.federated import CategoricalField, DataError, DatasetSchema, FederatedDataset
+from datasets.partition import random_split, subsample_clients
+from datasets.sources import DataConfig
+
+LAYOUTS = ("centralized", "federated")
+
+
+@dataclass
+class MFData:
+    name: str
+    num_users: int
+    num_items: int
+    user: np.ndarray              # (N,) int64
+    item: np.ndarray              # (N,) int64
+    rating: np.ndarray            # (N,) float32
+    split: np.ndarray             # (N,) int8 0 train / 1 val / 2 test
+    trust: np.ndarray             # (2, E) int64 directed user -> user
+    item_category: np.ndarray     # (I,) int64, -1 = unknown
+    item_pairs: np.ndarray | None = None   # (2, P) int64 item -> item, or None
+    meta: dict | None = None
+
+    @property
+    def num_categories(self) -> int:
+        return int(self.item_category.max()) + 1 if len(self.item_category) and self.item_category.max() >= 0 else 0
+
+
+def kcore(user: np.ndarray, item: np.ndarray, k: int, max_iter: int = 100) -> np.ndarray:
+    """Boolean row mask of the k-core: every kept user and item has >= k kept rows."""
+    keep = np.ones(len(user), dtype=bool)
+    if k <= 1:
+        return keep
+    for _ in range(max_iter):
+        u, i = user[keep], item[keep]
+        cu = np.bincount(u, minlength=int(user.max()) + 1 if len(user) else 0)
+        ci = np.bincount(i, minlength=int(item.max()) + 1 if len(item) else 0)
+        ok = (cu[user] >= k) & (ci[item] >= k) & keep
+        if ok.sum() == keep.sum():
+            return ok
+        keep = ok
+    return keep
+
+
+def reindex(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dense codes 0..n-1 (ascending original id) and the original ids."""
+    uniq, inv = np.unique(values, return_inverse=True)
+    return inv.astype(np.int64).reshape(-1), uniq
+
+
+def build_mf(name: str, user: np.ndarray, item: np.ndarray, rating: np.ndarray, *, trust: np.ndarray | None,
+             item_category_per_row: np.ndarray | None, item_pairs: np.ndarray | None, k_core: int,
+             max_users: int | None, val_fraction: float, test_fraction: float, seed: int) -> MFData:
+    """Filter (k-core, deterministic user subsample, k-core again), reindex, split per user,
+    and keep only the graph edges among kept users / items. Ids may be any non-negative ints."""
+    user, item = np.asarray(user, np.int64), np.asarray(item, np.int64)
+    rating = np.asarray(rating, np.float32)
+    # one row per (user, item): the last
+    key = user * (int(item.max()) + 1) + item
+    _, last = np.unique(key[::-1], return_index=True)
+    rows = np.sort(len(key) - 1 - last)
+    user, item, rating = user[rows], item[rows], rating[rows]
+    cat_row = None if item_category_per_row is None else np.asarray(item_category_per_row, np.int64)[rows]
+    keep = kcore(user, item, k_core)
+    if max_users is not None:
+        kept_users = subsample_clients(user[keep], max_users, seed)
+        keep = kcore_mask_on(user, item, keep & np.isin(user, kept_users), k_core)
+    if not keep.any():
+        raise DataError(f"{name}: no interaction is left after the {k_core}-core filter")
+    u_code, u_ids = reindex(user[keep])
+    i_code, i_ids = reindex(item[keep])
+    r = rating[keep]
+    U, I = len(u_ids), len(i_ids)
+    item_cat = np.full(I, -1, np.int64)
+    if cat_row is not None:
+        item_cat[i_code] = cat_row[keep]
+        known = item_cat >= 0
+        _, item_cat[known] = np.unique(item_cat[known], return_inverse=True)
+    split = random_split(u_code, val_fraction, test_fraction, seed)
+    tr = np.zeros((2, 0), np.int64)
+    if trust is not None and len(trust[0]):
+        s = np.searchsorted(u_ids, trust[0])
+        d = np.searchsorted(u_ids, trust[1])
+        ok = (s < U) & (d < U)
+        ok[ok] &= (u_ids[s[ok]] == trust[0][ok]) & (u_ids[d[ok]] == trust[1][ok])
+        ok &= s != d
+        tr = np.unique(np.stack([s[ok], d[ok]]), axis=1)
+    pairs = None
+    if item_pairs is not None:
+        a = np.searchsorted(i_ids, item_pairs[0])
+        b = np.searchsorted(i_ids, item_pairs[1])
+        ok = (a < I) & (b < I)
+        ok[ok] &= (i_ids[a[ok]] == item_pairs[0][ok]) & (i_ids[b[ok]] == item_pairs[1][ok])
+        ok &= a != b
+        pairs = np.unique(np.stack([a[ok], b[ok]]), axis=1)
+    return MFData(name=name, num_users=U, num_items=I, user=u_code, item=i_code, rating=r, split=split,
+                  trust=tr, item_category=item_cat, item_pairs=pairs,
+                  meta={"users": U, "items": I, "interactions": int(keep.sum()), "trust_edges": int(tr.shape[1]),
+                        "item_pairs": 0 if pairs is None else int(pairs.shape[1]), "k_core": k_core})
+
+
+def kcore_mask_on(user: np.ndarray, item: np.ndarray, keep: np.ndarray, k: int) -> np.ndarray:
+    """k-core of the rows already in `keep` (rows outside stay out)."""
+    idx = np.flatnonzero(keep)
+    out = np.zeros(len(user), dtype=bool)
+    if len(idx):
+        out[idx] = kcore(user[idx], item[idx], k)
+    return out
+
+
+def to_federated(data: MFData, layout: str) -> FederatedDataset:
+    if layout not in LAYOUTS:
+        raise DataError(f"{data.name}: layout must be one of {LAYOUTS}, got {layout!r}")
+    client = np.zeros(len(data.user), np.int64) if layout == "centralized" else data.user
+    num_clients = 1 if layout == "centralized" else data.num_users
+    # item_category: the row's item category + 1 (0 = unknown), so the schema carries the category count
+    schema = DatasetSchema(categorical=(CategoricalField("user", data.num_users), CategoricalField("item", data.num_items),
+                                        CategoricalField("item_category", data.num_categories + 1)),
+                           numeric=("rating",), tasks=("interaction",))
+    side = {"trust": pa.table({"src": data.trust[0], "dst": data.trust[1]}),
+            "item_category": pa.table({"category": data.item_category})}
+    if data.item_pairs is not None:
+        side["item_pairs"] = pa.table({"a": data.item_pairs[0], "b": data.item_pairs[1]})
+    meta = {**(data.meta or {}), "layout": layout, "num_users": data.num_users, "num_items": data.num_items,
+            "num_categories": data.num_categories}
+    return FederatedDataset.from_columns(
+        data.name, {"client": client, "split": data.split, "user": data.user, "item": data.item,
+                    "rating": data.rating, "item_category": data.item_category[data.item] + 1,
+                    "interaction": np.ones(len(data.user), np.float32)},
+        schema, {}, num_clients, meta=meta, side=side)
+
+
+# ---------------------------------------------------------------------------------- synthetic
+def synthetic_mf(num_users: int, num_items: int, dim: int, rows_per_user: int, num_categories: int,
+                 trust_per_user: int, pairs_per_item: int, seed: int) -> tuple:
+    """Seeded MF world: item factors = category centroid + noise, user factors ~ N(0, I);
+    each user picks `rows_per_user` (+/- half) items by Gumbel-top-k on u·q; ratings from u·q;
+    trust: each user links to the most similar users among a random candidate set;
+    co-view pairs: each item with its nearest items of the same category."""
+    g = np.random.default_rng([seed, 7177])
+    cat = g.integers(0, num_categories, num_items)
+    centroids = g.normal(size=(num_categories, dim)) * 1.0
+    q = centroids[cat] + 0.5 * g.normal(size=(num_items, dim))
+    p = g.normal(size=(num_users, dim))
+    scores = p @ q.T / np.sqrt(dim)                                               # (U, I)
+    n = np.clip(g.integers(rows_per_user // 2, rows_per_user * 3 // 2 + 1, num_users), 3, num_items)
+    gumbel = -np.log(-np.log(g.random(scores.shape) + 1e-12) + 1e-12)
+    order = np.argsort(-(scores * 2.0 + gumbel), axis=1)
+    user = np.repeat(np.arange(num_users), n)
+    item = np.concatenate([order[u, :n[u]] for u in range(num_users)])
+    s = scores[user, item]
+    rating = np.clip(np.round(3.0 + 1.5 * s + 0.5 * g.normal(size=len(s))), 1, 5)
+    cand = g.integers(0, num_users, (num_users, 8 * trust_per_user + 1))
+    sim = np.einsum("ud,ucd->uc", p, p[cand])
+    sim[cand == np.arange(num_users)[:, None]] = -np.inf
+    top = np.argsort(-sim, axis=1)[:, :trust_per_user]
+    trust = np.stack([np.repeat(np.arange(num_users), trust_per_user), np.take_along_axis(cand, top, 1).reshape(-1)])
+    qs = q @ q.T
+    qs[np.arange(num_items), np.arange(num_items)] = -np.inf
+    qs[cat[:, None] != cat[None, :]] = -np.inf
+    k = min(pairs_per_item, max(num_items - 1, 0))
+    nn = np.argsort(-qs, axis=1)[:, :k]
+    a = np.repeat(np.arange(num_items), k)
+    b = nn.reshape(-1)
+    ok = np.isfinite(qs[a, b])
+    return user, item, rating, trust, cat[item], np.stack([a[ok], b[ok]])
+
+
+@dataclass(frozen=True)
+class MFSyntheticConfig(DataConfig):
+    """Seeded synthetic MF data with a trust graph, item categories and co-view pairs."""
+    name: str = "mf_synthetic"
+    num_users: int = 600
+    num_items: int = 400
+    dim: int = 8                       # true factor dimension
+    rows_per_user: int = 20            # mean interactions per user (uniform in [n/2, 3n/2])
+    num_categories: int = 10
+    trust_per_user: int = 5            # out-edges per user, to the most similar of a random candidate set
+    pairs_per_item: int = 3            # co-view pairs per item (nearest items of its category); 0 = none
+    k_core: int = 1
+    layout: str = "centralized"        # centralized: one client holds all users | federated: user = client
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int | None = None            # data seed; null = experiment seed
+
+    CHECKS: ClassVar[dict] = {"num_users": ">=2", "num_items": ">=2", "dim": ">=1", "rows_per_user": ">=3",
+                              "num_categories": ">=1", "trust_per_user": ">=0", "pairs_per_item": ">=0",
+                              "k_core": ">=1", "layout": LAYOUTS, "val_fraction": "0..0.5",
+                              "test_fraction": "0..0.5"}
+
+    def validate(self) -> str | None:
+        if self.rows_per_user >= self.num_items:
+            return f"data.rows_per_user: got {self.rows_per_user}, must be below data.num_items ({self.num_items})"
+        return None
+
+    def mf(self, seed: int) -> MFData:
+        s = seed if self.seed is None else self.seed
+        user, item, rating, trust, cat_row, pairs = synthetic_mf(
+            self.num_users, self.num_items, self.dim, self.rows_per_user, self.num_categories,
+            self.trust_per_user, self.pairs_per_item, s)
+        return build_mf(self.name, user, item, rating, trust=trust, item_category_per_row=cat_row,
+                        item_pairs=pairs if self.pairs_per_item else None, k_core=self.k_core, max_users=None,
+                        val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=s)
+
+    def build(self, seed: int) -> FederatedDataset:
+        return to_federated(self.mf(seed), self.layout)
+
+
+@dataclass(frozen=True)
+class MFEpinionsConfig(DataConfig):
+    """Epinions ratings (+ item categories) and its trust network, read in place."""
+    name: str = "mf_epinions"
+    path: str | None = None            # folder with ratings.csv.gz and trust.csv.gz; null = shared/data/epinions
+    cache_dir: str | None = None       # parsed-ratings cache (as the `epinions` source); null = default
+    cache: bool = True
+    k_core: int = 10                   # k-core on users and items, before and after subsampling users
+    max_users: int | None = None       # keep N users (seeded hash order) after the first k-core; null = all
+    layout: str = "centralized"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int | None = None
+
+    CHECKS: ClassVar[dict] = {"k_core": ">=1", "max_users": ">=2", "layout": LAYOUTS,
+                              "val_fraction": "0..0.5", "test_fraction": "0..0.5"}
+
+    def mf(self, seed: int) -> MFData:
+        from datasets.real import EpinionsConfig, _read_csv, _numeric
+        src = EpinionsConfig(path=self.path, cache_dir=self.cache_dir, cache=self.cache)
+        df = src.load_frame()
+        trust_path = Path(src.root()) / "trust.csv.gz"
+        raw = _read_csv(trust_path, ("truster_id", "trustee_id"))
+        trust = np.stack([_numeric(raw, "truster_id", trust_path, integer=True, lo=0),
+                          _numeric(raw, "trustee_id", trust_path, integer=True, lo=0)]).astype(np.int64)
+        s = seed if self.seed is None else self.seed
+        return build_mf(self.name, df["user"].to_numpy(), df["item"].to_numpy(), df["rating"].to_numpy(),
+                        trust=trust, item_category_per_row=df["category"].to_numpy(), item_pairs=None,
+                        k_core=self.k_core, max_users=self.max_users, val_fraction=self.val_fraction,
+                        test_fraction=self.test_fraction, seed=s)
+
+    def build(self, seed: int) -> FederatedDataset:
+        return to_federated(self.mf(seed), self.layout)
+
+
+MF_SOURCES = {"mf_synthetic": MFSyntheticConfig, "mf_epinions": MFEpinionsConfig}

@@ -1,0 +1,253 @@
+"""PF-MSMTrec and its scenario baselines (algorithms/pfmsm.py, algorithms/scenario.py) on tiny
+synthetic scenario data: in-process round trips of both halves, and end to end on Ray."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from algorithms import make_algorithm
+from algorithms import pfmsm_math as pm
+from algorithms.pfmsm import PERS
+from algorithms.scenario import PERSONAL
+from datasets.federated import TEST
+from simulator.cohort import DataView
+from simulator.config import from_dict, make_setup
+from simulator.config_loader import ConfigError, apply_overrides
+
+TINY = {
+    "rounds": 2, "tracking.mlflow": False, "tracking.progress": False, "algorithm.name": "pf_msmtrec",
+    "data.name": "synthetic_multi_scenario", "data.rows": "[300,200,120]", "data.num_users": 40,
+    "data.num_items": 30, "data.num_numeric": 2,
+    "model.name": "mmoe", "model.embed_dim": 4, "model.num_global_experts": 2, "model.num_task_experts": 1,
+    "model.num_scenario_experts": 1, "model.expert": "[8]", "model.tower": "[4]", "model.dropout": 0.0,
+    "train.batch_size": 64, "train.lr": 0.01, "train.optimizer": "adam",
+    "federation.clients_per_round": 3, "federation.cohort_size": 3,
+    "resources.workers": 1, "resources.cpus_per_worker": 0.5,
+}
+
+
+def tiny(**extra):
+    over = {**TINY, **extra}
+    return from_dict(apply_overrides({}, [f"{k}={v}" for k, v in over.items()]), "tiny")
+
+
+class Sim:
+    """Both halves of an algorithm in one process: server state, every client's personal state."""
+
+    def __init__(self, **extra):
+        self.cfg = tiny(**extra)
+        self.ds = self.cfg.data.build(self.cfg.seed)
+        setup = make_setup(self.cfg, self.ds)
+        self.server = make_algorithm(self.cfg.algorithm, setup)
+        self.client = make_algorithm(self.cfg.algorithm, setup)
+        self.state = self.server.init_server()
+        self.ids = np.arange(self.ds.num_clients)
+        self.personal = self.client.init_personal(torch.from_numpy(self.ids))
+        self.view = DataView(self.ds)
+        self.last_acc = None
+
+    def round(self, rnd: int, ids=None):
+        ids = self.ids if ids is None else np.asarray(ids)
+        plan = self.server.configure_train(rnd, self.state, torch.from_numpy(ids))
+        batch = self.view.batch(ids, 0, epochs=1, seed=self.cfg.seed, rnd=rnd)
+        own = {k: v[ids] for k, v in self.personal.items()}
+        update = self.client.train_cohort(plan, batch, own)
+        for k, v in update.personal.items():
+            self.personal[k][ids] = v
+        self.last_acc = update.acc.cpu()
+        self.state, stats = self.server.aggregate_train(rnd, self.state, self.last_acc)
+        return stats
+
+    def scores(self, split=TEST) -> torch.Tensor:
+        batch = self.view.batch(self.ids, split)
+        return self.client.evaluate_cohort(self.state, batch, self.personal)
+
+
+def test_local_only_never_changes_other_clients():
+    sim = Sim(**{"algorithm.name": "scenario_local"})
+    before = {k: v.clone() for k, v in sim.personal.items()}
+    scores0 = sim.scores()
+    sim.round(0, ids=[0])
+    assert sim.state == {} and sim.server.traffic() == (0, 0)
+    w = PERSONAL + "global_experts.0.lin0.weight"
+    assert not torch.equal(sim.personal[w][0], before[w][0])           # client 0 trained
+    for k, v in sim.personal.items():
+        assert torch.equal(v[1:], before[k][1:]), k                     # clients 1, 2 untouched
+    scores1 = sim.scores()
+    assert not torch.equal(scores1[0], scores0[0]) and torch.equal(scores1[1:], scores0[1:])
+
+
+def test_fedavg_server_state_is_row_weighted_mean_of_client_models():
+    sim = Sim(**{"algorithm.name": "scenario_fedavg"})
+    sim.round(0)
+    n = torch.from_numpy(sim.ds.rows_per_client(0)).double()
+    for name in ("global_experts.0.lin0.weight", "towers.1.head.bias", "embed.emb.item_id.weight",
+                 "global_experts.0.bn0.running_mean"):
+        ends = sim.personal[PERSONAL + name].double()
+        expect = (n.view(-1, *[1] * (ends.dim() - 1)) * ends).sum(0) / n.sum()
+        torch.testing.assert_close(sim.state[name].double(), expect, rtol=1e-5, atol=1e-6)
+    # integer BatchNorm counters are never averaged
+    assert not any(k.endswith("num_batches_tracked") for k in sim.state)
+
+
+def test_fedavg_with_one_scenario_equals_local_only():
+    one = {"data.rows": "[300]", "federation.clients_per_round": 1}
+    fed, loc = Sim(**{"algorithm.name": "scenario_fedavg"}, **one), Sim(**{"algorithm.name": "scenario_local"}, **one)
+    for r in range(2):
+        fed.round(r)
+        loc.round(r)
+    torch.testing.assert_close(fed.scores(), loc.scores())
+    assert fed.state["towers.0.head.weight"].abs().sum() > 0
+
+
+def test_fedbn_and_fedper_keep_their_tensors_local():
+    bn = Sim(**{"algorithm.name": "scenario_fedbn"})
+    per = Sim(**{"algorithm.name": "scenario_fedper"})
+    assert bn.server.shared_names and not any(pm.bn_tensor(n) for n in bn.server.shared_names)
+    assert not any(n.startswith("towers.") for n in per.server.shared_names)
+    assert any(n.startswith("towers.") for n in bn.server.shared_names)
+
+
+def test_pfmsm_personalized_copies_differ_and_alpha_moves():
+    sim = Sim()
+    init = sim.state["alpha"].clone()
+    for r in range(3):
+        stats = sim.round(r)
+    w = sim.state[PERS + "global_experts.0.lin0.weight"]
+    assert not torch.allclose(w[0], w[1]) and not torch.allclose(w[1], w[2])
+    alpha = sim.state["alpha"]
+    assert not torch.allclose(alpha, init) and len(set(alpha.tolist())) == 3
+    assert ((alpha >= 0) & (alpha <= 1)).all()
+    assert stats["pfmsm/alpha/2"] == pytest.approx(float(alpha[2]))
+    assert not torch.allclose(sim.state["beta"], torch.full_like(sim.state["beta"], 0.1))
+
+
+def test_pfmsm_expert_aggregation_is_the_personalized_conflict_averse_update():
+    sim = Sim()
+    start = {k: v.clone() for k, v in sim.state.items()}
+    sim.round(0)
+    names = sim.server.expert_groups[pm.GLOBAL]
+    ids = sorted(sim.last_acc.per_client)
+    deltas = {n: torch.stack([sim.last_acc.per_client[c][n] for c in ids]).float() for n in names}
+    G = pm.flatten_group(deltas, names)
+    d = pm.conflict_averse_delta(G, 0.4)
+    s = pm.flatten_group({n: start[PERS + n] for n in names}, names)
+    expect = s + G + 0.1 * d.unsqueeze(0)                                 # α = 0.1 in round 0
+    got = pm.flatten_group({n: sim.state[PERS + n] for n in names}, names)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sim.state[f"prev_d.{pm.GLOBAL}"], d)
+    # the client's own end state is start + Δ: the copy differs from it by exactly α d
+    own = pm.flatten_group({n: sim.personal[PERSONAL + n] for n in names}, names)
+    torch.testing.assert_close(got - own, 0.1 * d.expand_as(got), rtol=1e-4, atol=1e-6)
+
+
+def test_pfmsm_ablation_flags_change_what_is_uploaded():
+    base = Sim().server
+    up = set(base.shared_names)
+    assert not any(pm.bn_tensor(n) or n.startswith(("embed.", "gates.")) for n in up)
+    assert {"global", "task:click", "task:like", "scenario"} <= set(base.expert_groups)
+
+    no_bn = set(Sim(**{"algorithm.fedbn_mode": "aggregate"}).server.shared_names)
+    assert no_bn - up and all(pm.bn_tensor(n) for n in no_bn - up)
+    no_tower = Sim(**{"algorithm.tower_aggregation": "none"}).server
+    assert set(no_tower.shared_names) == {n for n in up if not n.startswith("towers.")}
+    assert no_tower.traffic()[0] < base.traffic()[0]
+    no_template = Sim(**{"algorithm.template": "false"}).server
+    assert set(no_template.shared_names) == up and list(no_template.expert_groups) == ["global"]
+    local_scen = Sim(**{"model.aggregate_scenario_experts": "false"}).server
+    assert not any(n.startswith("scenario_experts.") for n in local_scen.shared_names)
+
+
+@pytest.mark.parametrize("flags", [{"algorithm.conflict_coordination": "false"},
+                                   {"algorithm.personalized": "false"},
+                                   {"algorithm.tower_aggregation": "fallback"},
+                                   {"algorithm.fedbn_mode": "server_norm"}])
+def test_pfmsm_variants_run_and_differ_from_default(flags):
+    a, b = Sim(), Sim(**flags)
+    for r in range(2):
+        a.round(r)
+        b.round(r)
+    sb = b.scores()
+    assert torch.isfinite(sb).all()
+    assert not torch.allclose(a.scores(), sb)
+    if flags.get("algorithm.personalized") == "false":
+        w = b.state[PERS + "global_experts.0.lin0.weight"]
+        torch.testing.assert_close(w[0], w[2])                            # one result for every client
+
+
+def test_ditto_evaluates_the_personal_model():
+    sim = Sim(**{"algorithm.name": "scenario_ditto", "algorithm.ditto_lambda": 0.5})
+    sim.round(0)
+    w = "towers.0.head.weight"
+    assert not torch.allclose(sim.personal["p." + w], sim.personal[PERSONAL + w])
+    glob = sim.client.client_start(sim.state, sim.personal, 0, 0)
+    pers = sim.client.eval_tensors(sim.state, sim.personal, 0, 0)
+    assert torch.equal(pers[w], sim.personal["p." + w][0]) and not torch.equal(pers[w], glob[w])
+
+
+def test_centralized_needs_every_scenario_in_one_call():
+    sim = Sim(**{"algorithm.name": "scenario_centralized"})
+    with pytest.raises(ValueError, match="resources.workers=1"):
+        sim.round(0, ids=[0, 1])
+    sim.round(0)
+    s = sim.scores()
+    assert torch.isfinite(s).all() and sim.state["towers.0.head.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("model", [["model.name=shared_bottom", "model.bottom=[8]", "model.tower=[4]"],
+                                   ["model.name=ple", "model.levels=[8]", "model.num_task_experts=1",
+                                    "model.num_shared_experts=1", "model.tower=[4]"]])
+def test_pfmsm_runs_on_shared_bottom_and_ple(model):
+    over = {k: v for k, v in TINY.items() if not k.startswith("model.")}
+    cfg = from_dict(apply_overrides({}, [f"{k}={v}" for k, v in over.items()] + model), "tiny")
+    ds = cfg.data.build(0)
+    algo = make_algorithm(cfg.algorithm, make_setup(cfg, ds))
+    groups = set(algo.expert_groups)
+    assert "global" in groups and algo.tower_layers
+    state, ids = algo.init_server(), np.arange(ds.num_clients)
+    personal = algo.init_personal(torch.from_numpy(ids))
+    batch = DataView(ds).batch(ids, 0, epochs=1, seed=0, rnd=0)
+    up = algo.train_cohort(algo.configure_train(0, state, None), batch, personal)
+    new, _ = algo.aggregate_train(0, state, up.acc)
+    name = next(n for n in algo.expert_groups["global"] if n.endswith("weight"))
+    assert not torch.equal(new[PERS + name], state[PERS + name])
+
+
+def test_bad_config_names_the_key():
+    with pytest.raises(ConfigError, match="algorithm.fedbn_mode"):
+        tiny(**{"algorithm.fedbn_mode": "bogus"})
+    with pytest.raises(ConfigError, match="algorithm.tower_aggregation"):
+        tiny(**{"algorithm.tower_aggregation": "mean"})
+    over = [f"{k}={v}" for k, v in TINY.items() if not k.startswith("model.")] + ["model.name=per_user"]
+    cfg = from_dict(apply_overrides({}, over), "tiny")
+    with pytest.raises(ValueError, match="model.name"):
+        make_algorithm(cfg.algorithm, make_setup(cfg, cfg.data.build(0)))
+
+
+def test_synthetic_multi_scenario_is_seeded_and_heterogeneity_matters():
+    cfg = tiny().data
+    a, b = cfg.build(3), cfg.build(3)
+    assert np.array_equal(a.column("click"), b.column("click")) and a.num_clients == 3
+    assert a.schema.scenario == "scenario" and a.schema.tasks == ("click", "like")
+    assert 0.5 < a.meta["bayes_auc"]["click/test"] <= 1.0
+    from dataclasses import replace
+    same = replace(cfg, heterogeneity=0.0, rows=(4000, 4000)).build(0)
+    rate = lambda ds: [ds.column("click")[ds.offsets[c]:ds.offsets[c + 1]].mean() for c in range(2)]
+    assert abs(np.subtract(*rate(same))) < 0.05
+    with pytest.raises(ConfigError, match="data.rows"):
+        tiny(**{"data.rows": "[300,5]"})
+
+
+def test_end_to_end_on_ray_reports_per_scenario_metrics(ray_session):
+    from simulator.run import run
+    cfg = tiny(**{"rounds": 2, "resources.workers": 2, "algorithm.fedbn_mode": "server_norm"})
+    result = run(cfg)
+    rec = result.records[-1]
+    for c in range(3):
+        for task in ("click", "like"):
+            assert 0.0 <= rec[f"test/s{c}/{task}/auc"] <= 1.0 and rec[f"test/s{c}/{task}/logloss"] > 0
+        assert f"pfmsm/alpha/{c}" in rec
+    means = [rec[f"test/s{c}/auc"] for c in range(3)]
+    assert rec["test/scenario_mean/auc"] == pytest.approx(np.mean(means))
+    assert rec["train/clients_trained"] == 3 and rec["bytes_up"] > 0
