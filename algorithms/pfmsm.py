@@ -202,14 +202,9 @@ class PFMSMTrec(ScenarioAlgorithm):
     def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
         mu = self.config.mu
         ref = {n: plan.params[REF + n] for n in self.shared_names} if mu > 0 else None
-        ends, losses, deltas = [], [], {}
-        for k in range(batch.size):
-            c = int(batch.client_ids[k])
-            start = self.client_start(plan.params, personal, k, c)
-            end, loss = self.train_client(start, batch, k, plan.round, ref, mu)
-            ends.append(end)
-            losses.append(loss)
-            deltas[c] = {n: (end[n] - start[n]).double() for n in self.shared_names}
+        starts, ends, losses = self.train_clients(plan, batch, personal, ref, mu)
+        deltas = {int(c): {n: (end[n] - start[n]).double() for n in self.shared_names}
+                  for c, start, end in zip(batch.client_ids, starts, ends)}
         new_personal = {PERSONAL + n: torch.stack([e[n] for e in ends]) for n in self.all_names}
         acc = Accumulator()
         loss_t = torch.tensor(losses)

@@ -53,6 +53,17 @@ NEG_STREAM, SOCIAL_STREAM, PAIR_STREAM, STEP_STREAM = 201, 202, 203, 204
 BETAS, EPS = (0.9, 0.999), 1e-8
 
 
+def _neighbor_triples(graph, nodes: torch.Tensor, num_nodes: int, gen: torch.Generator):
+    """BPR triples on a graph in CSR form (indptr, dst): each distinct node of `nodes` that has a
+    neighbour, one uniformly drawn neighbour (positive) and one uniformly drawn node (negative)."""
+    indptr, dst = graph
+    src = torch.unique(nodes)
+    deg = indptr[src + 1] - indptr[src]
+    src, deg = src[deg > 0], deg[deg > 0]
+    pick = indptr[src] + (torch.rand(len(src), generator=gen) * deg).long().clamp_max(deg - 1)
+    return src, dst[pick], torch.randint(num_nodes, (len(src),), generator=gen)
+
+
 @dataclass(frozen=True)
 class PMTRecAlgoConfig(AlgorithmConfig):
     name: str = "pmtrec"
@@ -257,19 +268,9 @@ class PMTRecMF:
     def _aux_ids(self, u: torch.Tensor, i: torch.Tensor, gen: torch.Generator) -> dict:
         aux = {}
         if "social" in self.config.tasks:
-            indptr, dst = self.trust
-            uu = torch.unique(u)
-            deg = indptr[uu + 1] - indptr[uu]
-            uu, deg = uu[deg > 0], deg[deg > 0]
-            pick = indptr[uu] + (torch.rand(len(uu), generator=gen) * deg).long().clamp_max(deg - 1)
-            aux["social"] = (uu, dst[pick], torch.randint(self.num_users, (len(uu),), generator=gen))
+            aux["social"] = _neighbor_triples(self.trust, u, self.num_users, gen)
         if "coview" in self.config.tasks:
-            indptr, dst = self.pairs
-            ii = torch.unique(i)
-            deg = indptr[ii + 1] - indptr[ii]
-            ii, deg = ii[deg > 0], deg[deg > 0]
-            pick = indptr[ii] + (torch.rand(len(ii), generator=gen) * deg).long().clamp_max(deg - 1)
-            aux["coview"] = (ii, dst[pick], torch.randint(self.num_items, (len(ii),), generator=gen))
+            aux["coview"] = _neighbor_triples(self.pairs, i, self.num_items, gen)
         if "category" in self.config.tasks:
             ii = torch.unique(i)
             y = self.item_category[ii]

@@ -185,13 +185,7 @@ class ScenarioAlgorithm:
     def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
         mu = getattr(self.config, "mu", 0.0)
         ref = {n: plan.params[n] for n in self.shared_names} if mu > 0 else None
-        ends, losses = [], []
-        for k in range(batch.size):
-            c = int(batch.client_ids[k])
-            start = self.client_start(plan.params, personal, k, c)
-            end, loss = self.train_client(start, batch, k, plan.round, ref, mu)
-            ends.append(end)
-            losses.append(loss)
+        _, ends, losses = self.train_clients(plan, batch, personal, ref, mu)
         new_personal = {PERSONAL + n: torch.stack([e[n] for e in ends]) for n in self.all_names}
         acc = Accumulator()
         shared = {n: new_personal[PERSONAL + n] for n in self.shared_names}
@@ -199,6 +193,19 @@ class ScenarioAlgorithm:
         # a client whose update was dropped (NaN / inf) keeps its previous state
         new_personal = {k: torch.where(aggregate.bcast(keep, v), v, personal[k]) for k, v in new_personal.items()}
         return CohortUpdate(personal=new_personal, acc=acc)
+
+    def train_clients(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors, ref: Tensors | None,
+                      mu: float) -> tuple[list[Tensors], list[Tensors], list[float]]:
+        """Every client of the cohort trained from its round start, one after the other:
+        (start tensors, end tensors, mean loss) per client, in cohort order."""
+        starts, ends, losses = [], [], []
+        for k in range(batch.size):
+            start = self.client_start(plan.params, personal, k, int(batch.client_ids[k]))
+            end, loss = self.train_client(start, batch, k, plan.round, ref, mu)
+            starts.append(start)
+            ends.append(end)
+            losses.append(loss)
+        return starts, ends, losses
 
     # ---- one client's minibatch loop
     def _rows(self, batch: CohortBatch, k: int, idx: torch.Tensor):
