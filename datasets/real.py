@@ -473,6 +473,16 @@ def _ml_gender(users: pd.DataFrame, p: Path, first_line: int = 1) -> np.ndarray:
     return gender.to_numpy().astype(np.int64)
 
 
+
+def _movielens_ratings(raw: pd.DataFrame, p: Path) -> pd.DataFrame:
+    """The checked (user, item, rating, time) frame of a MovieLens ratings file (u.data / ratings.dat)."""
+    return pd.DataFrame({
+        "user": _numeric(raw, "user_id", p, integer=True, lo=1, header=False),
+        "item": _numeric(raw, "item_id", p, integer=True, lo=1, header=False),
+        "rating": _numeric(raw, "rating", p, integer=True, lo=1, hi=5, header=False).astype(np.float64),
+        "time": _numeric(raw, "timestamp", p, integer=True, lo=0, header=False)})
+
+
 @dataclass(frozen=True)
 class _MovieLensConfig(RatingsConfig):
     """Shared by MovieLens-100k and -1M: frame columns, the `genre` row feature (first genre in the canonical
@@ -510,11 +520,7 @@ class MovieLens100kConfig(_MovieLensConfig):
     def parse(self, root: Path) -> pd.DataFrame:
         p = root / "u.data"
         raw = _read_csv(p, ("user_id", "item_id", "rating", "timestamp"), sep="\t", header=False)
-        df = pd.DataFrame({
-            "user": _numeric(raw, "user_id", p, integer=True, lo=1, header=False),
-            "item": _numeric(raw, "item_id", p, integer=True, lo=1, header=False),
-            "rating": _numeric(raw, "rating", p, integer=True, lo=1, hi=5, header=False).astype(np.float64),
-            "time": _numeric(raw, "timestamp", p, integer=True, lo=0, header=False)})
+        df = _movielens_ratings(raw, p)
         po = root / "u.occupation"
         if not po.is_file():
             raise DataError(f"{po}: file not found")
@@ -614,11 +620,7 @@ class MovieLens1MConfig(_MovieLensConfig):
     def parse(self, root: Path) -> pd.DataFrame:
         p = root / "ratings.dat"
         raw = _read_ratings_dat(p)
-        df = pd.DataFrame({
-            "user": _numeric(raw, "user_id", p, integer=True, lo=1, header=False),
-            "item": _numeric(raw, "item_id", p, integer=True, lo=1, header=False),
-            "rating": _numeric(raw, "rating", p, integer=True, lo=1, hi=5, header=False).astype(np.float64),
-            "time": _numeric(raw, "timestamp", p, integer=True, lo=0, header=False)})
+        df = _movielens_ratings(raw, p)
         pu = root / "users.dat"
         users = _read_dcolon(pu, ("user_id", "gender", "age", "occupation", "zip_code"))
         uid = _numeric(users, "user_id", pu, integer=True, lo=1, header=False)
