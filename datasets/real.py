@@ -473,7 +473,6 @@ def _ml_gender(users: pd.DataFrame, p: Path, first_line: int = 1) -> np.ndarray:
     return gender.to_numpy().astype(np.int64)
 
 
-
 def _movielens_ratings(raw: pd.DataFrame, p: Path) -> pd.DataFrame:
     """The checked (user, item, rating, time) frame of a MovieLens ratings file (u.data / ratings.dat)."""
     return pd.DataFrame({
