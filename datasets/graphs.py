@@ -48,6 +48,8 @@ class MFData:
     item_category: np.ndarray     # (I,) int64, -1 = unknown
     item_pairs: np.ndarray | None = None   # (2, P) int64 item -> item, or None
     meta: dict | None = None
+    user_ids: np.ndarray | None = None     # (U,) the source's id of each user code
+    item_ids: np.ndarray | None = None     # (I,) the source's id of each item code
 
     @property
     def num_categories(self) -> int:
@@ -122,7 +124,7 @@ def build_mf(name: str, user: np.ndarray, item: np.ndarray, rating: np.ndarray, 
         ok &= a != b
         pairs = np.unique(np.stack([a[ok], b[ok]]), axis=1)
     return MFData(name=name, num_users=U, num_items=I, user=u_code, item=i_code, rating=r, split=split,
-                  trust=tr, item_category=item_cat, item_pairs=pairs,
+                  trust=tr, item_category=item_cat, item_pairs=pairs, user_ids=u_ids, item_ids=i_ids,
                   meta={"users": U, "items": I, "interactions": int(keep.sum()), "trust_edges": int(tr.shape[1]),
                         "item_pairs": 0 if pairs is None else int(pairs.shape[1]), "k_core": k_core})
 
@@ -191,7 +193,25 @@ def synthetic_mf(num_users: int, num_items: int, dim: int, rows_per_user: int, n
     a = np.repeat(np.arange(num_items), k)
     b = nn.reshape(-1)
     ok = np.isfinite(qs[a, b])
-    return user, item, rating, trust, cat[item], np.stack([a[ok], b[ok]])
+    return user, item, rating, trust, cat[item], np.stack([a[ok], b[ok]]), (p, q)
+
+
+def oracle_ranking(data: MFData, factors: tuple[np.ndarray, np.ndarray], ks=(20, 40)) -> dict[str, float]:
+    """Recall@K / NDCG@K on the validation and test splits of a model that knows the true
+    preferences (scores u·q of the generating factors; training and validation items masked as
+    in evaluation): what a perfect model would score."""
+    import torch
+    from algorithms.ranking import full_ranking
+    p, q = factors
+    ue = torch.from_numpy(p[data.user_ids]).double()
+    ie = torch.from_numpy(q[data.item_ids]).double()
+    out = {}
+    for s, name in ((1, "val"), (2, "test")):
+        test = torch.from_numpy(np.stack([data.user[data.split == s], data.item[data.split == s]]))
+        known = data.split < s
+        exclude = torch.from_numpy(np.stack([data.user[known], data.item[known]]))
+        out.update({f"{name}/{k}": v for k, v in full_ranking(ue, ie, test, exclude, tuple(ks)).means().items()})
+    return out
 
 
 @dataclass(frozen=True)
@@ -223,12 +243,14 @@ class MFSyntheticConfig(DataConfig):
 
     def mf(self, seed: int) -> MFData:
         s = seed if self.seed is None else self.seed
-        user, item, rating, trust, cat_row, pairs = synthetic_mf(
+        user, item, rating, trust, cat_row, pairs, factors = synthetic_mf(
             self.num_users, self.num_items, self.dim, self.rows_per_user, self.num_categories,
             self.trust_per_user, self.pairs_per_item, s)
-        return build_mf(self.name, user, item, rating, trust=trust, item_category_per_row=cat_row,
+        data = build_mf(self.name, user, item, rating, trust=trust, item_category_per_row=cat_row,
                         item_pairs=pairs if self.pairs_per_item else None, k_core=self.k_core, max_users=None,
                         val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=s)
+        data.meta["oracle_ranking"] = oracle_ranking(data, factors)
+        return data
 
     def build(self, seed: int) -> FederatedDataset:
         return to_federated(self.mf(seed), self.layout)

@@ -41,6 +41,10 @@ class ProgressBar(Callback):
             print(f"dataset {info['dataset']}: {info['num_clients']} clients, {info['num_rows']} rows; "
                   f"Bayes-optimal AUC (a perfect model) val {bayes['val']:.4f} test {bayes['test']:.4f}",
                   file=self.stream)
+        oracle = info.get("meta", {}).get("oracle_ranking")
+        if oracle:
+            print(f"dataset {info['dataset']}: a model knowing the true preferences scores "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in oracle.items() if k.startswith("test/")), file=self.stream)
         start = info.get("resumed_from_round", -1) + 1
         self.bar = tqdm(total=cfg.rounds, initial=start, desc=cfg.name, unit="round", file=self.stream,
                         dynamic_ncols=True)
@@ -109,6 +113,8 @@ class MlflowLogger(Callback):
         mlflow.log_params(params)
         bayes = info.get("meta", {}).get("bayes_auc", {})
         mlflow.log_params({f"data.bayes_auc.{k}": f"{v:.6f}" for k, v in bayes.items()})
+        oracle = info.get("meta", {}).get("oracle_ranking", {})
+        mlflow.log_params({f"data.oracle.{k.replace('@', '_at_')}": f"{v:.6f}" for k, v in oracle.items()})
         mlflow.log_metrics({"system/startup_seconds": info["startup_seconds"],
                             "system/bytes_up_per_client": info["bytes_up_per_client"],
                             "system/bytes_down_per_client": info["bytes_down_per_client"]}, step=0)
