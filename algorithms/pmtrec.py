@@ -150,7 +150,7 @@ class PMTRecMF:
         names = {f.name for f in schema.categorical}
         if not {"user", "item"} <= names or "rating" not in schema.numeric:
             raise ValueError(f"algorithm.name={config.name!r} needs MF data (categorical user and item, numeric "
-                             "rating): use data.name mf_synthetic or mf_epinions")
+                             "rating): use data.name mf_synthetic, mf_epinions, mf_ciao or mf_amazon")
         self.num_users, self.num_items = schema.vocab("user"), schema.vocab("item")
         layout = "centralized" if setup.num_clients == 1 else "federated"
         if config.mode == "centralized" and setup.num_clients != 1:
@@ -176,6 +176,9 @@ class PMTRecMF:
         for t, have in need.items():
             if t in self.config.tasks and (have is None or (t == "category" and self.num_categories == 0)):
                 raise ValueError(f"algorithm.tasks: task {t!r} needs data the source {dataset.name!r} does not have")
+        if "rating" in self.config.tasks and not (dataset.meta or {}).get("has_rating", True):
+            raise ValueError(f"algorithm.tasks: task 'rating' needs data the source {dataset.name!r} does not have "
+                             "(implicit feedback: no ratings)")
         self.side = side
 
     @staticmethod

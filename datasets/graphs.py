@@ -16,8 +16,11 @@ Layouts: `centralized` = one client (id 0) holds every user's rows (the paper's 
 row is a positive).
 
 Sources: `mf_synthetic` (seeded generator, social edges correlated with user factors, item
-categories and co-view pairs from item factors) and `mf_epinions` (ratings + trust). A source
-with item pairs (e.g. an Amazon loader) provides them through `MFData.item_pairs`.
+categories and co-view pairs from item factors), `mf_epinions` (ratings + trust), `mf_ciao`
+(ratings + item categories, no trust file) and `mf_amazon` (one of the Amazon layouts of
+datasets/amazon.py: item categories and also_view / also_buy pairs where the files have them,
+no trust). Implicit-feedback sources have no ratings: their `rating` column is 1.0 for every
+row and `meta["has_rating"]` is False, so PMTRec refuses the `rating` task on them.
 """
 from __future__ import annotations
 
@@ -80,7 +83,8 @@ def reindex(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def build_mf(name: str, user: np.ndarray, item: np.ndarray, rating: np.ndarray, *, trust: np.ndarray | None,
              item_category_per_row: np.ndarray | None, item_pairs: np.ndarray | None, k_core: int,
-             max_users: int | None, val_fraction: float, test_fraction: float, seed: int) -> MFData:
+             max_users: int | None, val_fraction: float, test_fraction: float, seed: int,
+             has_rating: bool = True) -> MFData:
     """Filter (k-core, deterministic user subsample, k-core again), reindex, split per user,
     and keep only the graph edges among kept users / items. Ids may be any non-negative ints."""
     user, item = np.asarray(user, np.int64), np.asarray(item, np.int64)
@@ -126,7 +130,8 @@ def build_mf(name: str, user: np.ndarray, item: np.ndarray, rating: np.ndarray, 
     return MFData(name=name, num_users=U, num_items=I, user=u_code, item=i_code, rating=r, split=split,
                   trust=tr, item_category=item_cat, item_pairs=pairs, user_ids=u_ids, item_ids=i_ids,
                   meta={"users": U, "items": I, "interactions": int(keep.sum()), "trust_edges": int(tr.shape[1]),
-                        "item_pairs": 0 if pairs is None else int(pairs.shape[1]), "k_core": k_core})
+                        "item_pairs": 0 if pairs is None else int(pairs.shape[1]), "k_core": k_core,
+                        "has_rating": bool(has_rating)})
 
 
 def kcore_mask_on(user: np.ndarray, item: np.ndarray, keep: np.ndarray, k: int) -> np.ndarray:
@@ -291,4 +296,91 @@ class MFEpinionsConfig(DataConfig):
         return to_federated(self.mf(seed), self.layout)
 
 
-MF_SOURCES = {"mf_synthetic": MFSyntheticConfig, "mf_epinions": MFEpinionsConfig}
+@dataclass(frozen=True)
+class MFCiaoConfig(DataConfig):
+    """Ciao ratings (0..5) with item categories, read in place; no trust graph (the shared folder has none)."""
+    name: str = "mf_ciao"
+    path: str | None = None            # folder with ratings.csv.gz; null = shared/data/ciao
+    cache_dir: str | None = None       # parsed-ratings cache (as the `ciao` source); null = default
+    cache: bool = True
+    k_core: int = 10
+    max_users: int | None = None       # keep N users (seeded hash order) after the first k-core; null = all
+    layout: str = "centralized"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int | None = None
+
+    CHECKS: ClassVar[dict] = {"k_core": ">=1", "max_users": ">=2", "layout": LAYOUTS,
+                              "val_fraction": "0..0.5", "test_fraction": "0..0.5"}
+
+    def mf(self, seed: int) -> MFData:
+        from datasets.real import CiaoConfig
+        df = CiaoConfig(path=self.path, cache_dir=self.cache_dir, cache=self.cache).load_frame()
+        s = seed if self.seed is None else self.seed
+        return build_mf(self.name, df["user"].to_numpy(), df["item"].to_numpy(), df["rating"].to_numpy(),
+                        trust=None, item_category_per_row=df["category"].to_numpy(), item_pairs=None,
+                        k_core=self.k_core, max_users=self.max_users, val_fraction=self.val_fraction,
+                        test_fraction=self.test_fraction, seed=s)
+
+    def build(self, seed: int) -> FederatedDataset:
+        return to_federated(self.mf(seed), self.layout)
+
+
+AMAZON_KINDS = ("official", "video_games", "office_products")
+
+
+@dataclass(frozen=True)
+class MFAmazonConfig(DataConfig):
+    """Amazon interactions from one of datasets/amazon.py's layouts (`source`), read in place: item categories
+    (official layout only) and the metadata's also_view / also_buy pairs (official layout only) as item pairs;
+    no trust. The implicit layouts (video_games, office_products) have no ratings: rating = 1.0 for every row
+    and meta has_rating = False (PMTRec refuses its `rating` task)."""
+    name: str = "mf_amazon"
+    source: str = "video_games"        # official (AmazonConfig) | video_games | office_products
+    path: str | None = None            # the Amazon source's folder; null = its shared/data folder
+    category: str | None = None        # official only: the file stem (e.g. Office_Products); null = the one there
+    category_level: int = 1            # official only: index into the metadata category list
+    cache_dir: str | None = None
+    cache: bool = True
+    k_core: int = 5
+    max_users: int | None = None       # keep N users (seeded hash order) after the first k-core; null = all
+    layout: str = "centralized"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int | None = None
+
+    CHECKS: ClassVar[dict] = {"source": AMAZON_KINDS, "k_core": ">=1", "max_users": ">=2", "layout": LAYOUTS,
+                              "category_level": ">=0", "val_fraction": "0..0.5", "test_fraction": "0..0.5"}
+
+    def validate(self) -> str | None:
+        if self.category is not None and self.source != "official":
+            return f"data.category: got {self.category!r}, but only data.source=official reads a category file"
+        return None
+
+    def amazon(self):
+        from datasets.amazon import AmazonConfig, AmazonOfficeProductsConfig, AmazonVideoGamesConfig
+        common = {"path": self.path, "cache_dir": self.cache_dir, "cache": self.cache}
+        if self.source == "official":
+            return AmazonConfig(category=self.category, category_level=self.category_level, **common)
+        return {"video_games": AmazonVideoGamesConfig,
+                "office_products": AmazonOfficeProductsConfig}[self.source](**common)
+
+    def mf(self, seed: int) -> MFData:
+        src = self.amazon()
+        df = src.load_frame()
+        raw = src.load_pairs()           # the parse's raw item ids, as df["item"]
+        pairs = (np.stack([raw["item_a"].to_numpy(), raw["item_b"].to_numpy()]).astype(np.int64)
+                 if len(raw) else None)
+        s = seed if self.seed is None else self.seed
+        return build_mf(self.name, df["user"].to_numpy(), df["item"].to_numpy(), df["rating"].to_numpy(),
+                        trust=None, item_category_per_row=df["category"].to_numpy() if src.HAS_CATEGORY else None,
+                        item_pairs=pairs, k_core=self.k_core, max_users=self.max_users,
+                        val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=s,
+                        has_rating=src.HAS_RATING)
+
+    def build(self, seed: int) -> FederatedDataset:
+        return to_federated(self.mf(seed), self.layout)
+
+
+MF_SOURCES = {"mf_synthetic": MFSyntheticConfig, "mf_epinions": MFEpinionsConfig, "mf_ciao": MFCiaoConfig,
+              "mf_amazon": MFAmazonConfig}

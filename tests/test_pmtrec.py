@@ -323,3 +323,116 @@ def test_centralized_pmtrec_learns_on_synthetic_data_and_logs_to_mlflow(ray_sess
     hist = MlflowClient(tracking_uri=uri).get_metric_history(result.run_id, "val/recall_at_20")
     assert [m.value for m in hist] == pytest.approx(val)
     assert result.records[-1]["train/bpr_loss"] < result.records[0]["train/bpr_loss"]
+
+
+# ------------------------------------------------------------------------------------------- Ciao / Amazon MF sources
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _needs(folder: str, file: str):
+    return pytest.mark.skipif(not (SHARED_DATA / folder / file).is_file(),
+                              reason=f"shared/data/{folder}/{file} is not available")
+
+
+def _check_split_per_user(d):
+    assert d.user.min() == 0 and d.user.max() == d.num_users - 1 and len(np.unique(d.user)) == d.num_users
+    assert set(np.unique(d.split).tolist()) == {0, 1, 2}
+    for u in np.unique(d.user)[:50]:
+        assert (d.split[d.user == u] == 0).any()            # every user keeps training rows
+
+
+@_needs("ciao", "ratings.csv.gz")
+def test_mf_ciao_slice_has_ratings_and_categories_but_no_trust(tmp_path):
+    from datasets.graphs import MFCiaoConfig
+    d = MFCiaoConfig(max_users=600, cache_dir=str(tmp_path)).mf(0)
+    assert 50 < d.num_users <= 600 and d.meta["has_rating"]
+    assert d.rating.min() >= 0 and d.rating.max() <= 5 and len(np.unique(d.rating)) > 2
+    assert (np.bincount(d.user) >= 10).all() and (np.bincount(d.item) >= 10).all()       # 10-core
+    assert (d.item_category >= 0).all() and d.num_categories >= 2                         # every item has one
+    assert d.trust.shape == (2, 0) and d.item_pairs is None
+    _check_split_per_user(d)
+    fed = to_federated(d, "centralized")
+    assert fed.side["trust"].num_rows == 0 and "item_pairs" not in fed.side
+
+
+@pytest.mark.parametrize("source,folder,file", [
+    ("video_games", "amazon-video-games", "Video.txt.gz"),
+    ("office_products", "amazon-office-products", "office_test_sequences.csv.gz")])
+def test_mf_amazon_implicit_slice_has_no_ratings_categories_or_pairs(tmp_path, source, folder, file):
+    if not (SHARED_DATA / folder / file).is_file():
+        pytest.skip(f"shared/data/{folder}/{file} is not available")
+    from datasets.graphs import MFAmazonConfig
+    d = MFAmazonConfig(source=source, k_core=2, max_users=500, cache_dir=str(tmp_path)).mf(0)
+    assert d.num_users > 50 and not d.meta["has_rating"] and (d.rating == 1.0).all()
+    assert (d.item_category == -1).all() and d.num_categories == 0
+    assert d.trust.shape == (2, 0) and d.item_pairs is None
+    _check_split_per_user(d)
+
+
+@_needs("amazon-video-games", "Video.txt.gz")
+@pytest.mark.parametrize("tasks,missing", [("[bpr, rating]", "rating"), ("[bpr, coview]", "coview"),
+                                           ("[bpr, category]", "category"), ("[bpr, social]", "social")])
+def test_amazon_video_games_refuses_tasks_without_data(tmp_path, tasks, missing):
+    cfg = load(CONFIGS / "pmtrec_amazon_video_games.yaml",
+               ["tracking.mlflow=false", "tracking.progress=false", "data.k_core=2", "data.max_users=300",
+                f"data.cache_dir={tmp_path}", f"algorithm.tasks={tasks}"])
+    with pytest.raises(ValueError, match=f"algorithm.tasks: task '{missing}' needs data"):
+        _algo(cfg)
+
+
+@_needs("amazon-video-games", "Video.txt.gz")
+def test_amazon_video_games_config_builds_and_attaches(tmp_path):
+    cfg = load(CONFIGS / "pmtrec_amazon_video_games.yaml",
+               ["tracking.mlflow=false", "tracking.progress=false", "data.k_core=2", "data.max_users=300",
+                f"data.cache_dir={tmp_path}"])
+    algo, ds = _algo(cfg)
+    assert ds.meta["has_rating"] is False and algo.pairs is None and algo.num_users == ds.meta["num_users"]
+
+
+def _write_official_toy(root: Path) -> None:
+    """5-core reviews + metadata of category Toy: users u0..u3, items A..E; E has one review (cut by the 2-core),
+    Z is in the metadata only."""
+    import json
+    reviews = [(u, a) for u in ("u0", "u1", "u2", "u3") for a in ("A", "B", "C", "D")] + [("u0", "E")]
+    with open(root / "Toy_5.json", "w") as fh:
+        for n, (u, a) in enumerate(reviews):
+            fh.write(json.dumps({"reviewerID": u, "asin": a, "overall": 1 + n % 5, "unixReviewTime": n}) + "\n")
+    meta = [{"asin": "A", "category": ["Toy", "Cars"], "also_view": ["B", "E", "Z"], "also_buy": ["C"]},
+            {"asin": "B", "category": ["Toy", "Dolls"], "also_buy": ["A", "D"]},
+            {"asin": "C", "category": ["Toy", "Cars"]},
+            {"asin": "D", "category": ["Toy"]},
+            {"asin": "E", "category": ["Toy", "Dolls"], "also_view": ["A"]},
+            {"asin": "Z", "category": ["Toy", "Other"]}]
+    with open(root / "meta_Toy.json", "w") as fh:
+        fh.writelines(json.dumps(m) + "\n" for m in meta)
+
+
+def test_mf_amazon_official_layout_keeps_pairs_among_kept_items_and_sets_categories(tmp_path):
+    from datasets.amazon import AmazonConfig
+    from datasets.graphs import MFAmazonConfig
+    data = tmp_path / "toy"
+    data.mkdir()
+    _write_official_toy(data)
+    cfg = MFAmazonConfig(source="official", path=str(data), cache_dir=str(tmp_path / "cache"), k_core=2,
+                         val_fraction=0.25, test_fraction=0.25)
+    d = cfg.mf(0)
+    assert (d.num_users, d.num_items) == (4, 4) and d.meta["has_rating"]
+    raw_items = AmazonConfig(path=str(data), cache=False).load_frame()
+    assert len(np.unique(raw_items["item"])) == 5                       # E was parsed, the 2-core dropped it
+    # pairs in item codes of A..D (0..3): A->B, A->C, B->A, B->D; E's and Z's pairs are gone
+    assert d.item_pairs.tolist() == [[0, 0, 1, 1], [1, 2, 0, 3]]
+    assert (d.item_pairs < d.num_items).all()
+    # category level 1: A, C = Cars; B = Dolls; D has only the root (deepest = Toy)
+    assert d.item_category[0] == d.item_category[2] != d.item_category[1] != d.item_category[3]
+    assert (d.item_category >= 0).all() and d.num_categories == 3
+    assert d.trust.shape == (2, 0)
+    for u in range(4):
+        assert np.bincount(d.split[d.user == u], minlength=3).tolist() == [2, 1, 1]
+    fed = to_federated(d, "centralized")
+    assert fed.side["item_pairs"].num_rows == 4 and fed.meta["has_rating"] is True
+
+
+def test_mf_amazon_category_only_for_the_official_layout():
+    with pytest.raises(ConfigError, match="data.category"):
+        from_dict(apply_overrides({}, ["data.name=mf_amazon", "data.source=video_games", "data.category=Toy",
+                                       "algorithm.name=pmtrec", "algorithm.mode=centralized", "eval.metric=recall@20"]))
