@@ -262,23 +262,44 @@ class MFSyntheticConfig(DataConfig):
 
 
 @dataclass(frozen=True)
-class MFEpinionsConfig(DataConfig):
-    """Epinions ratings (+ item categories) and its trust network, read in place."""
-    name: str = "mf_epinions"
-    path: str | None = None            # folder with ratings.csv.gz and trust.csv.gz; null = shared/data/epinions
-    cache_dir: str | None = None       # parsed-ratings cache (as the `epinions` source); null = default
+class _MFRealConfig(DataConfig):
+    """Options shared by the MF sources that read a real rating source in place; subclasses
+    give the name, the source's defaults and `read(seed)` -> the rows and graphs for build_mf."""
+    path: str | None = None            # the source's folder; null = its shared/data folder
+    cache_dir: str | None = None       # the source's parsed-rows cache; null = default
     cache: bool = True
     k_core: int = 10                   # k-core on users and items, before and after subsampling users
     max_users: int | None = None       # keep N users (seeded hash order) after the first k-core; null = all
-    layout: str = "centralized"
+    layout: str = "centralized"        # centralized: one client holds all users | federated: user = client
     val_fraction: float = 0.1
     test_fraction: float = 0.1
-    seed: int | None = None
+    seed: int | None = None            # data seed; null = experiment seed
 
     CHECKS: ClassVar[dict] = {"k_core": ">=1", "max_users": ">=2", "layout": LAYOUTS,
                               "val_fraction": "0..0.5", "test_fraction": "0..0.5"}
 
+    def read(self) -> dict:
+        """df (user, item, rating[, category]), and keyword arguments of build_mf: trust,
+        item_category_per_row, item_pairs, has_rating."""
+        raise TypeError(f"{type(self).__name__} must define read()")   # abstract
+
     def mf(self, seed: int) -> MFData:
+        got = self.read()
+        df = got.pop("df")
+        return build_mf(self.name, df["user"].to_numpy(), df["item"].to_numpy(), df["rating"].to_numpy(),
+                        k_core=self.k_core, max_users=self.max_users, val_fraction=self.val_fraction,
+                        test_fraction=self.test_fraction, seed=seed if self.seed is None else self.seed, **got)
+
+    def build(self, seed: int) -> FederatedDataset:
+        return to_federated(self.mf(seed), self.layout)
+
+
+@dataclass(frozen=True)
+class MFEpinionsConfig(_MFRealConfig):
+    """Epinions ratings (+ item categories) and its trust network, read in place."""
+    name: str = "mf_epinions"
+
+    def read(self) -> dict:
         from datasets.real import EpinionsConfig, _read_csv, _numeric
         src = EpinionsConfig(path=self.path, cache_dir=self.cache_dir, cache=self.cache)
         df = src.load_frame()
@@ -286,71 +307,36 @@ class MFEpinionsConfig(DataConfig):
         raw = _read_csv(trust_path, ("truster_id", "trustee_id"))
         trust = np.stack([_numeric(raw, "truster_id", trust_path, integer=True, lo=0),
                           _numeric(raw, "trustee_id", trust_path, integer=True, lo=0)]).astype(np.int64)
-        s = seed if self.seed is None else self.seed
-        return build_mf(self.name, df["user"].to_numpy(), df["item"].to_numpy(), df["rating"].to_numpy(),
-                        trust=trust, item_category_per_row=df["category"].to_numpy(), item_pairs=None,
-                        k_core=self.k_core, max_users=self.max_users, val_fraction=self.val_fraction,
-                        test_fraction=self.test_fraction, seed=s)
-
-    def build(self, seed: int) -> FederatedDataset:
-        return to_federated(self.mf(seed), self.layout)
+        return {"df": df, "trust": trust, "item_category_per_row": df["category"].to_numpy(), "item_pairs": None}
 
 
 @dataclass(frozen=True)
-class MFCiaoConfig(DataConfig):
+class MFCiaoConfig(_MFRealConfig):
     """Ciao ratings (0..5) with item categories, read in place; no trust graph (the shared folder has none)."""
     name: str = "mf_ciao"
-    path: str | None = None            # folder with ratings.csv.gz; null = shared/data/ciao
-    cache_dir: str | None = None       # parsed-ratings cache (as the `ciao` source); null = default
-    cache: bool = True
-    k_core: int = 10
-    max_users: int | None = None       # keep N users (seeded hash order) after the first k-core; null = all
-    layout: str = "centralized"
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    seed: int | None = None
 
-    CHECKS: ClassVar[dict] = {"k_core": ">=1", "max_users": ">=2", "layout": LAYOUTS,
-                              "val_fraction": "0..0.5", "test_fraction": "0..0.5"}
-
-    def mf(self, seed: int) -> MFData:
+    def read(self) -> dict:
         from datasets.real import CiaoConfig
         df = CiaoConfig(path=self.path, cache_dir=self.cache_dir, cache=self.cache).load_frame()
-        s = seed if self.seed is None else self.seed
-        return build_mf(self.name, df["user"].to_numpy(), df["item"].to_numpy(), df["rating"].to_numpy(),
-                        trust=None, item_category_per_row=df["category"].to_numpy(), item_pairs=None,
-                        k_core=self.k_core, max_users=self.max_users, val_fraction=self.val_fraction,
-                        test_fraction=self.test_fraction, seed=s)
-
-    def build(self, seed: int) -> FederatedDataset:
-        return to_federated(self.mf(seed), self.layout)
+        return {"df": df, "trust": None, "item_category_per_row": df["category"].to_numpy(), "item_pairs": None}
 
 
 AMAZON_KINDS = ("official", "video_games", "office_products")
 
 
 @dataclass(frozen=True)
-class MFAmazonConfig(DataConfig):
+class MFAmazonConfig(_MFRealConfig):
     """Amazon interactions from one of datasets/amazon.py's layouts (`source`), read in place: item categories
     (official layout only) and the metadata's also_view / also_buy pairs (official layout only) as item pairs;
     no trust. The implicit layouts (video_games, office_products) have no ratings: rating = 1.0 for every row
     and meta has_rating = False (PMTRec refuses its `rating` task)."""
     name: str = "mf_amazon"
     source: str = "video_games"        # official (AmazonConfig) | video_games | office_products
-    path: str | None = None            # the Amazon source's folder; null = its shared/data folder
     category: str | None = None        # official only: the file stem (e.g. Office_Products); null = the one there
     category_level: int = 1            # official only: index into the metadata category list
-    cache_dir: str | None = None
-    cache: bool = True
     k_core: int = 5
-    max_users: int | None = None       # keep N users (seeded hash order) after the first k-core; null = all
-    layout: str = "centralized"
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    seed: int | None = None
 
-    CHECKS: ClassVar[dict] = {"source": AMAZON_KINDS, "k_core": ">=1", "max_users": ">=2", "layout": LAYOUTS,
-                              "category_level": ">=0", "val_fraction": "0..0.5", "test_fraction": "0..0.5"}
+    CHECKS: ClassVar[dict] = {**_MFRealConfig.CHECKS, "source": AMAZON_KINDS, "category_level": ">=0"}
 
     def validate(self) -> str | None:
         if self.category is not None and self.source != "official":
@@ -365,21 +351,14 @@ class MFAmazonConfig(DataConfig):
         return {"video_games": AmazonVideoGamesConfig,
                 "office_products": AmazonOfficeProductsConfig}[self.source](**common)
 
-    def mf(self, seed: int) -> MFData:
+    def read(self) -> dict:
         src = self.amazon()
         df = src.load_frame()
         raw = src.load_pairs()           # the parse's raw item ids, as df["item"]
         pairs = (np.stack([raw["item_a"].to_numpy(), raw["item_b"].to_numpy()]).astype(np.int64)
                  if len(raw) else None)
-        s = seed if self.seed is None else self.seed
-        return build_mf(self.name, df["user"].to_numpy(), df["item"].to_numpy(), df["rating"].to_numpy(),
-                        trust=None, item_category_per_row=df["category"].to_numpy() if src.HAS_CATEGORY else None,
-                        item_pairs=pairs, k_core=self.k_core, max_users=self.max_users,
-                        val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=s,
-                        has_rating=src.HAS_RATING)
-
-    def build(self, seed: int) -> FederatedDataset:
-        return to_federated(self.mf(seed), self.layout)
+        return {"df": df, "trust": None, "item_pairs": pairs, "has_rating": src.HAS_RATING,
+                "item_category_per_row": df["category"].to_numpy() if src.HAS_CATEGORY else None}
 
 
 MF_SOURCES = {"mf_synthetic": MFSyntheticConfig, "mf_epinions": MFEpinionsConfig, "mf_ciao": MFCiaoConfig,
