@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import _machine, _proc_children, _rss_pss_bytes, _versions, emit_json, rss_anon  # noqa: E402
+from throughput import _machine, _rss_pss_bytes, _versions, emit_json, rss_anon, tree_pids  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,16 +74,6 @@ def _role(pid: int) -> str:
     if "gcs_server" in cmd:
         return "gcs"
     return "other"
-
-
-def tree_pids() -> set[int]:
-    kids, out, stack = _proc_children(), set(), [os.getpid()]
-    while stack:
-        p = stack.pop()
-        if p not in out:
-            out.add(p)
-            stack.extend(kids.get(p, []))
-    return out
 
 
 class ObjectStore:

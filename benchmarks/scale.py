@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import MemSampler, WorkerWatch, _machine, _versions, emit_json, rss_anon  # noqa: E402
+from throughput import MemSampler, WorkerWatch, _machine, _versions, emit_json, rss_anon, timed_rounds  # noqa: E402
 
 WARMUP_ROUNDS = 1
 
@@ -231,10 +230,7 @@ def main(argv=None) -> dict:
             ray.shutdown()
 
     recs = result.records
-    timed = recs[WARMUP_ROUNDS:] or recs
-    secs = [float(r["train_seconds"]) for r in timed]
-    med = statistics.median(secs)
-    cohort = int(timed[0]["cohort"])
+    secs, med, cohort = timed_rounds(recs, WARMUP_ROUNDS)
     raw = args.clients * args.dim * 4
     reported = sum(watch.personal_bytes)
     pers = {"raw_bytes": raw, "raw_mb": raw / 2 ** 20,

@@ -171,6 +171,24 @@ def _rss_pss_bytes(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def tree_pids() -> set[int]:
+    """This process and all its descendants (from /proc)."""
+    kids, out, stack = _proc_children(), set(), [os.getpid()]
+    while stack:
+        p = stack.pop()
+        if p not in out:
+            out.add(p)
+            stack.extend(kids.get(p, []))
+    return out
+
+
+def timed_rounds(records: list[dict], warmup: int) -> tuple[list[float], float, int]:
+    """(train_seconds of the rounds after `warmup`, their median, the cohort size)."""
+    timed = records[warmup:] or records
+    secs = [float(r["train_seconds"]) for r in timed]
+    return secs, statistics.median(secs), int(timed[0]["cohort"])
+
+
 class MemSampler:
     """Samples the summed RSS/PSS of this process and all its descendants (Ray's GCS, raylet,
     coordinator and worker actors when this driver started Ray) plus any extra pids, in a
@@ -188,13 +206,7 @@ class MemSampler:
 
     def _pids(self) -> set[int]:
         if self._proc:
-            kids, out, stack = _proc_children(), set(), [os.getpid()]
-            while stack:
-                p = stack.pop()
-                if p not in out:
-                    out.add(p)
-                    stack.extend(kids.get(p, []))
-            return out | self.extra
+            return tree_pids() | self.extra
         import psutil
         me = psutil.Process()
         return {me.pid, *(c.pid for c in me.children(recursive=True))} | self.extra
@@ -428,10 +440,7 @@ def main(argv=None) -> dict:
             ray.shutdown()
 
     recs = result.records
-    timed = recs[WARMUP_ROUNDS:] or recs
-    secs = [float(r["train_seconds"]) for r in timed]
-    med = statistics.median(secs)
-    cohort = int(timed[0]["cohort"])
+    secs, med, cohort = timed_rounds(recs, WARMUP_ROUNDS)
     out = {
         "benchmark": "fleetrec_throughput",
         "client_updates_per_s": cohort / med,
