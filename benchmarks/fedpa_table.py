@@ -8,14 +8,17 @@ is the config as shipped except the overrides listed in the output JSON (`overri
 the backbone path, the rounds, MLflow and the progress bar off, and (Epinions) the user count.
 
 Metrics are those of the round with the best validation AUC (the official model selection):
-pooled test AUC, test GAUC (mean per-user AUC), weighted precision at 0.5, and the floats one
-client uploads per round (from the roles of the tensors sent; `FedPA.upload_floats`).
+pooled test AUC, test GAUC (mean per-user AUC), weighted precision at 0.5, and the bytes one
+client uploads per round, read from the run's per-round counters (`bytes_up` over `clients_up`,
+summed over rounds) and checked against the count by part (`FedPA.upload_floats`, float32).
 
 Writes benchmarks/results/fedpa_<dataset>.json and fedpa_ldp_<dataset>.json (every run and the
 mean ± std over seeds) and prints the markdown tables.
 
     python benchmarks/fedpa_table.py                          # the grid of algorithms/FEDPA.md
     python benchmarks/fedpa_table.py --datasets movielens --seeds 0 --rounds 5 --ldp ""   # quick
+    python benchmarks/fedpa_table.py --datasets movielens --rounds 30 --pretrain-epochs 100 --ldp "" --tag full
+                                                              # the shipped configs' own budget
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ OUT = REPO / "benchmarks" / "out" / "fedpa"
 RESULTS = REPO / "benchmarks" / "results"
 METHODS = [  # (name in the tables, config suffix)
     ("fedpa", ""), ("pretrained", "_pretrained"), ("local", "_local"), ("fedavg_full", "_fedavg_full"),
+    ("fedavg_whole", "_fedavg_whole"),
     ("fedavg_lora", "_fedavg_lora"), ("no_user_lora", "_no_user_lora"), ("no_group_lora", "_no_group_lora"),
     ("no_gate", "_no_gate"),
 ]
@@ -52,6 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--ldp", default="0,0.1,0.2,0.5", help="Laplace scales δ for FedPA ('' = no sweep)")
     p.add_argument("--ldp-dataset", default="movielens")
     p.add_argument("--resume", action="store_true", help="keep the runs already in the result files")
+    p.add_argument("--results", type=Path, default=None,
+                   help="folder for the result files and backbones (default: benchmarks/results, benchmarks/out/fedpa)")
+    p.add_argument("--tag", default="", help="result files fedpa[_ldp]_<dataset>_<tag>.json and backbones "
+                   "<dataset>_<tag>_seedK (for another budget beside the default grid)")
     return p.parse_args(argv)
 
 
@@ -77,9 +85,13 @@ def _one(config: Path, overrides: list[str]) -> dict:
     t0 = time.perf_counter()
     res = run(cfg, dataset=ds)
     parts = _upload_floats(cfg, ds)
-    bytes_up = res.info["bytes_up_per_client"]
-    assert bytes_up == 4 * sum(parts.values()), (bytes_up, parts)        # float32 tensors
+    # the run's own counters: bytes sent up in each round over the clients that sent them
+    sent = sum(r["bytes_up"] for r in res.records)
+    senders = sum(r["clients_up"] for r in res.records)
+    per_client = sent / senders if senders else 0.0
+    assert per_client == res.info["bytes_up_per_client"] == 4 * sum(parts.values()), (per_client, parts)
     return {"best_round": res.best_round, **{k: float(res.best[k]) for k in METRICS + ("val/auc",)},
+            "bytes_up_per_client_round": per_client, "bytes_up_total": sent, "client_rounds": senders,
             "upload_floats": sum(parts.values()), "upload_parts": parts, "clients": ds.num_clients,
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -101,16 +113,22 @@ def _summary(runs: list[dict], key: str) -> dict:
     for name in dict.fromkeys(r[key] for r in runs):
         rs = [r for r in runs if r[key] == name]
         out[str(name)] = {"seeds": [r["seed"] for r in rs],
-                          **{m: _mean_std([r[m] for r in rs]) for m in METRICS + ("upload_floats",)}}
+                          **{m: _mean_std([r[m] for r in rs])
+                             for m in METRICS + ("upload_floats", "bytes_up_per_client_round")}}
     return out
 
 
 def _table(summary: dict, first: str) -> str:
-    lines = [f"| {first} | test AUC | test GAUC | precision (weighted) | uploaded floats / client / round |",
+    lines = [f"| {first} | test AUC | test GAUC | precision (weighted) | bytes up / client / round (counter) |",
              "|---|---|---|---|---|"]
     for name, s in summary.items():
         cells = [f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['upload_floats'][0]:,.0f} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['bytes_up_per_client_round'][0]:,.0f} |")
+    sent = {name: s["bytes_up_per_client_round"][0] for name, s in summary.items()}
+    for base in ("fedavg_full", "fedavg_whole"):
+        if sent.get(base) and "fedpa" in sent:
+            lines.append(f"\nFedPA sends {1 - sent['fedpa'] / sent[base]:.1%} fewer bytes per client per round "
+                         f"than {base}.")
     return "\n".join(lines)
 
 
@@ -139,20 +157,22 @@ def main(argv=None) -> int:
     for dataset in args.datasets.split(","):
         stem = REPO / "configs" / f"fedpa_{names[dataset]}"
         data_ov = [f"data.max_clients={args.epinions_users}"] if dataset == "epinions" else []
-        out_path = RESULTS / f"fedpa_{dataset}.json"
-        ldp_path = RESULTS / f"fedpa_ldp_{dataset}.json"
+        tag = f"_{args.tag}" if args.tag else ""
+        results, backbones = (args.results, args.results / "backbones") if args.results else (RESULTS, OUT)
+        out_path = results / f"fedpa_{dataset}{tag}.json"
+        ldp_path = results / f"fedpa_ldp_{dataset}{tag}.json"
         old = json.loads(out_path.read_text())["runs"] if args.resume and out_path.is_file() else []
         old_ldp = json.loads(ldp_path.read_text())["runs"] if args.resume and ldp_path.is_file() else []
         runs, ldp_runs = list(old), list(old_ldp)
         done = {(r["method"], r["seed"]) for r in runs}
         done_ldp = {(r["delta"], r["seed"]) for r in ldp_runs}
-        common_doc = ["seed=K", "model.backbone=benchmarks/out/fedpa/<dataset>_seedK_backbone.pt",
+        common_doc = ["seed=K", f"model.backbone=benchmarks/out/fedpa/<dataset>{tag}_seedK_backbone.pt",
                       f"rounds={args.rounds}", "tracking.mlflow=false", "tracking.progress=false", *data_ov]
         header = {"dataset": dataset, "configs": f"configs/fedpa_{names[dataset]}[_<method>].yaml",
                   "overrides": common_doc, "pretrain_epochs": args.pretrain_epochs,
                   "machine": {**_machine(), "note": "2-core CPU box, shared"}, "versions": _versions()}
         for seed in seeds:
-            bb = OUT / f"{dataset}_seed{seed}_backbone.pt"
+            bb = backbones / f"{dataset}{tag}_seed{seed}_backbone.pt"
             common = [f"seed={seed}", "tracking.mlflow=false", "tracking.progress=false", *data_ov]
             todo = [m for m in methods if (m[0], seed) not in done]
             todo_ldp = [d for d in deltas if dataset == args.ldp_dataset and (d, seed) not in done_ldp]

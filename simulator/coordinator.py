@@ -138,7 +138,7 @@ class Coordinator:
         up, down = self.algo.traffic()
         record = {"round": rnd, "cohort": len(cohort), "train_seconds": seconds,
                   "client_updates_per_s": len(cohort) / seconds,
-                  "bytes_up": up * acc.clients, "bytes_down": down * len(cohort),
+                  "bytes_up": up * acc.clients, "bytes_down": down * len(cohort), "clients_up": acc.clients,
                   **system_record,
                   **{(k if "/" in k else f"train/{k}"): v for k, v in train_metrics.items()}}
         if evaluate:

@@ -17,7 +17,8 @@ def mlflow_name(key: str) -> str:
     return key.replace("@", "_at_")
 
 
-_SYSTEM = ("train_seconds", "eval_seconds", "client_updates_per_s", "bytes_up", "bytes_down", "cohort")
+_SYSTEM = ("train_seconds", "eval_seconds", "client_updates_per_s", "bytes_up", "bytes_down", "clients_up",
+           "cohort")
 
 
 def _fmt(v) -> str:
