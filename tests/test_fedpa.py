@@ -379,6 +379,10 @@ def test_fedpa_table_script_smoke(ray_session, tmp_path, capsys):
     sent = {m: r["bytes_up_total"] / r["client_rounds"] for m, r in runs.items()}
     assert sent["fedpa"] <= 0.2 * sent["fedavg_whole"]
     assert sent["fedpa"] < sent["fedavg_full"] < sent["fedavg_whole"]
+    full, whole = runs["fedavg_full"], runs["fedavg_whole"]     # rows touched: own attribute rows (4 fields x 8)
+    assert runs["fedpa"]["touched_rows_floats"] is None
+    assert full["touched_rows_floats"] == full["upload_floats"] - full["upload_parts"]["user_tables"] + 4 * 8
+    assert full["touched_rows_floats"] < whole["touched_rows_floats"] < whole["upload_floats"]
     ldp = {r["delta"]: r for r in json.loads((tmp_path / "fedpa_ldp_movielens.json").read_text())["runs"]}
     assert ldp[0.0]["test/auc"] == runs["fedpa"]["test/auc"] and ldp[0.0]["reused_from"] == "fedpa"
     assert ldp[0.5]["bytes_up_per_client_round"] == runs["fedpa"]["bytes_up_per_client_round"]
