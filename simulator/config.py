@@ -122,9 +122,22 @@ def make_setup(cfg: ExperimentConfig, ds) -> Setup:
 
 def from_dict(data: dict, source: str = "config") -> ExperimentConfig:
     try:
-        return build(ExperimentConfig, data)
+        return build(ExperimentConfig, _fetch_mlflow_backbone(data))
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def _fetch_mlflow_backbone(data: dict) -> dict:
+    """`model.backbone: runs:/<run id>/<file>` (an MLflow artifact, e.g. of `fleetrec pretrain`):
+    download it from `tracking.tracking_uri` and put the local file's path in its place."""
+    model = data.get("model")
+    uri = model.get("backbone") if isinstance(model, dict) else None
+    if not (isinstance(uri, str) and uri.startswith("runs:/")):
+        return data
+    from simulator.pretrain import fetch_backbone
+    tracking = data.get("tracking") if isinstance(data.get("tracking"), dict) else {}
+    local = fetch_backbone(uri, str(tracking.get("tracking_uri", TrackingConfig.tracking_uri)))
+    return {**data, "model": {**model, "backbone": str(local)}}
 
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:

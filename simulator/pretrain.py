@@ -5,7 +5,9 @@
 backbone only (feature tables + MLP + output layer, no adapters) on their rows with Adam,
 keeps the best epoch by AUC on those rows (as the official code does; or on the open
 clients' validation rows, `select: open_val_auc`), and writes the weights
-to `model.backbone`. With MLflow tracking on, the file is logged as an artifact of its own run.
+to `model.backbone`. With MLflow tracking on, the file is logged as an artifact of its own run,
+and stage 2 can name it as `model.backbone: runs:/<run id>/<file>` (fetched once into
+`.fleetrec_cache/mlflow/`; see `fetch_backbone`).
 
 `federated_dataset(cfg)` is stage 2's dataset: the same build minus the open clients (client
 ids renumbered 0..P-1, schema and vocabularies unchanged, so the backbone's tables fit).
@@ -156,6 +158,8 @@ def pretrain(cfg: ExperimentConfig, out: str | Path | None = None) -> Path:
         meta = {"open_clients": int(len(opened)), "private_clients": int(ds.num_clients - len(opened)),
                 "total_clients": ds.num_clients, "open_fraction": mcfg.pretrain.open_fraction, "seed": cfg.seed,
                 "dataset": ds.name, "seconds": time.perf_counter() - t0, **summary}
+        if track:
+            meta["mlflow_uri"] = f"runs:/{track.active_run().info.run_id}/{Path(out).name}"
         path = save_backbone(out, tensors, meta)
         if track:
             track.log_metrics({f"pretrain/best_{k}": float(v) for k, v in summary.items()})
@@ -164,6 +168,47 @@ def pretrain(cfg: ExperimentConfig, out: str | Path | None = None) -> Path:
         if track:
             track.end_run()
     return path
+
+
+CACHE = Path(".fleetrec_cache") / "mlflow"
+
+
+def fetch_backbone(uri: str, tracking_uri: str, cache: Path | None = None) -> Path:
+    """The local copy of the backbone artifact `runs:/<run id>/<path>` of the MLflow store at
+    `tracking_uri`, downloaded once into `.fleetrec_cache/mlflow/<run id>/` (run artifacts do not
+    change). A missing run or artifact is a ConfigError naming model.backbone."""
+    parts = uri[len("runs:/"):].strip("/").split("/", 1)
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"model.backbone: {uri!r}: expected runs:/<run id>/<artifact path>, as `fleetrec "
+                          "pretrain` prints it")
+    run_id, artifact = parts
+    dest = ((cache or CACHE) / run_id).resolve()        # absolute: workers need not share the driver's cwd
+    local = dest / artifact
+    if local.is_file():
+        return local
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"model.backbone: cannot fetch {uri}: no MLflow store at {tracking_uri} "
+                          "(tracking.tracking_uri); expected the store `fleetrec pretrain` logged to")
+    import logging
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    quiet = [logging.getLogger(n) for n in ("mlflow", "alembic")]      # store set-up chatter, not errors
+    levels = [q.level for q in quiet]
+    try:
+        for q in quiet:
+            q.setLevel(logging.WARNING)
+        got = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri)
+    except (MlflowException, OSError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.backbone: cannot fetch {uri} from the MLflow store {tracking_uri} "
+                          f"(tracking.tracking_uri): {first}") from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    if not Path(got).is_file():
+        raise ConfigError(f"model.backbone: {uri} is a folder of artifacts; expected the backbone file in it")
+    return Path(got)
 
 
 def _mlflow_run(cfg: ExperimentConfig):
@@ -181,8 +226,9 @@ def load_for_pretrain(path: str, overrides: list[str]) -> tuple[ExperimentConfig
     """The config with its backbone path set aside (the file does not exist yet) and that path."""
     data = apply_overrides(read_yaml(path), list(overrides))
     target = str((data.get("model") or {}).get("backbone") or "")
-    if not target:
-        raise ConfigError(f"{path}: model.backbone: expected the path to write the pre-trained backbone to")
+    if not target or target.startswith("runs:/"):
+        raise ConfigError(f"{path}: model.backbone: expected the path to write the pre-trained backbone to"
+                          + (f", got the MLflow artifact {target} (stage 2 reads those)" if target else ""))
     return load(path, [*overrides, "model.backbone="]), target
 
 
@@ -206,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backbone {path}: {meta['open_clients']} open clients, {meta['open_rows']} rows, "
               f"best epoch {meta['best_epoch']} open AUC {meta['open_auc']:.4f} (private users' validation AUC "
               f"{meta['private_val_auc']:.4f}, monitoring only)", file=sys.stderr)
+        if meta.get("mlflow_uri"):
+            print(f"logged to MLflow: stage 2 can load it with model.backbone={meta['mlflow_uri']}", file=sys.stderr)
         return 0
     except (ConfigError, DataError) as e:
         print(f"fleetrec: error: {e}", file=sys.stderr)

@@ -389,3 +389,35 @@ def test_fedpa_table_script_smoke(ray_session, tmp_path, capsys):
     out = capsys.readouterr().out
     saving = 1 - runs["fedpa"]["upload_floats"] / runs["fedavg_whole"]["upload_floats"]
     assert f"FedPA sends {saving:.1%} fewer bytes per client per round than fedavg_whole." in out
+
+
+def test_stage2_loads_the_backbone_by_mlflow_run_id(tmp_path, monkeypatch):
+    """`fleetrec pretrain` with MLflow on logs the backbone and prints its runs:/ URI; a config that
+    names that URI as model.backbone gets the same tensors (fetched once into the cache); a wrong
+    run id or artifact name is one ConfigError naming model.backbone."""
+    from simulator.pretrain import main as pretrain_main
+    monkeypatch.chdir(tmp_path)                  # the cache and MLflow's artifact root live in the cwd
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = ["tracking.mlflow=true", f"tracking.tracking_uri={uri}", "tracking.experiment=t"]
+    base = [o for o in tiny_overrides() if not o.startswith(("model.", "tracking."))]
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("model:\n  name: fedpa\n  group_features: [group_0]\nalgorithm:\n  name: fedpa\n")
+    out = tmp_path / "bb.pt"
+    assert pretrain_main([str(cfg_file), *base, *tracking, f"model.backbone={out}",
+                          "model.pretrain.epochs=1", "model.pretrain.open_fraction=0.3"]) == 0
+    tensors, meta = load_backbone(out)
+    assert meta["mlflow_uri"].startswith("runs:/") and meta["mlflow_uri"].endswith("/bb.pt")
+    cfg = load(cfg_file, [*base, *tracking, f"model.backbone={meta['mlflow_uri']}"])
+    local = Path(cfg.model.backbone)
+    assert local.is_absolute() and local.is_file() and local != out
+    fetched, fetched_meta = load_backbone(local)
+    assert fetched_meta == meta and all(torch.equal(fetched[k], v) for k, v in tensors.items())
+    assert load(cfg_file, [*base, *tracking, f"model.backbone={meta['mlflow_uri']}"]).model.backbone == str(local)
+    run_id = meta["mlflow_uri"].split("/")[1]
+    for bad in (f"runs:/{run_id}/missing.pt", "runs:/0123456789abcdef0123456789abcdef/bb.pt", f"runs:/{run_id}"):
+        with pytest.raises(ConfigError) as e:
+            load(cfg_file, [*base, *tracking, f"model.backbone={bad}"])
+        assert "model.backbone" in str(e.value) and "\n" not in str(e.value), bad
+    with pytest.raises(ConfigError, match="no MLflow store"):           # and no empty store is created
+        load(cfg_file, [*base, "tracking.tracking_uri=sqlite:///nowhere.db", f"model.backbone=runs:/{run_id}/x.pt"])
+    assert not (tmp_path / "nowhere.db").exists()
