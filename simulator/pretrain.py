@@ -1,7 +1,8 @@
 """FedPA stage 1: pre-train the backbone centrally on "open" clients; stage 2 federates the rest.
 
 `pretrain(cfg)` builds the experiment's dataset, takes a deterministic fraction of its clients
-(seeded hash order of the client ids, `model.pretrain.open_fraction`) as open users, trains the
+(seeded hash order of the client ids, `model.pretrain.open_fraction`), or the clients flagged by a
+0/1 client attribute (`model.pretrain.open_attribute`, e.g. KuaiRand's `open`), as open users, trains the
 backbone only (feature tables + MLP + output layer, no adapters) on their rows with Adam,
 keeps the best epoch by AUC on those rows (as the official code does; or on the open
 clients' validation rows, `select: open_val_auc`), and writes the weights
@@ -41,6 +42,22 @@ def open_clients(num_clients: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(hash_order(np.arange(num_clients), seed)[:n]).astype(np.int64)
 
 
+def select_open(ds: FederatedDataset, fraction: float, seed: int, attribute: str = "") -> np.ndarray:
+    """Stage 1's open clients: those whose 0/1 client attribute `attribute` is 1, or (attribute "")
+    `open_clients(C, fraction, seed)`."""
+    if not attribute:
+        return open_clients(ds.num_clients, fraction, seed)
+    names = [f.name for f in ds.schema.client_categorical]
+    if attribute not in names:
+        raise ConfigError(f"model.pretrain.open_attribute: the data has no client attribute {attribute!r}; "
+                          f"expected one of {', '.join(names) or '(none)'} or '' (open_fraction)")
+    flag = np.asarray(ds.client_attr(attribute))
+    if not np.isin(flag, (0, 1)).all():
+        raise ConfigError(f"model.pretrain.open_attribute: client attribute {attribute!r} has values other than 0/1; "
+                          "expected 1 = open, 0 = private")
+    return np.flatnonzero(flag == 1).astype(np.int64)
+
+
 def subset_clients(ds: FederatedDataset, keep: np.ndarray) -> FederatedDataset:
     """The clients `keep` (sorted ids) only, renumbered 0..len(keep)-1; schema unchanged."""
     keep = np.asarray(keep, dtype=np.int64)
@@ -71,7 +88,7 @@ def federated_dataset(cfg: ExperimentConfig) -> FederatedDataset:
     if meta["total_clients"] != ds.num_clients:
         raise ConfigError(f"model.backbone: pre-trained on a dataset of {meta['total_clients']} clients, this data "
                           f"config builds {ds.num_clients}; pre-train with the same data config")
-    opened = open_clients(ds.num_clients, meta["open_fraction"], meta["seed"])
+    opened = select_open(ds, meta["open_fraction"], meta["seed"], meta.get("open_attribute", ""))
     return subset_clients(ds, np.setdiff1d(np.arange(ds.num_clients), opened))
 
 
@@ -146,17 +163,23 @@ def pretrain(cfg: ExperimentConfig, out: str | Path | None = None) -> Path:
     if not str(out):
         raise ConfigError("model.backbone: expected the path to write the pre-trained backbone to")
     ds = cfg.data.build(cfg.seed)
-    opened = open_clients(ds.num_clients, mcfg.pretrain.open_fraction, cfg.seed)
+    pcfg = mcfg.pretrain
+    opened = select_open(ds, pcfg.open_fraction, cfg.seed, pcfg.open_attribute)
     if len(opened) == 0:
-        raise ConfigError(f"model.pretrain.open_fraction: {mcfg.pretrain.open_fraction} of {ds.num_clients} "
-                          "clients is none; expected at least one open client")
+        what = (f"open_attribute: no client has {pcfg.open_attribute} = 1" if pcfg.open_attribute else
+                f"open_fraction: {pcfg.open_fraction} of {ds.num_clients} clients is none")
+        raise ConfigError(f"model.pretrain.{what}; expected at least one open client")
+    if len(opened) == ds.num_clients:
+        raise ConfigError(f"model.pretrain.open_{'attribute' if pcfg.open_attribute else 'fraction'}: every client "
+                          "is open; expected at least one private client for stage 2")
     track = _mlflow_run(cfg) if cfg.tracking.mlflow else None
     t0 = time.perf_counter()
     log = (lambda m, step: track.log_metrics(m, step=step)) if track else None
     try:
         tensors, summary = train_backbone(cfg, ds, opened, log)
         meta = {"open_clients": int(len(opened)), "private_clients": int(ds.num_clients - len(opened)),
-                "total_clients": ds.num_clients, "open_fraction": mcfg.pretrain.open_fraction, "seed": cfg.seed,
+                "total_clients": ds.num_clients, "open_fraction": pcfg.open_fraction,
+                "open_attribute": pcfg.open_attribute, "seed": cfg.seed,
                 "dataset": ds.name, "seconds": time.perf_counter() - t0, **summary}
         if track:
             meta["mlflow_uri"] = f"runs:/{track.active_run().info.run_id}/{Path(out).name}"

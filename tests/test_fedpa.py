@@ -421,3 +421,60 @@ def test_stage2_loads_the_backbone_by_mlflow_run_id(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no MLflow store"):           # and no empty store is created
         load(cfg_file, [*base, "tracking.tracking_uri=sqlite:///nowhere.db", f"model.backbone=runs:/{run_id}/x.pt"])
     assert not (tmp_path / "nowhere.db").exists()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("dataset", ["epinions", "kuairand"])
+def test_baseline_configs_change_the_same_keys_on_every_dataset(dataset):
+    """Each configs/fedpa_<dataset>_<method>.yaml differs from its dataset's FedPA config in exactly
+    the keys (and values) that the MovieLens one differs from fedpa_movielens.yaml: the baselines
+    and ablations mean the same thing on every dataset. The KuaiRand ones load like the others."""
+    from simulator.config_loader import read_yaml
+    folder = Path(__file__).resolve().parents[1] / "configs"
+
+    def delta(stem: str, suffix: str) -> dict:
+        base, var = _flat(read_yaml(folder / f"{stem}.yaml")), _flat(read_yaml(folder / f"{stem}{suffix}.yaml"))
+        return {k: var.get(k) for k in set(base) | set(var)
+                if k != "name" and not k.startswith("model.pretrain.") and base.get(k) != var.get(k)}
+
+    suffixes = sorted(p.stem[len("fedpa_movielens"):] for p in folder.glob("fedpa_movielens_*.yaml"))
+    assert sorted(p.stem[len(f"fedpa_{dataset}"):] for p in folder.glob(f"fedpa_{dataset}_*.yaml")) == suffixes
+    for suffix in suffixes:
+        assert delta(f"fedpa_{dataset}", suffix) == delta("fedpa_movielens", suffix), suffix
+        assert load(folder / f"fedpa_{dataset}{suffix}.yaml", ["model.backbone="]).model.name == "fedpa"
+
+
+def test_kuairand_open_users_are_fedpas_division(ray_session, tmp_path):
+    """configs/fedpa_kuairand.yaml on a tiny folder in the official layout: stage 1 trains on the
+    users the data flags `open` (FedPA's division by user_active_degree, not a hash fraction), the
+    backbone has the paper's input width (8 x (23 + 6)), and stage 2 federates exactly the others."""
+    from simulator.pretrain import federated_dataset, load_for_pretrain, pretrain
+    from simulator.run import run
+    from tests.test_datasets_kuairand_ml1m import write_feature_tables, write_logs
+    root = write_feature_tables(write_logs(tmp_path / "kr", 30, 40, rows=(600, 150)), 30, 40, stats=True)
+    bb = tmp_path / "bb.pt"
+    common = [f"data.path={root}", "data.cache=false", "tracking.mlflow=false", "tracking.progress=false",
+              "rounds=1", "resources.cpus_per_worker=0.5"]
+    cfg, target = load_for_pretrain("configs/fedpa_kuairand.yaml", [*common, f"model.backbone={bb}",
+                                                                    "model.pretrain.epochs=1"])
+    full = cfg.data.build(cfg.seed)
+    flag = full.client_attr("open")
+    assert 0 < flag.sum() < full.num_clients
+    tensors, meta = load_backbone(pretrain(cfg, target))
+    assert meta["open_attribute"] == "open" and meta["open_clients"] == int(flag.sum())
+    assert tensors["w.0"].shape == (32, 8 * 29)
+    stage2 = load("configs/fedpa_kuairand.yaml", [*common, f"model.backbone={bb}"])
+    ds = federated_dataset(stage2)
+    assert ds.num_clients == int((flag == 0).sum()) and (ds.client_attr("open") == 0).all()
+    result = run(stage2, dataset=ds)
+    assert result.best["val/clients"] == ds.num_clients and result.info["bytes_up_per_client"] == 4 * 4493
+    with pytest.raises(ConfigError, match="open_attribute: the data has no client attribute 'nope'"):
+        pretrain(load("configs/fedpa_kuairand.yaml", [*common, "model.backbone=",
+                                                       "model.pretrain.open_attribute=nope"]), tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()

@@ -36,6 +36,8 @@ from datasets.federated import DatasetSchema
 class PretrainConfig:
     """Stage 1 (`fleetrec pretrain CONFIG`): central training of the backbone on open clients."""
     open_fraction: float = 0.2        # share of clients (seeded hash order) that are open; the rest federate
+    open_attribute: str = ""          # instead: the clients whose 0/1 client attribute is 1 are open (KuaiRand's
+                                      # `open`: FedPA's division by user_active_degree); "" = open_fraction
     epochs: int = 100                 # passes over the open clients' rows
     lr: float = 1e-3                  # Adam learning rate
     batch_size: int = 1024
