@@ -271,7 +271,9 @@ def test_upload_floats_on_the_shipped_configs(tmp_path, dataset):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_fedpa_configs_load(path):
-    cfg = load(path, ["model.backbone=", "data.max_clients=23"])
+    from simulator.config_loader import read_yaml
+    sized = (read_yaml(path).get("data") or {}).get("name") != "synthetic_per_user"   # it has num_clients instead
+    cfg = load(path, ["model.backbone=", "data.max_clients=23" if sized else "data.num_clients=23"])
     assert cfg.model.name == "fedpa" and cfg.algorithm.name == "fedpa"
 
 
