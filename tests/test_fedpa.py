@@ -425,23 +425,16 @@ def test_stage2_loads_the_backbone_by_mlflow_run_id(tmp_path, monkeypatch):
     assert not (tmp_path / "nowhere.db").exists()
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 @pytest.mark.parametrize("dataset", ["epinions", "kuairand"])
 def test_baseline_configs_change_the_same_keys_on_every_dataset(dataset):
     """Each configs/fedpa_<dataset>_<method>.yaml differs from its dataset's FedPA config in exactly
     the keys (and values) that the MovieLens one differs from fedpa_movielens.yaml: the baselines
     and ablations mean the same thing on every dataset. The KuaiRand ones load like the others."""
-    from simulator.config_loader import read_yaml
+    from simulator.config_loader import flatten, read_yaml
     folder = Path(__file__).resolve().parents[1] / "configs"
 
     def delta(stem: str, suffix: str) -> dict:
-        base, var = _flat(read_yaml(folder / f"{stem}.yaml")), _flat(read_yaml(folder / f"{stem}{suffix}.yaml"))
+        base, var = flatten(read_yaml(folder / f"{stem}.yaml")), flatten(read_yaml(folder / f"{stem}{suffix}.yaml"))
         return {k: var.get(k) for k in set(base) | set(var)
                 if k != "name" and not k.startswith("model.pretrain.") and base.get(k) != var.get(k)}
 
