@@ -5,10 +5,22 @@ ALGORITHMS: dict[str, type] = {}
 
 
 def register(name: str, algorithm: type) -> type:
+    """Add an algorithm class. It must subclass `algorithms.protocol.AlgorithmBase` (declared
+    capabilities and defaults) and have a `Config` whose default `name` is `name`."""
+    from algorithms.protocol import AlgorithmBase
     if name in ALGORITHMS:
         raise ValueError(f"algorithm {name!r} is already registered ({ALGORITHMS[name].__name__})")
+    if not (isinstance(algorithm, type) and issubclass(algorithm, AlgorithmBase)):
+        raise TypeError(f"algorithm {name!r}: {algorithm!r} must subclass algorithms.protocol.AlgorithmBase")
+    if algorithm.Config.name != name:
+        raise ValueError(f"algorithm {name!r}: its Config's default name is {algorithm.Config.name!r}")
     ALGORITHMS[name] = algorithm
     return algorithm
+
+
+def algorithms_supporting(mechanism: str) -> list[str]:
+    """Registered algorithms that declare a privacy mechanism (algorithms.protocol.CENTRAL_DP, ...)."""
+    return sorted(n for n, a in ALGORITHMS.items() if mechanism in a.PRIVACY)
 
 
 def make_algorithm(config, setup):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from algorithms import rng
-from algorithms.protocol import FROZEN, GROUP, PRIVATE, SHARED, CohortBatch, Setup, Tensors
+from algorithms.protocol import FROZEN, GROUP, PRIVATE, SHARED, AlgorithmBase, CohortBatch, Setup, Tensors
 from algorithms.vectorized import predict_cohort
 
 
@@ -26,8 +26,7 @@ def build_model(setup: Setup):
     return model.to(setup.device)
 
 
-class RoleModelAlgorithm:
-    Config: type
+class RoleModelAlgorithm(AlgorithmBase):
 
     def __init__(self, config, setup: Setup):
         self.config = config
@@ -47,16 +46,13 @@ class RoleModelAlgorithm:
 
     # ---- client half
     def init_personal(self, client_ids: torch.Tensor) -> Tensors:
-        ids = client_ids.numpy().astype(np.uint64)
+        ids = client_ids.cpu().numpy().astype(np.uint64)
 
         def normal(shape_tail):
             return rng.normal_tensor(shape_tail, self.setup.seed, rng.INIT_PERSONAL, 0, ids)
-        try:
-            return self.model.init_private(normal, client_ids)
-        except TypeError:
-            return self.model.init_private(normal)
+        return self.model.init_private(normal, client_ids)
 
-    def evaluate_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
+    def score_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
         K = batch.size
         params = {**personal, **{k: state[k].expand(K, *state[k].shape) for k in self.shared_names}}
         return predict_cohort(self.model, params, self.frozen, batch)       # (K, L, T)

@@ -15,7 +15,7 @@ import torch
 
 from algorithms import aggregate, privacy, sparse_rows
 from algorithms.base import RoleModelAlgorithm
-from algorithms.protocol import Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Tensors, TrainPlan
+from algorithms.protocol import CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Tensors, TrainPlan
 from algorithms.vectorized import train_cohort_sgd
 
 
@@ -32,6 +32,7 @@ class FedAvgConfig(AlgorithmConfig):
 
 class FedAvg(RoleModelAlgorithm):
     Config = FedAvgConfig
+    PRIVACY = frozenset({CENTRAL_DP})
 
     def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan:
         return TrainPlan(round=rnd, params={k: state[k] for k in self.shared_names})
@@ -40,7 +41,7 @@ class FedAvg(RoleModelAlgorithm):
         """Shared embedding tables trained as per-client row subsets: name -> (K, U) vocab."""
         if not self.config.sparse_rows or self.setup.train.weight_decay:
             return {}
-        tables = getattr(self.model, "row_tables", dict)()          # param name -> categorical field
+        tables = self.model.row_tables()                            # param name -> categorical field
         out = {}
         for name, field in tables.items():
             if name in self.shared_names and field in batch.categorical:

@@ -72,7 +72,7 @@ class FedPA(RoleModelAlgorithm):
 
     def __init__(self, config: FedPAConfig, setup: Setup):
         super().__init__(config, setup)
-        groups = getattr(self.model, "group_params", {})
+        groups = self.model.group_params
         self.group_names = [k for k in self.shared_names if self.roles[k] == GROUP]
         self.global_names = [k for k in self.shared_names if self.roles[k] == SHARED]
         self.group_feature = {k: groups[k] for k in self.group_names}
@@ -81,7 +81,7 @@ class FedPA(RoleModelAlgorithm):
                 raise ValueError("algorithm.aggregate: false (local fine-tuning) needs model.group_lora: false")
             self.private_names = self.private_names + self.global_names
             self.global_names = []
-        meta = getattr(self.model, "backbone_meta", {})
+        meta = self.model.backbone_meta
         private = meta.get("private_clients")
         if private is not None and private != setup.num_clients:
             raise ValueError(
@@ -173,12 +173,12 @@ class FedPA(RoleModelAlgorithm):
 
     def _loss(self, tables: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
         """(K,) mean BCE of each client's training rows under the current model (no training)."""
-        prob = self.evaluate_cohort(tables, batch, personal).clamp(1e-7, 1 - 1e-7)   # (K, L, T)
+        prob = self.score_cohort(tables, batch, personal).clamp(1e-7, 1 - 1e-7)   # (K, L, T)
         y = batch.labels
         bce = -(y * prob.log() + (1 - y) * (1 - prob).log()).mean(-1)                 # (K, L)
         return (bce * batch.mask).sum(1) / batch.mask.sum(1).clamp(min=1.0)
 
-    def evaluate_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
+    def score_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
         params = self._cohort_params(state, batch, personal)
         return predict_cohort(self.model, params, self.frozen, batch)                # (K, L, T)
 

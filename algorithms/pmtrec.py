@@ -27,7 +27,7 @@ Modes (`algorithm.mode`, which must match `data.layout`):
   each item row with the same rule before an Adam step on Q (FedSGD on the item table).
 
 Evaluation: full-ranking Recall@K / NDCG@K (algorithms/ranking.py) with training items masked
-(training and validation items for the test split), through the engine's `evaluate_ranking` hook.
+(training and validation items for the test split): `evaluate_cohort` returns a RankingPartial.
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from algorithms import rng
 from algorithms.combiners import (CombineInput, CombinerConfig, PMTRecConfig, gather_rows, make_combiner,
                                   pmtrec_combine, task_row_grads, touched_mask)
-from algorithms.protocol import (Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup, Tensors,
-                                 TrainPlan)
+from algorithms.evaluation import RankingPartial, ranking_metrics
+from algorithms.protocol import (RANKING, Accumulator, AlgorithmBase, AlgorithmConfig, CohortBatch, CohortUpdate,
+                                 Setup, Tensors, TrainPlan)
 from algorithms.ranking import full_ranking
 from datasets.federated import TRAIN, VAL
 
@@ -80,6 +81,12 @@ class PMTRecAlgoConfig(AlgorithmConfig):
 
     CHECKS: ClassVar[dict] = {"mode": ("centralized", "federated"), "dim": ">=1", "init_std": ">0", "reg": ">=0",
                               "rating_scale": ">0", "unif_sample": ">=2", "server_lr": ">0"}
+
+    def data_layout(self) -> str:
+        return self.mode
+
+    def ranking_ks(self) -> tuple[int, ...]:
+        return tuple(self.ks)
 
     def validate(self) -> str | None:
         if not self.tasks or self.tasks[0] != "bpr":
@@ -140,9 +147,11 @@ def _ranking_sums(user_emb: torch.Tensor, item_emb: torch.Tensor, test: torch.Te
 
 
 # --------------------------------------------------------------------------------------- PMTRec
-class PMTRecMF:
+class PMTRecMF(AlgorithmBase):
     """MF + auxiliary tasks + a combiner; centralized or federated (see the module docstring)."""
     Config = PMTRecAlgoConfig
+    EVALUATION = RANKING
+    READS_SIDE_TABLES = True
 
     def __init__(self, config: PMTRecAlgoConfig, setup: Setup):
         self.config, self.setup = config, setup
@@ -517,8 +526,8 @@ class PMTRecMF:
         return self._train_federated(plan, batch, personal)
 
     # ---- evaluation
-    def evaluate_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
-        """Pointwise scores σ(p_u·q_i) of the rows (the engine's AUC path; ranking is the main metric)."""
+    def score_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
+        """Pointwise scores σ(p_u·q_i) of the rows (for inspection; the engine evaluates by ranking)."""
         q = state["Q"][batch.categorical["item"]]
         p = self._user_rows(state, batch, personal)
         return torch.sigmoid((p * q).sum(-1, keepdim=True))
@@ -528,8 +537,8 @@ class PMTRecMF:
             return state["P"][batch.categorical["user"]]
         return personal["p"][:, None, :].expand(-1, batch.mask.shape[1], -1)
 
-    def evaluate_ranking(self, state: Tensors, batches: dict, personal: Tensors, split: int) -> dict[str, float]:
-        """Sums over this cohort's users of Recall@K / NDCG@K on `split` (+ "users": how many),
+    def evaluate_cohort(self, state: Tensors, batches, personal: Tensors, split: int) -> RankingPartial:
+        """Sums over this cohort's users of Recall@K / NDCG@K on `split` and how many were ranked,
         with the training items (and, for test, the validation items) masked."""
         def pairs(b: CohortBatch) -> torch.Tensor:
             real = b.mask > 0
@@ -540,7 +549,11 @@ class PMTRecMF:
         test = pairs(batches[split])
         exclude = torch.cat([pairs(batches[s]) for s in (TRAIN, VAL) if s < split], dim=1)
         users = state["P"] if self.config.mode == "centralized" else personal["p"]
-        return _ranking_sums(users, state["Q"], test, exclude, self.config.ks)
+        sums = _ranking_sums(users, state["Q"], test, exclude, self.config.ks)
+        return RankingPartial(sums, int(sums.pop("users")))
+
+    def aggregate_evaluate(self, prefix: str, partial: RankingPartial) -> dict[str, float]:
+        return ranking_metrics(prefix, partial)
 
 
 # --------------------------------------------------------------------------------------- FedAvg-MF
@@ -554,9 +567,14 @@ class FedAvgMFConfig(AlgorithmConfig):
     item_average: str = "touched"      # touched: mean over the clients that touched the row | cohort: over all
     ks: tuple[int, ...] = (20, 40)
 
-    MODE: ClassVar[str] = "federated"  # needs data.layout=federated
     CHECKS: ClassVar[dict] = {"dim": ">=1", "init_std": ">0", "reg": ">=0", "server_lr": ">0",
                               "item_average": ("touched", "cohort")}
+
+    def data_layout(self) -> str:
+        return "federated"
+
+    def ranking_ks(self) -> tuple[int, ...]:
+        return tuple(self.ks)
 
 
 class FedAvgMF(PMTRecMF):

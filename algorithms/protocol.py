@@ -1,18 +1,33 @@
 """The algorithm protocol and the typed payloads that travel between coordinator and workers.
 
 An algorithm owns both halves: the server half runs in the coordinator
-(`init_server`, `configure_train`, `aggregate_train`), the client half in workers
-(`init_personal`, `train_cohort`, `evaluate_cohort`). Workers train whole cohorts at once;
-updates are folded into an `Accumulator` that workers pre-reduce and the coordinator merges.
+(`init_server`, `configure_train`, `aggregate_train`, `aggregate_evaluate`), the client half in
+workers (`init_personal`, `train_cohort`, `evaluate_cohort`). Workers train whole cohorts at
+once; updates are folded into an `Accumulator` that workers pre-reduce and the coordinator
+merges. Evaluation works the same way: `evaluate_cohort` returns a mergeable partial
+(`algorithms.evaluation`), workers merge their cohorts' partials, the coordinator merges the
+workers' and `aggregate_evaluate` turns the result into metrics.
+
+What an algorithm can do is declared on its class (`AlgorithmBase`), never probed: its
+evaluation kind, the privacy mechanisms it supports, whether it reads the dataset's side
+tables, and a tiny example run that the registry-wide tests use. Everything that changes
+across rounds lives in the server state or the personal state the engine owns (and
+checkpoints); an algorithm object holds nothing mutable after `__init__` beyond caches
+rebuilt from that state.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
 from datasets.federated import DatasetSchema
+
+if TYPE_CHECKING:
+    from algorithms.evaluation import EvalPartial
+    from algorithms.models import ModelConfig
+    from algorithms.privacy import CentralDPConfig
 
 Tensors = dict[str, torch.Tensor]
 
@@ -48,6 +63,14 @@ class AlgorithmConfig:
         from algorithms import ALGORITHMS
         return {name: algo.Config for name, algo in ALGORITHMS.items()}
 
+    def data_layout(self) -> str | None:
+        """The `data.layout` this configuration needs (centralized / federated), or None for any."""
+        return None
+
+    def ranking_ks(self) -> tuple[int, ...]:
+        """Recall@K / NDCG@K cut-offs of a ranking algorithm (empty for pointwise ones)."""
+        return ()
+
 
 @dataclass(frozen=True)
 class Setup:
@@ -56,9 +79,9 @@ class Setup:
     num_clients: int
     seed: int
     train: LocalTrainConfig
-    model: object                    # the model's config dataclass (algorithms.models)
+    model: "ModelConfig"             # the model's config dataclass (algorithms.models)
     device: str = "cpu"
-    privacy: object = None           # algorithms.privacy.CentralDPConfig, or None (no central DP)
+    privacy: "CentralDPConfig | None" = None   # central DP on the aggregate, or None (off)
     clients_per_round: int = 0       # cohort size the server expects (central DP's q * N)
 
 
@@ -143,22 +166,69 @@ class CohortUpdate:
     acc: Accumulator                         # this cohort's contribution, already reduced
 
 
-@dataclass
-class EvalOutput:
-    """Scores of one cohort on one split: flattened over real rows, clients in row order."""
-    client: torch.Tensor                     # (R,) int64
-    scores: torch.Tensor                     # (R, T) float32 probabilities
-    labels: torch.Tensor                     # (R, T) float32
+# Evaluation kinds an algorithm declares (`AlgorithmBase.EVALUATION`).
+POINTWISE = "pointwise"      # AUC / GAUC / log-loss / P-R-F1 per task (and per scenario) of row scores
+RANKING = "ranking"          # full-ranking Recall@K / NDCG@K per user
+# Privacy mechanisms an algorithm may declare (`AlgorithmBase.PRIVACY`).
+CENTRAL_DP = "central"       # clipped client updates summed with unit weight, Gaussian noise on the sum
 
 
 class Algorithm(Protocol):
     Config: type                             # frozen dataclass; the YAML `algorithm:` block maps onto it
+    EVALUATION: str                          # POINTWISE | RANKING
+    PRIVACY: frozenset                       # mechanisms it implements (the loader refuses the others)
+    READS_SIDE_TABLES: bool                  # the worker hands it the dataset (`attach_data`)
+    EXAMPLE: dict                            # key.path=value overrides of a tiny run (registry-wide tests)
 
     def __init__(self, config, setup: Setup): ...
+    def attach_data(self, dataset) -> None: ...
     def init_server(self) -> Tensors: ...
     def init_personal(self, client_ids: torch.Tensor) -> Tensors: ...
     def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan: ...
     def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate: ...
     def aggregate_train(self, rnd: int, state: Tensors, acc: Accumulator) -> tuple[Tensors, dict]: ...
-    def evaluate_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor: ...
+    def evaluate_cohort(self, state: Tensors, batches: "SplitBatches", personal: Tensors,
+                        split: int) -> "EvalPartial": ...
+    def aggregate_evaluate(self, prefix: str, partial: "EvalPartial") -> dict[str, float]: ...
     def traffic(self) -> tuple[int, int]: ...   # (bytes up, bytes down) per client per round
+
+
+class SplitBatches(Protocol):
+    """The rows of one cohort chunk, by split (0 train, 1 validation, 2 test), built on first use."""
+
+    def __getitem__(self, split: int) -> CohortBatch: ...
+
+
+class AlgorithmBase:
+    """Defaults every registered algorithm inherits, and its declared capabilities.
+
+    Pointwise evaluation is the default: `evaluate_cohort` scores the split's rows with
+    `score_cohort` ((K, L, T) probabilities) and returns them as a `PointwisePartial`;
+    `aggregate_evaluate` computes AUC / GAUC / log-loss / P-R-F1 per task, and per client when
+    the clients are scenarios. A ranking algorithm sets EVALUATION = RANKING and overrides both.
+    """
+    Config: ClassVar[type]
+    EVALUATION: ClassVar[str] = POINTWISE
+    PRIVACY: ClassVar[frozenset] = frozenset()
+    READS_SIDE_TABLES: ClassVar[bool] = False
+    EXAMPLE: ClassVar[dict] = {}
+
+    config: object
+    setup: Setup
+
+    def attach_data(self, dataset) -> None:
+        """Called once per worker with the FederatedDataset when READS_SIDE_TABLES is set."""
+
+    def score_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define score_cohort (pointwise evaluation)")
+
+    def evaluate_cohort(self, state: Tensors, batches: SplitBatches, personal: Tensors,
+                        split: int) -> "EvalPartial":
+        from algorithms.evaluation import PointwisePartial
+        batch = batches[split]
+        return PointwisePartial.from_scores(batch, self.score_cohort(state, batch, personal))
+
+    def aggregate_evaluate(self, prefix: str, partial: "EvalPartial") -> dict[str, float]:
+        from algorithms.evaluation import pointwise_metrics
+        schema = self.setup.schema
+        return pointwise_metrics(prefix, schema.tasks, partial, per_client=schema.scenario is not None)

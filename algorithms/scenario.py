@@ -31,7 +31,7 @@ from algorithms import aggregate
 from algorithms.base import build_model
 from algorithms.pfmsm_math import bn_tensor
 from datasets.federated import CategoricalField
-from algorithms.protocol import (PRIVATE, SHARED, Accumulator, AlgorithmConfig, CohortBatch,
+from algorithms.protocol import (PRIVATE, SHARED, Accumulator, AlgorithmBase, AlgorithmConfig, CohortBatch,
                                  CohortUpdate, Setup, Tensors, TrainPlan)
 
 EVAL_CHUNK = 65536          # rows per forward pass in evaluation
@@ -107,10 +107,8 @@ class ScenarioCentralizedConfig(AlgorithmConfig):
 
 
 # ----------------------------------------------------------------------------------- base
-class ScenarioAlgorithm:
+class ScenarioAlgorithm(AlgorithmBase):
     """Client half shared by every scenario algorithm, and the FedAvg-style server half."""
-
-    Config: type
 
     def __init__(self, config, setup: Setup):
         self.config = config
@@ -121,7 +119,7 @@ class ScenarioAlgorithm:
             schema = dataclasses.replace(setup.schema, categorical=setup.schema.categorical + (f,))
             setup = dataclasses.replace(setup, schema=schema)
         self.model = build_model(setup)
-        if not hasattr(self.model, "state_roles"):
+        if not self.model.MULTI_TASK:
             raise ValueError(f"algorithm.name={config.name!r} needs a multi-task model "
                              f"(model.name: shared_bottom, mmoe or ple), got model.name={setup.model.name!r}")
         sd = self.model.state_dict()
@@ -132,17 +130,15 @@ class ScenarioAlgorithm:
         self._initial = {k: v.detach().clone() for k, v in sd.items()}
         self.shared_names = self.select_shared()
 
-    # ---- which tensors the server holds (FedAvg family); subclasses override
+    # ---- which tensors the server holds, the proximal weight, client weights; subclasses override
     def select_shared(self) -> list[str]:
-        cfg = self.config
-        out = []
-        for n in self.float_names:
-            if getattr(cfg, "local_bn", False) and bn_tensor(n):
-                continue
-            if getattr(cfg, "local_towers", False) and self.template[n].startswith("tower:"):
-                continue
-            out.append(n)
-        return out
+        return list(self.float_names)
+
+    def proximal_mu(self) -> float:
+        return 0.0
+
+    def weights(self, batch: CohortBatch) -> torch.Tensor:
+        return batch.n_rows.double()
 
     def roles(self) -> dict[str, str]:
         return {n: SHARED if n in self.shared_names else PRIVATE for n in self.all_names}
@@ -177,13 +173,8 @@ class ScenarioAlgorithm:
         own.update({n: plan_or_state[n] for n in self.shared_names if n in plan_or_state})
         return own
 
-    def weights(self, batch: CohortBatch) -> torch.Tensor:
-        if getattr(self.config, "weighting", "examples") == "uniform":
-            return torch.ones(batch.size, dtype=torch.float64)
-        return batch.n_rows.double()
-
     def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
-        mu = getattr(self.config, "mu", 0.0)
+        mu = self.proximal_mu()
         ref = {n: plan.params[n] for n in self.shared_names} if mu > 0 else None
         _, ends, losses = self.train_clients(plan, batch, personal, ref, mu)
         new_personal = {PERSONAL + n: torch.stack([e[n] for e in ends]) for n in self.all_names}
@@ -268,7 +259,7 @@ class ScenarioAlgorithm:
     def eval_tensors(self, state: Tensors, personal: Tensors, k: int, client: int) -> Tensors:
         return self.client_start(state, personal, k, client)
 
-    def evaluate_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
+    def score_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
         K, L = batch.mask.shape
         out = torch.zeros(K, L, len(self.model.tasks))
         self.model.eval()
@@ -286,6 +277,19 @@ class ScenarioAlgorithm:
 class ScenarioFedAvg(ScenarioAlgorithm):
     """FedAvg / FedProx / FedBN / FedPer over scenario clients (see ScenarioFedAvgConfig)."""
     Config = ScenarioFedAvgConfig
+
+    def select_shared(self) -> list[str]:
+        cfg = self.config
+        return [n for n in self.float_names
+                if not (cfg.local_bn and bn_tensor(n)) and not (cfg.local_towers and self.template[n].startswith("tower:"))]
+
+    def proximal_mu(self) -> float:
+        return self.config.mu
+
+    def weights(self, batch: CohortBatch) -> torch.Tensor:
+        if self.config.weighting == "uniform":
+            return torch.ones(batch.size, dtype=torch.float64)
+        return batch.n_rows.double()
 
 
 class ScenarioFedProx(ScenarioFedAvg):
@@ -308,7 +312,7 @@ class ScenarioLocal(ScenarioAlgorithm):
         return []
 
 
-class ScenarioDitto(ScenarioAlgorithm):
+class ScenarioDitto(ScenarioFedAvg):
     """Ditto: the global model is FedAvg over every float tensor; each client also trains a personal
     model (personal state `p.<name>`) with (λ/2)·||v − w_global||², and is evaluated with it."""
     Config = ScenarioDittoConfig

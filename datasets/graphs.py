@@ -236,6 +236,9 @@ class MFSyntheticConfig(DataConfig):
     test_fraction: float = 0.1
     seed: int | None = None            # data seed; null = experiment seed
 
+    def client_layout(self) -> str:
+        return self.layout
+
     CHECKS: ClassVar[dict] = {"num_users": ">=2", "num_items": ">=2", "dim": ">=1", "rows_per_user": ">=3",
                               "num_categories": ">=1", "trust_per_user": ">=0", "pairs_per_item": ">=0",
                               "k_core": ">=1", "layout": LAYOUTS, "val_fraction": "0..0.5",
@@ -274,6 +277,9 @@ class _MFRealConfig(DataConfig):
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int | None = None            # data seed; null = experiment seed
+
+    def client_layout(self) -> str:
+        return self.layout
 
     CHECKS: ClassVar[dict] = {"k_core": ">=1", "max_users": ">=2", "layout": LAYOUTS,
                               "val_fraction": "0..0.5", "test_fraction": "0..0.5"}

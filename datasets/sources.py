@@ -13,5 +13,10 @@ class DataConfig:
         from datasets import SOURCES
         return dict(SOURCES)
 
+    def client_layout(self) -> str | None:
+        """centralized (one client holds every user) or federated (client = user) for sources that
+        offer both (`data.layout`); None for sources with one fixed layout."""
+        return None
+
     def build(self, seed: int):
         raise TypeError(f"{type(self).__name__} must define build(seed)")

@@ -14,7 +14,7 @@ from algorithms.models import ModelConfig
 from algorithms.models.per_user import PerUserModelConfig
 from algorithms.fedavg import FedAvgConfig
 from algorithms.privacy import CentralDPConfig
-from algorithms.protocol import AlgorithmConfig, LocalTrainConfig, Setup
+from algorithms.protocol import CENTRAL_DP, RANKING, AlgorithmConfig, LocalTrainConfig, Setup
 from datasets.sources import DataConfig
 from datasets.synthetic import SyntheticPerUserConfig
 from simulator.checkpoint import CheckpointConfig
@@ -95,21 +95,28 @@ class ExperimentConfig:
     CHECKS: ClassVar[dict] = {"rounds": ">=1", "early_stop_patience": ">=0", "seed": ">=0"}
 
     def validate(self) -> str | None:
-        # ranking algorithms (those with cut-offs `ks`) report recall@K / ndcg@K, the others pointwise metrics
-        ks = getattr(self.algorithm, "ks", None)
+        from algorithms import ALGORITHMS, algorithms_supporting
+        algo = ALGORITHMS[self.algorithm.name]
+        name = self.algorithm.name
+        # ranking algorithms (EVALUATION = ranking, cut-offs in algorithm.ks) report recall@K / ndcg@K,
+        # the others pointwise metrics
         m = RANKING_METRIC.fullmatch(self.eval.metric)
-        if m and ks is None:
-            return (f"eval.metric: {self.eval.metric!r} is a ranking metric, but algorithm "
-                    f"{self.algorithm.name!r} reports auc, gauc and logloss")
+        ranking = algo.EVALUATION == RANKING
+        if m and not ranking:
+            return f"eval.metric: {self.eval.metric!r} is a ranking metric, but algorithm {name!r} reports auc, gauc and logloss"
+        ks = self.algorithm.ranking_ks()
         if m and int(m.group(2)) not in ks:
             return f"eval.metric: {self.eval.metric!r} needs {m.group(2)} in algorithm.ks (got {list(ks)})"
-        if ks is not None and not m:
-            return (f"eval.metric: algorithm {self.algorithm.name!r} reports ranking metrics; use recall@K or "
+        if ranking and not m:
+            return (f"eval.metric: algorithm {name!r} reports ranking metrics; use recall@K or "
                     f"ndcg@K with K in algorithm.ks {list(ks)}, not {self.eval.metric!r}")
-        mode = getattr(self.algorithm, "mode", getattr(type(self.algorithm), "MODE", None))
-        layout = getattr(self.data, "layout", None)
-        if mode is not None and layout is not None and mode != layout:
-            return f"algorithm.mode: {mode!r} needs data.layout={mode!r} (got data.layout={layout!r})"
+        need, have = self.algorithm.data_layout(), self.data.client_layout()
+        if need is not None and have is not None and need != have:
+            return f"algorithm.mode: {need!r} needs data.layout={need!r} (got data.layout={have!r})"
+        if self.privacy.enabled and CENTRAL_DP not in algo.PRIVACY:
+            return (f"privacy.enabled: algorithm {name!r} does not implement central DP (clipped updates, noise on "
+                    f"their sum); it would train without noise. Central DP is implemented by: "
+                    f"{', '.join(algorithms_supporting(CENTRAL_DP))}")
         return None
 
 

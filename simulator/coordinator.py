@@ -7,7 +7,6 @@ evaluate when due, and return a round record.
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import numpy as np
 import ray
 import torch
 
-from algorithms import make_algorithm, metrics, rng
+from algorithms import make_algorithm, rng
+from algorithms.evaluation import merge_all
 from algorithms.protocol import Accumulator, Tensors
 from datasets.federated import TEST, VAL, FederatedDataset
 from simulator import checkpoint
@@ -33,60 +33,11 @@ def split_by_owner(cohort: np.ndarray, workers: int) -> list[np.ndarray]:
     return [cohort[owner == w] for w in range(workers)]
 
 
-def eval_metrics(prefix: str, tasks: tuple[str, ...], client, scores, labels,
-                 per_client: bool = False) -> dict[str, float]:
-    """AUC, GAUC and log-loss per task (when several) and their means over tasks; with `per_client`
-    (datasets whose clients are scenarios) also per client, see `per_client_metrics`."""
-    out, per = {}, {"auc": [], "gauc": [], "logloss": [], "precision_w": [], "recall_w": [], "f1_w": []}
-    for t, task in enumerate(tasks):
-        m = metrics.summarize_task(client, scores[:, t], labels[:, t])
-        m.update(zip(("precision_w", "recall_w", "f1_w"),
-                     metrics.weighted_precision_recall_f1(scores[:, t], labels[:, t])))
-        for k, v in m.items():
-            per[k].append(v)
-            if len(tasks) > 1:
-                out[f"{prefix}/{task}/{k}"] = v
-    for k, v in per.items():
-        out[f"{prefix}/{k}"] = float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else float("nan")
-    if per_client:
-        out.update(per_client_metrics(prefix, tasks, client, scores, labels))
-    return out
-
-
-def _nanmean(v) -> float:
-    v = [x for x in v if not math.isnan(x)]
-    return float(np.mean(v)) if v else float("nan")
-
-
-def per_client_metrics(prefix: str, tasks: tuple[str, ...], client, scores, labels) -> dict[str, float]:
-    """AUC and log-loss per client (scenario) and task, e.g. `test/s3/like/auc`, the per-client
-    means over tasks (`test/s3/auc`), and the means over clients (`test/scenario_mean/auc`,
-    `test/scenario_mean/like/auc`)."""
-    out, means = {}, {}
-    for c in np.unique(client):
-        rows = client == c
-        per = {"auc": [], "logloss": []}
-        for t, task in enumerate(tasks):
-            m = {"auc": metrics.pooled_auc(scores[rows, t], labels[rows, t]),
-                 "logloss": metrics.log_loss(scores[rows, t], labels[rows, t])}
-            for k, v in m.items():
-                out[f"{prefix}/s{c}/{task}/{k}"] = v
-                per[k].append(v)
-                means.setdefault(f"{task}/{k}", []).append(v)
-        for k, v in per.items():
-            out[f"{prefix}/s{c}/{k}"] = _nanmean(v)
-            means.setdefault(k, []).append(out[f"{prefix}/s{c}/{k}"])
-    out.update({f"{prefix}/scenario_mean/{k}": _nanmean(v) for k, v in means.items()})
-    return out
-
-
 @ray.remote
 class Coordinator:
     def __init__(self, cfg, dataset_holder: list):
         ds: FederatedDataset = ray.get(dataset_holder[0])
         self.cfg = cfg
-        self.tasks = ds.schema.tasks
-        self.per_scenario = ds.schema.scenario is not None   # clients are scenarios: metrics per client too
         self.num_clients = ds.num_clients
         from simulator.config import make_setup
         setup = make_setup(cfg, ds)
@@ -155,42 +106,15 @@ class Coordinator:
         return split_by_owner(np.sort(g.choice(self.num_clients, size=n, replace=False)), len(self.workers))
 
     def evaluate(self) -> dict[str, float]:
-        if hasattr(self.algo, "evaluate_ranking"):
-            return self._evaluate_ranking()
+        """Validation and test metrics: every worker's partial per split, merged in worker order,
+        made into metrics by the algorithm (`aggregate_evaluate`)."""
         state_ref = ray.put(self.state)
         subsets = self._eval_clients()
-        calls = [(i, w.evaluate.remote(state_ref, (VAL, TEST), ids))
-                 for i, (w, ids) in enumerate(zip(self.workers, subsets))]
-        parts = self._gather(calls, lambda i: self.workers[i].evaluate.remote(state_ref, (VAL, TEST), subsets[i]))
+        call = lambda i: self.workers[i].evaluate.remote(state_ref, (VAL, TEST), subsets[i])
+        parts = self._gather([(i, call(i)) for i in range(len(self.workers))], call)
         out = {}
         for split, name in ((VAL, "val"), (TEST, "test")):
-            client = np.concatenate([p[split][0] for p in parts])
-            scores = np.concatenate([p[split][1] for p in parts])
-            labels = np.concatenate([p[split][2] for p in parts])
-            if len(client):
-                out.update(eval_metrics(name, self.tasks, client, scores, labels, self.per_scenario))
-                out[f"{name}/clients"] = int(len(np.unique(client)))
-        return out
-
-    def _evaluate_ranking(self) -> dict[str, float]:
-        """Ranking algorithms: workers return per-split sums of per-user metrics and the number of
-        users ranked; the means over users are `val/recall@20`, `test/ndcg@40`, ..."""
-        state_ref = ray.put(self.state)
-        subsets = self._eval_clients()
-        calls = [(i, w.evaluate_ranking.remote(state_ref, (VAL, TEST), ids))
-                 for i, (w, ids) in enumerate(zip(self.workers, subsets))]
-        parts = self._gather(calls, lambda i: self.workers[i].evaluate_ranking.remote(state_ref, (VAL, TEST),
-                                                                                       subsets[i]))
-        out = {}
-        for split, name in ((VAL, "val"), (TEST, "test")):
-            tot: dict[str, float] = {}
-            for p in parts:
-                for k, v in p[split].items():
-                    tot[k] = tot.get(k, 0) + v
-            users = tot.pop("users", 0)
-            if users:
-                out.update({f"{name}/{k}": v / users for k, v in tot.items()})
-                out[f"{name}/users"] = int(users)
+            out.update(self.algo.aggregate_evaluate(name, merge_all([p[split] for p in parts if p[split] is not None])))
         return out
 
     def _gather(self, calls: list, redo) -> list:

@@ -54,6 +54,18 @@ def build_personal(algo, owned: np.ndarray, chunk_rows: int = 65536) -> Tensors:
     return personal
 
 
+class _SplitBatches:
+    """One cohort chunk's rows by split, each built (and moved to the device) on first use."""
+
+    def __init__(self, data: DataView, ids: np.ndarray, device: str):
+        self._data, self._ids, self._device, self._cache = data, ids, device, {}
+
+    def __getitem__(self, split: int):
+        if split not in self._cache:
+            self._cache[split] = self._data.batch(self._ids, split).to(self._device)
+        return self._cache[split]
+
+
 @ray.remote
 class Worker:
     def __init__(self, index: int, workers: int, dataset: FederatedDataset, algo_config, setup: Setup,
@@ -69,7 +81,7 @@ class Worker:
         # columns are views of the object store's buffers, not copies (read-only memory)
         self.zero_copy = all(not dataset.column(c).flags.writeable for c in dataset.table.column_names)
         self.algo = make_algorithm(algo_config, self.setup)
-        if hasattr(self.algo, "attach_data"):      # algorithms that read the dataset's side tables (graphs)
+        if self.algo.READS_SIDE_TABLES:            # algorithms that read the dataset's side tables (graphs)
             self.algo.attach_data(dataset)
         self.cohort_size = cohort_size
         owned = owned_clients(setup.num_clients, index, workers)
@@ -124,39 +136,21 @@ class Worker:
         return acc.cpu()
 
     def evaluate(self, state: Tensors, splits: tuple[int, ...], client_ids: np.ndarray | None = None) -> dict:
-        """Scores of owned clients (all, or the given ones) on each split: flat numpy arrays."""
+        """The algorithm's evaluation partial of the owned clients (all, or the given ones) per split:
+        {split: EvalPartial or None}. Cohort chunks are formed by the split's row counts."""
         self._check()
-        ids_all = owned_clients(self.setup.num_clients, self.index, self.workers) if client_ids is None else np.sort(client_ids)
+        ids_all = owned_clients(self.setup.num_clients, self.index, self.workers) if client_ids is None \
+            else np.sort(np.asarray(client_ids, dtype=np.int64))
         out, dev = {}, self.setup.device
         if dev != "cpu":
             state = {k: v.to(dev) for k, v in state.items()}
         for split in splits:
-            cl, sc, lb = [], [], []
+            part = None
             for ids in self._chunks(ids_all, split):
-                batch = self.data.batch(ids, split)
                 personal = {k: v[self._slots(ids)].to(dev) for k, v in self.personal.items()}
-                prob = self.algo.evaluate_cohort(state, batch.to(dev), personal).cpu()   # (K, L, T)
-                real = batch.mask > 0                                              # (K, L)
-                cl.append(batch.client_ids[:, None].expand_as(real)[real].numpy())
-                sc.append(prob[real].float().cpu().numpy())
-                lb.append(batch.labels[real].numpy())
-            out[split] = (np.concatenate(cl), np.concatenate(sc), np.concatenate(lb))
-        return out
-
-    def evaluate_ranking(self, state: Tensors, splits: tuple[int, ...], client_ids: np.ndarray | None = None) -> dict:
-        """Per split, sums over owned clients (all, or the given ones) of the algorithm's ranking
-        metrics plus "users" (how many were ranked): {split: {"recall@20": sum, ..., "users": n}}."""
-        self._check()
-        ids_all = owned_clients(self.setup.num_clients, self.index, self.workers) if client_ids is None else np.sort(client_ids)
-        out, dev = {s: {} for s in splits}, self.setup.device
-        if dev != "cpu":
-            state = {k: v.to(dev) for k, v in state.items()}
-        for ids in self._chunks(np.asarray(ids_all, dtype=np.int64)):
-            batches = {s: self.data.batch(ids, s).to(dev) for s in (0, 1, 2)}
-            personal = {k: v[self._slots(ids)].to(dev) for k, v in self.personal.items()}
-            for split in splits:
-                for k, v in self.algo.evaluate_ranking(state, batches, personal, split).items():
-                    out[split][k] = out[split].get(k, 0) + v
+                p = self.algo.evaluate_cohort(state, _SplitBatches(self.data, ids, dev), personal, split)
+                part = p if part is None else part.merge(p)
+            out[split] = part
         return out
 
     def personal_state(self, client_ids: np.ndarray) -> Tensors:

@@ -58,8 +58,8 @@ def test_zero_b_keeps_lora_output_zero_at_step_0(tmp_path):
     batch = DataView(ds).batch(CLIENTS, 1)
     personal = fedpa.init_personal(torch.from_numpy(CLIENTS))
     assert personal["lora.ua0"].abs().sum() > 0                      # A is random, B = 0
-    with_lora = fedpa.evaluate_cohort(fedpa.init_server(), batch, personal)
-    backbone = plain.evaluate_cohort(plain.init_server(), batch, plain.init_personal(torch.from_numpy(CLIENTS)))
+    with_lora = fedpa.score_cohort(fedpa.init_server(), batch, personal)
+    backbone = plain.score_cohort(plain.init_server(), batch, plain.init_personal(torch.from_numpy(CLIENTS)))
     assert torch.equal(with_lora, backbone)
 
 

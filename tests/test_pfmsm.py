@@ -61,7 +61,7 @@ class Sim:
 
     def scores(self, split=TEST) -> torch.Tensor:
         batch = self.view.batch(self.ids, split)
-        return self.client.evaluate_cohort(self.state, batch, self.personal)
+        return self.client.score_cohort(self.state, batch, self.personal)
 
 
 def test_local_only_never_changes_other_clients():

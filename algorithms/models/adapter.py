@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.models import ModelConfig
+from algorithms.models.base import RoleModule
 from algorithms.protocol import FROZEN, PRIVATE, SHARED, Tensors
 from datasets.federated import DatasetSchema
 
@@ -37,7 +38,7 @@ class AdapterModelConfig(ModelConfig):
         return None
 
 
-class AdapterModel(nn.Module):
+class AdapterModel(RoleModule):
     def __init__(self, cfg: AdapterModelConfig, schema: DatasetSchema):
         super().__init__()
         z = np.load(cfg.backbone)
@@ -60,7 +61,7 @@ class AdapterModel(nn.Module):
         roles.update(user_emb=PRIVATE, lora_a=SHARED, lora_b=SHARED)
         return roles
 
-    def init_private(self, normal: callable, client_ids: torch.Tensor | None = None) -> Tensors:
+    def init_private(self, normal: callable, client_ids: torch.Tensor) -> Tensors:
         if self._user_emb0 is not None and client_ids is not None:
             return {"user_emb": self._user_emb0[client_ids].clone()}
         return {"user_emb": normal(tuple(self.user_emb.shape)) * self.cfg.init_std}

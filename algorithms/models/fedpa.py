@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.models import ModelConfig
+from algorithms.models.base import RoleModule
 from algorithms.protocol import FROZEN, GROUP, PRIVATE, SHARED, Tensors
 from datasets.federated import DatasetSchema
 
@@ -123,7 +124,7 @@ def load_backbone(path: str | Path) -> tuple[Tensors, dict]:
     return {k: v.float() for k, v in blob["tensors"].items()}, dict(blob.get("meta", {}))
 
 
-class FedPAModel(nn.Module):
+class FedPAModel(RoleModule):
     def __init__(self, cfg: FedPAModelConfig, schema: DatasetSchema):
         super().__init__()
         self.cfg = cfg
@@ -230,7 +231,7 @@ class FedPAModel(nn.Module):
                 out[name] = SHARED
         return out
 
-    def init_private(self, normal: callable, client_ids: torch.Tensor | None = None) -> Tensors:
+    def init_private(self, normal: callable, client_ids: torch.Tensor) -> Tensors:
         """Fresh private tensors for K clients; `normal(shape_tail)` draws (K, *shape_tail).
         User LoRA A gets one draw per client (one call, so no two tensors share draws)."""
         roles, named = self.roles(), dict(self.named_parameters())

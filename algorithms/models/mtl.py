@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from algorithms.models import ModelConfig
+from algorithms.models.base import RoleModule
 from algorithms.pfmsm_math import template_roles
 from algorithms.protocol import Tensors
 from datasets.federated import DatasetSchema
@@ -62,8 +63,9 @@ def experts(n: int, in_dim: int, widths: tuple[int, ...], dropout: float) -> nn.
     return nn.ModuleList(mlp(in_dim, widths, dropout) for _ in range(n))
 
 
-class _MTLBase(nn.Module):
+class _MTLBase(RoleModule):
     """Shared plumbing: the input layer, task names and template roles."""
+    MULTI_TASK = True
 
     def __init__(self, cfg, schema: DatasetSchema):
         super().__init__()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.models import ModelConfig
+from algorithms.models.base import RoleModule
 from algorithms.protocol import FROZEN, PRIVATE, SHARED, Tensors
 from datasets.federated import DatasetSchema
 
@@ -31,7 +32,7 @@ class PerUserModelConfig(ModelConfig):
     CHECKS: ClassVar[dict] = {"dim": ">=1", "init_std": ">=0"}
 
 
-class PerUserModel(nn.Module):
+class PerUserModel(RoleModule):
     def __init__(self, cfg: PerUserModelConfig, schema: DatasetSchema):
         super().__init__()
         d = cfg.dim
@@ -65,7 +66,7 @@ class PerUserModel(nn.Module):
         tables a client may train as its own row subset; see algorithms/sparse_rows.py)."""
         return {f"item_emb.{name}.weight": name for name in self.item_emb}
 
-    def init_private(self, normal: callable) -> Tensors:
+    def init_private(self, normal: callable, client_ids: torch.Tensor) -> Tensors:
         """Fresh private tensors for K clients; `normal(shape_tail)` draws (K, *shape_tail)."""
         return {"user_emb": normal(tuple(self.user_emb.shape)) * self.cfg.init_std}
 
