@@ -33,6 +33,10 @@ class FedAvgConfig(AlgorithmConfig):
 class FedAvg(RoleModelAlgorithm):
     Config = FedAvgConfig
     PRIVACY = frozenset({CENTRAL_DP})
+    EXAMPLES = {"per_user": {
+        "data.num_clients": 37, "data.num_items": 40, "data.rows_min": 5, "data.rows_max": 30,
+        "federation.clients_per_round": 20, "resources.workers": 2, "resources.cpus_per_worker": 0.5,
+        "model.dim": 8, "model.hidden": "[8]", "train.lr": 0.1}}
 
     def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan:
         return TrainPlan(round=rnd, params={k: state[k] for k in self.shared_names})

@@ -69,6 +69,10 @@ def clip_l2(x: torch.Tensor, bound: float) -> torch.Tensor:
 
 class FedPA(RoleModelAlgorithm):
     Config = FedPAConfig
+    EXAMPLES = {"synthetic": {
+        "data.num_clients": 37, "data.num_items": 40, "data.rows_min": 5, "data.rows_max": 30,
+        "federation.clients_per_round": 20, "resources.workers": 2, "resources.cpus_per_worker": 0.5,
+        "model.name": "fedpa", "model.group_features": "[group_0,group_1]", "train.optimizer": "adam"}}
 
     def __init__(self, config: FedPAConfig, setup: Setup):
         super().__init__(config, setup)

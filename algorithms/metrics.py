@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
 __all__ = [
     "pooled_auc",
@@ -51,6 +50,7 @@ def pooled_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     y = _binary(labels)
     if y.size == 0 or y.all() or not y.any():
         return NAN
+    from sklearn.metrics import roc_auc_score   # imported on use: workers never load scikit-learn
     return float(roc_auc_score(y, s))
 
 
@@ -151,6 +151,7 @@ def _prf(scores, labels, threshold: float, average: str) -> tuple[float, float, 
     if y.size == 0:
         return NAN, NAN, NAN
     pred = (_np(scores, np.float64) >= threshold).astype(np.int64)
+    from sklearn.metrics import precision_recall_fscore_support
     p, r, f, _ = precision_recall_fscore_support(
         y, pred, average=average, labels=[0, 1] if average != "binary" else None,
         zero_division=0)

@@ -30,7 +30,7 @@ from algorithms import aggregate
 from algorithms import pfmsm_math as pm
 from algorithms.protocol import (PERSONALIZED, PRIVATE, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate,
                                  Tensors, TrainPlan)
-from algorithms.scenario import PERSONAL, ScenarioAlgorithm
+from algorithms.scenario import PERSONAL, SCENARIO_EXAMPLE, ScenarioAlgorithm
 
 PERS, REF = "pers.", "ref."
 FEDBN_MODES = ("local_bn", "server_norm", "aggregate")
@@ -64,6 +64,8 @@ def _is_tower(role: str) -> bool:
 
 class PFMSMTrec(ScenarioAlgorithm):
     Config = PFMSMTrecConfig
+    # α and β move visibly in four rounds (the hypergradient momentum must survive a resume)
+    EXAMPLES = {"mmoe": {**SCENARIO_EXAMPLE, "algorithm.alpha_lr": 1.0}}
 
     def select_shared(self) -> list[str]:
         cfg = self.config
@@ -92,12 +94,13 @@ class PFMSMTrec(ScenarioAlgorithm):
         state = {PERS + n: self._initial[n].expand(N, *self._initial[n].shape).clone() for n in self.shared_names}
         state["alpha"] = torch.full((N,), cfg.alpha_init)
         state["beta"] = torch.full((N, len(self.layer_keys)), cfg.alpha_init)
+        state["alpha_momentum"] = torch.zeros(N)                 # SGD momentum buffers of α and β
+        state["beta_momentum"] = torch.zeros(N, len(self.layer_keys))
         state["has_prev"] = torch.zeros(())
         for g, names in self.expert_groups.items():
             state[f"prev_d.{g}"] = torch.zeros(sum(self._initial[n].numel() for n in names))
         for layer, names in self.tower_layers.items():
             state[f"prev_u.{layer}"] = torch.zeros(N, sum(self._initial[n].numel() for n in names))
-        self._opts = None
         return state
 
     def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan:
@@ -105,18 +108,6 @@ class PFMSMTrec(ScenarioAlgorithm):
         if self.config.mu > 0:
             params.update({REF + n: state[PERS + n].mean(0) for n in self.shared_names})
         return TrainPlan(round=rnd, params=params)
-
-    def _optimizers(self, state: Tensors) -> tuple[pm.AlphaOptimizer, pm.AlphaOptimizer]:
-        """The α and β optimizers (momentum kept across rounds in this coordinator; rebuilt from the
-        server state's values after a restore)."""
-        cfg = self.config
-        opts = getattr(self, "_opts", None)
-        if opts is None or not torch.equal(opts[0].value(), state["alpha"]) \
-                or not torch.equal(opts[1].value(), state["beta"]):
-            hyper = dict(lr=cfg.alpha_lr, momentum=cfg.alpha_momentum, weight_decay=cfg.alpha_weight_decay)
-            opts = (pm.AlphaOptimizer(state["alpha"], **hyper), pm.AlphaOptimizer(state["beta"], **hyper))
-            self._opts = opts
-        return opts
 
     def aggregate_train(self, rnd: int, state: Tensors, acc: Accumulator) -> tuple[Tensors, dict]:
         cfg, stats = self.config, aggregate.mean_stats(acc)
@@ -131,18 +122,17 @@ class PFMSMTrec(ScenarioAlgorithm):
 
         # hypergradient step on α and β, one round late (module 3)
         if cfg.personalized and float(state["has_prev"]) > 0 and cfg.alpha_lr > 0:
-            a_opt, b_opt = self._optimizers(state)
+            hyper = dict(lr=cfg.alpha_lr, momentum=cfg.alpha_momentum, weight_decay=cfg.alpha_weight_decay)
             g_a = torch.zeros_like(alpha)
             for g, names in self.expert_groups.items():
                 g_a[idx] += pm.hypergrad_alpha(state[f"prev_d.{g}"], pm.flatten_group(deltas, names)).float()
-            alpha = a_opt.step(g_a)
+            alpha, new["alpha_momentum"] = pm.momentum_step(alpha, state["alpha_momentum"], g_a, **hyper)
             if self.layer_keys and cfg.tower_aggregation != "none":
                 g_b = torch.zeros_like(beta)
                 for j, (layer, names) in enumerate(self.tower_layers.items()):
                     flat = pm.flatten_group(deltas, names)
                     g_b[idx, j] = -(flat * state[f"prev_u.{layer}"][idx]).sum(1)
-                beta = b_opt.step(g_b)
-            self._opts = (a_opt, b_opt)
+                beta, new["beta_momentum"] = pm.momentum_step(beta, state["beta_momentum"], g_b, **hyper)
         new["alpha"], new["beta"] = alpha, beta
 
         def norm(flat: torch.Tensor) -> torch.Tensor:

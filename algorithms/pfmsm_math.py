@@ -14,7 +14,6 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 
 RESCALES = ("1+k2", "1+k", "none")
 FEDBN_MODES = ("local_bn", "server_norm")
@@ -71,6 +70,8 @@ def _simplex_dual(gram: np.ndarray, c: float) -> np.ndarray:
     def jac(w):
         return ab + c * (gram @ w) / math.sqrt(max(w @ gram @ w, 0.0) + 1e-12)
 
+    from scipy.optimize import minimize   # imported on use (SciPy costs ~0.4 s per process)
+
     res = minimize(fun, w0, jac=jac, method="SLSQP", bounds=[(0.0, 1.0)] * n,
                    constraints=({"type": "eq", "fun": lambda w: 1.0 - w.sum(),
                                  "jac": lambda w: -np.ones_like(w)},),
@@ -116,41 +117,16 @@ def hypergrad_alpha(prev_d: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
     return -(deltas @ prev_d)                                   # (N,)
 
 
-class AlphaOptimizer:
-    """SGD with momentum on personalization weights (α per client, or β per client/task/layer).
-
-    Defaults follow FedHCA2: lr 0.01, momentum 0.9, weight decay 1e-4, init 0.1. After each step
-    the weights are clipped to [0, 1].
-    """
-
-    def __init__(self, init: torch.Tensor, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 1e-4):
-        self.alpha = torch.nn.Parameter(init.detach().clone().float().clamp(0.0, 1.0))
-        self.opt = torch.optim.SGD([self.alpha], lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-    @classmethod
-    def full(cls, shape: Sequence[int], init: float = 0.1, **hyper: float) -> "AlphaOptimizer":
-        return cls(torch.full(tuple(shape), float(init)), **hyper)
-
-    def step(self, grad: torch.Tensor) -> torch.Tensor:
-        """One SGD step with `grad` (same shape as α); returns the clipped α (a detached copy)."""
-        self.alpha.grad = grad.detach().to(self.alpha.dtype).reshape(self.alpha.shape)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            self.alpha.clamp_(0.0, 1.0)
-        return self.value()
-
-    def value(self) -> torch.Tensor:
-        return self.alpha.detach().clone()
-
-    def state_dict(self) -> dict:
-        return {"alpha": self.value(), "opt": self.opt.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            self.alpha.copy_(state["alpha"])
-        self.opt.load_state_dict(state["opt"])
+def momentum_step(value: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor, lr: float, momentum: float,
+                  weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of SGD with momentum and weight decay on personalization weights, as a pure function
+    of (value, momentum buffer, gradient): returns (new value clipped to [0, 1], new buffer). The same
+    arithmetic as torch.optim.SGD (dampening 0, no Nesterov; a zero buffer is its first step), with
+    the buffer kept in the server state so a resumed run continues it. Defaults follow FedHCA2:
+    lr 0.01, momentum 0.9, weight decay 1e-4, init 0.1."""
+    g = grad.to(value.dtype) + weight_decay * value
+    buf = momentum * buf + g
+    return (value - lr * buf).clamp(0.0, 1.0), buf
 
 
 # ---------------------------------------------------------------------------------- module 4

@@ -50,6 +50,10 @@ from datasets.federated import TRAIN, VAL
 TASKS = ("bpr", "social", "coview", "category", "rating", "au")
 FEDERATED_TASKS = ("bpr", "category", "rating", "au")
 HISTORY_COMBINERS = ("uncertainty", "dwa", "gradnorm")   # keep state across calls: centralized only
+MF_EXAMPLE = {"data.name": "mf_synthetic", "data.num_users": 40, "data.num_items": 30, "data.rows_per_user": 8,
+              "data.num_categories": 4, "eval.metric": "recall@20", "federation.clients_per_round": 20,
+              "resources.workers": 2, "resources.cpus_per_worker": 0.5}   # a tiny run (registry-wide tests)
+COMBINER_PREFIX, COMBINER_OPT_PREFIX = "combiner/", "combiner_adam/"   # server-state keys of the combiner history
 NEG_STREAM, SOCIAL_STREAM, PAIR_STREAM, STEP_STREAM = 201, 202, 203, 204
 BETAS, EPS = (0.9, 0.999), 1e-8
 
@@ -152,6 +156,12 @@ class PMTRecMF(AlgorithmBase):
     Config = PMTRecAlgoConfig
     EVALUATION = RANKING
     READS_SIDE_TABLES = True
+    EXAMPLES = {
+        # uncertainty weighting: the combiner with the most state (log-variances and their Adam moments)
+        "centralized": {**MF_EXAMPLE, "resources.workers": 1, "algorithm.combiner.name": "uncertainty",
+                        "train.optimizer": "adam", "train.lr": 0.01},
+        "federated": {**MF_EXAMPLE, "data.layout": "federated", "algorithm.mode": "federated",
+                      "algorithm.tasks": "[bpr,rating,au]", "train.optimizer": "adam", "train.lr": 0.05}}
 
     def __init__(self, config: PMTRecAlgoConfig, setup: Setup):
         self.config, self.setup = config, setup
@@ -223,7 +233,40 @@ class PMTRecMF(AlgorithmBase):
         for k in list(s):
             s[f"m/{k}"], s[f"v/{k}"] = torch.zeros_like(s[k]), torch.zeros_like(s[k])
         s["step"] = torch.zeros(())
+        if self.config.mode == "centralized":      # the combiner's history travels with P and Q
+            s.update(self._fresh_combiner_state())
         return s
+
+    # ---- the combiner's history (DWA losses, GradNorm weights, uncertainty log-variances and their
+    # Adam moments) is server state under COMBINER_PREFIX: loaded before and written after every
+    # round of centralized training, so a resumed run or a restarted worker continues it exactly
+    def _fresh_combiner_state(self) -> Tensors:
+        fresh = make_combiner(self.config.combiner, self.T, self.setup.seed)
+        out = {COMBINER_PREFIX + k: v for k, v in fresh.state_tensors().items()}
+        if fresh.parameters():                     # learned weights: their Adam step count and moments
+            out.update({COMBINER_OPT_PREFIX + "step": torch.zeros(()),
+                        COMBINER_OPT_PREFIX + "exp_avg": torch.zeros(self.T),
+                        COMBINER_OPT_PREFIX + "exp_avg_sq": torch.zeros(self.T)})
+        return out
+
+    def _load_combiner_state(self, s: Tensors) -> None:
+        self.combiner.load_state_tensors({k[len(COMBINER_PREFIX):]: v for k, v in s.items()
+                                          if k.startswith(COMBINER_PREFIX)})
+        if self._comb_opt is not None:
+            (param,) = self.combiner.parameters()
+            st = {k: s[COMBINER_OPT_PREFIX + k].clone() for k in ("step", "exp_avg", "exp_avg_sq")}
+            self._comb_opt.state.clear()
+            if float(st["step"]) > 0:
+                self._comb_opt.state[param] = st
+
+    def _save_combiner_state(self, s: Tensors) -> None:
+        s.update({COMBINER_PREFIX + k: v for k, v in self.combiner.state_tensors().items()})
+        if self._comb_opt is not None:
+            (param,) = self.combiner.parameters()
+            st = self._comb_opt.state.get(param)
+            if st:
+                for k in ("step", "exp_avg", "exp_avg_sq"):
+                    s[COMBINER_OPT_PREFIX + k] = st[k].detach().clone().float().reshape(s[COMBINER_OPT_PREFIX + k].shape)
 
     def init_personal(self, client_ids: torch.Tensor) -> Tensors:
         K, d = len(client_ids), self.config.dim
@@ -374,6 +417,7 @@ class PMTRecMF(AlgorithmBase):
 
     def _train_central(self, plan: TrainPlan, batch: CohortBatch) -> CohortUpdate:
         s = {k: v.clone() for k, v in plan.params.items()}
+        self._load_combiner_state(s)
         n = int(batch.n_rows[0])
         user, item = batch.categorical["user"][0], batch.categorical["item"][0]
         rating = batch.numeric[0, :, 0]
@@ -387,6 +431,7 @@ class PMTRecMF(AlgorithmBase):
                 for k, v in self._central_step(s, user[idx], item[idx], rating[idx], epoch).items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
+        self._save_combiner_state(s)
         acc = Accumulator(sums={k: v.double() for k, v in s.items()}, weight=1.0, clients=1,
                           stats={k: v / max(count, 1) for k, v in sums.items()})
         return CohortUpdate(personal={}, acc=acc)
@@ -582,6 +627,7 @@ class FedAvgMF(PMTRecMF):
     every round) on p_u and a local copy of the item rows the client touches; the server averages
     the item-row deltas. The user row is private."""
     Config = FedAvgMFConfig
+    EXAMPLES = {"federated": {**MF_EXAMPLE, "data.layout": "federated", "train.lr": 0.1}}
 
     def __init__(self, config: FedAvgMFConfig, setup: Setup):
         full = PMTRecAlgoConfig(mode="federated", tasks=("bpr",), combiner=CombinerConfig.VARIANTS()["equal"](),

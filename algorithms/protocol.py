@@ -10,7 +10,7 @@ workers' and `aggregate_evaluate` turns the result into metrics.
 
 What an algorithm can do is declared on its class (`AlgorithmBase`), never probed: its
 evaluation kind, the privacy mechanisms it supports, whether it reads the dataset's side
-tables, and a tiny example run that the registry-wide tests use. Everything that changes
+tables, and the tiny example runs that the registry-wide tests use (tests/test_contract.py). Everything that changes
 across rounds lives in the server state or the personal state the engine owns (and
 checkpoints); an algorithm object holds nothing mutable after `__init__` beyond caches
 rebuilt from that state.
@@ -178,7 +178,7 @@ class Algorithm(Protocol):
     EVALUATION: str                          # POINTWISE | RANKING
     PRIVACY: frozenset                       # mechanisms it implements (the loader refuses the others)
     READS_SIDE_TABLES: bool                  # the worker hands it the dataset (`attach_data`)
-    EXAMPLE: dict                            # key.path=value overrides of a tiny run (registry-wide tests)
+    EXAMPLES: dict                           # name -> key.path: value overrides of a tiny run (registry-wide tests)
 
     def __init__(self, config, setup: Setup): ...
     def attach_data(self, dataset) -> None: ...
@@ -211,7 +211,7 @@ class AlgorithmBase:
     EVALUATION: ClassVar[str] = POINTWISE
     PRIVACY: ClassVar[frozenset] = frozenset()
     READS_SIDE_TABLES: ClassVar[bool] = False
-    EXAMPLE: ClassVar[dict] = {}
+    EXAMPLES: ClassVar[dict[str, dict]] = {}    # tiny runs every registered algorithm must declare
 
     config: object
     setup: Setup

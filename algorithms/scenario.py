@@ -106,9 +106,22 @@ class ScenarioCentralizedConfig(AlgorithmConfig):
     name: str = "scenario_centralized"
 
 
+# a tiny run of three scenarios with an MMoE (the registry-wide tests run every algorithm on it)
+SCENARIO_EXAMPLE = {
+    "data.name": "synthetic_multi_scenario", "data.rows": "[300,200,120]", "data.num_users": 40,
+    "data.num_items": 30, "data.num_numeric": 2,
+    "model.name": "mmoe", "model.embed_dim": 4, "model.num_global_experts": 2, "model.num_task_experts": 1,
+    "model.num_scenario_experts": 1, "model.expert": "[8]", "model.tower": "[4]", "model.dropout": 0.1,
+    "train.batch_size": 64, "train.lr": 0.01, "train.optimizer": "adam",
+    "federation.clients_per_round": 3, "federation.cohort_size": 3,
+    "resources.workers": 2, "resources.cpus_per_worker": 0.5,
+}
+
+
 # ----------------------------------------------------------------------------------- base
 class ScenarioAlgorithm(AlgorithmBase):
     """Client half shared by every scenario algorithm, and the FedAvg-style server half."""
+    EXAMPLES = {"mmoe": SCENARIO_EXAMPLE}
 
     def __init__(self, config, setup: Setup):
         self.config = config
@@ -344,6 +357,7 @@ class ScenarioCentralized(ScenarioAlgorithm):
     """One model on the pooled training rows of every scenario, minibatches interleaved across
     scenarios in a seeded order; every scenario is evaluated with that model."""
     Config = ScenarioCentralizedConfig
+    EXAMPLES = {"mmoe": {**SCENARIO_EXAMPLE, "resources.workers": 1}}
 
     def select_shared(self) -> list[str]:
         return list(self.all_names)

@@ -84,21 +84,32 @@ def test_hypergrad_step_direction():
     deltas = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 5.0]])   # agrees, opposes, orthogonal
     grad = pm.hypergrad_alpha(prev_d, deltas)
     assert torch.equal(grad, torch.tensor([-2.0, 2.0, 0.0]))
-    opt = pm.AlphaOptimizer.full((3,), init=0.1)
-    alpha = opt.step(grad)
+    alpha, buf = pm.momentum_step(torch.full((3,), 0.1), torch.zeros(3), grad, 0.01, 0.9, 1e-4)
     assert alpha[0] > 0.1 and alpha[1] < 0.1
     # plain SGD step: 0.1 − 0.01 · (g + 1e-4 · 0.1)
     assert alpha[0].item() == pytest.approx(0.1 - 0.01 * (-2.0 + 1e-5), abs=1e-7)
     assert alpha[2].item() == pytest.approx(0.1 - 0.01 * 1e-5, abs=1e-7)
 
 
-def test_alpha_optimizer_clips_and_round_trips_state():
-    opt = pm.AlphaOptimizer.full((2,), init=0.1, lr=1.0)
-    assert torch.equal(opt.step(torch.tensor([-5.0, 5.0])), torch.tensor([1.0, 0.0]))
-    other = pm.AlphaOptimizer.full((2,), init=0.5, lr=1.0)
-    other.load_state_dict(opt.state_dict())
-    g = torch.tensor([0.3, -0.2])
-    assert torch.equal(opt.step(g), other.step(g))   # same momentum buffer, same result
+def test_momentum_step_is_torch_sgd_with_clipping():
+    """The pure step (value, buffer) -> (value, buffer) follows torch.optim.SGD with momentum and
+    weight decay over several steps, clipped to [0, 1] after each, as the optimizer object did."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, generator=g) * 3 for _ in range(6)]
+    p = torch.nn.Parameter(torch.full((5,), 0.1))
+    opt = torch.optim.SGD([p], lr=0.05, momentum=0.9, weight_decay=1e-4)
+    value, buf = torch.full((5,), 0.1), torch.zeros(5)
+    for grad in grads:
+        p.grad = grad.clone()
+        opt.step()
+        with torch.no_grad():
+            p.clamp_(0.0, 1.0)
+        value, buf = pm.momentum_step(value, buf, grad, 0.05, 0.9, 1e-4)
+        torch.testing.assert_close(value, p.detach(), atol=1e-7, rtol=0)
+        torch.testing.assert_close(buf, opt.state[p]["momentum_buffer"], atol=1e-7, rtol=0)
+    assert ((value == 0) | (value == 1)).any()        # the clipping was exercised
+    assert torch.equal(pm.momentum_step(torch.full((2,), 0.1), torch.zeros(2), torch.tensor([-5.0, 5.0]),
+                                        1.0, 0.9, 1e-4)[0], torch.tensor([1.0, 0.0]))
 
 
 # ------------------------------------------------------------------ tower aggregation

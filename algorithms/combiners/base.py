@@ -82,6 +82,14 @@ class Combiner:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What changes across calls, as fixed-shape tensors (the algorithm keeps them in the state
+        the engine checkpoints); empty for combiners without history."""
+        return {}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the history from `state_tensors()` output (the inverse, exactly)."""
+
 
 def apply_weights(weights: torch.Tensor, inp: CombineInput) -> Combined:
     """Loss-weighting combiners: weighted loss and/or weighted gradient from (T,) weights."""

@@ -65,6 +65,13 @@ class Uncertainty(Combiner):
         with torch.no_grad():
             self.log_vars.copy_(state["log_vars"])
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"log_vars": self.log_vars.detach().clone()}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():                       # in place: an optimizer may hold log_vars
+            self.log_vars.copy_(state["log_vars"])
+
 
 def uncertainty_loss(losses: torch.Tensor, log_vars: torch.Tensor) -> torch.Tensor:
     """sum_t ½·exp(-s_t)·L_t + ½·s_t  (Gaussian likelihood form, s = log sigma^2)."""
@@ -123,6 +130,25 @@ class DWA(Combiner):
         self.history = [h.clone() for h in state["history"]]
         self._epoch, self._sum, self._count = state["epoch"], state["sum"].clone(), state["count"]
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The last two epoch means (all the weights read), how many there are, the running epoch
+        (-1 before the first call) and its loss sum and count."""
+        T = self.num_tasks
+        last = torch.zeros(2, T, dtype=torch.float64)
+        n = min(2, len(self.history))
+        if n:
+            last[2 - n:] = torch.stack(self.history[-n:]).double()
+        return {"history": last, "history_len": torch.tensor(float(n), dtype=torch.float64),
+                "epoch": torch.tensor(float(-1 if self._epoch is None else self._epoch), dtype=torch.float64),
+                "sum": self._sum.clone(), "count": torch.tensor(float(self._count), dtype=torch.float64)}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        n = int(state["history_len"])
+        self.history = [h.clone() for h in state["history"][2 - n:]] if n else []
+        epoch = int(state["epoch"])
+        self._epoch = None if epoch < 0 else epoch
+        self._sum, self._count = state["sum"].double().clone(), int(state["count"])
+
 
 # ------------------------------------------------------------------------------------- RLW
 @dataclass(frozen=True)
@@ -180,6 +206,16 @@ class GradNorm(Combiner):
 
     def load_state_dict(self, state: dict) -> None:
         self.w, self.initial_losses = state["w"].clone(), state["initial_losses"]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        have = self.initial_losses is not None
+        return {"w": self.w.clone(),
+                "initial_losses": self.initial_losses.clone() if have else torch.zeros(self.num_tasks, dtype=torch.float64),
+                "has_initial": torch.tensor(float(have), dtype=torch.float64)}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        self.w = state["w"].double().clone()
+        self.initial_losses = state["initial_losses"].double().clone() if float(state["has_initial"]) else None
 
 
 def gradnorm_step(w: torch.Tensor, norms: torch.Tensor, loss_ratio: torch.Tensor,

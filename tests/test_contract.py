@@ -1,0 +1,124 @@
+"""The plug-in contract, checked for every registered algorithm: a newly registered one is picked
+up here without editing this file (it must declare `EXAMPLES`, tiny runs of itself).
+
+- declared capabilities are consistent (evaluation kind, privacy mechanisms, ranking cut-offs);
+- stop the driver after round 1 and resume, then kill a worker mid-run (checkpoints on): every
+  round's metrics and the final server state equal an uninterrupted run's (1e-6);
+- `privacy.enabled=true` either trains with noise and logs `privacy/epsilon`, or is refused by
+  the config loader with one line naming `privacy.enabled` and the algorithm.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from algorithms import ALGORITHMS
+from algorithms.protocol import CENTRAL_DP, POINTWISE, RANKING, AlgorithmBase
+from simulator import checkpoint
+from simulator.config import from_dict
+from simulator.config_loader import ConfigError, apply_overrides
+from simulator.run import Callback, run
+
+ROUNDS = 4
+CASES = [pytest.param(name, ex, id=f"{name}-{ex}")
+         for name, algo in sorted(ALGORITHMS.items()) for ex in algo.EXAMPLES]
+
+
+def example_config(name: str, example: str, *extra: str):
+    over = {"rounds": ROUNDS, "tracking.mlflow": False, "tracking.progress": False, "algorithm.name": name,
+            **ALGORITHMS[name].EXAMPLES[example]}
+    return from_dict(apply_overrides({}, [f"{k}={v}" for k, v in over.items()] + list(extra)),
+                     f"{name} example {example!r}")
+
+
+def test_every_algorithm_declares_its_capabilities_and_a_tiny_example():
+    assert len(ALGORITHMS) >= 12
+    for name, algo in ALGORITHMS.items():
+        assert issubclass(algo, AlgorithmBase), name
+        assert algo.EXAMPLES, f"{name}: declare EXAMPLES (tiny runs) on the class"
+        assert algo.EVALUATION in (POINTWISE, RANKING), name
+        assert algo.PRIVACY <= {CENTRAL_DP}, name
+        for ex in algo.EXAMPLES:
+            cfg = example_config(name, ex)
+            assert cfg.algorithm.name == name
+            assert bool(cfg.algorithm.ranking_ks()) == (algo.EVALUATION == RANKING), name
+
+
+class _Crash(Callback):
+    def __init__(self, at_round: int):
+        self.at = at_round
+
+    def on_round(self, record):
+        if record["round"] == self.at:
+            raise KeyboardInterrupt("driver killed")
+
+
+class _KillWorker(Callback):
+    """Kills the last worker (Ray restarts it with fresh state) after a given round."""
+
+    def __init__(self, after_round: int):
+        self.after = after_round
+
+    def on_start(self, cfg, info):
+        self.handle = info["worker_handles"][-1]
+
+    def on_round(self, record):
+        if record["round"] == self.after:
+            import ray
+            ray.kill(self.handle, no_restart=False)
+
+
+def _metrics(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k.startswith(("val/", "test/", "train/"))}
+
+
+def _assert_same(full, other, what: str) -> None:
+    assert [r["round"] for r in other.records] == [r["round"] for r in full.records], what
+    for a, b in zip(full.records, other.records):
+        ma, mb = _metrics(a), _metrics(b)
+        assert ma.keys() == mb.keys(), what
+        for k in ma:
+            assert mb[k] == pytest.approx(ma[k], abs=1e-6, nan_ok=True), f"{what}: round {a['round']} {k}"
+    assert full.server_state.keys() == other.server_state.keys(), what
+    for k, v in full.server_state.items():
+        torch.testing.assert_close(other.server_state[k], v, atol=1e-6, rtol=0, msg=lambda m: f"{what}: {k}: {m}")
+
+
+@pytest.mark.parametrize("name,example", CASES)
+def test_resume_and_worker_loss_leave_every_result_unchanged(ray_session, tmp_path, name, example):
+    """Checkpoints every 2 rounds. The driver dies at round 2 (the checkpoint of round 1 is the
+    newest); the resumed run re-runs rounds 2 and 3, and a worker is killed after round 2 of it, so
+    it is restored from its round-1 shard and replays round 2. Both must leave every round's metrics
+    and the final server state as in an uninterrupted run."""
+    def cfg(folder: str):
+        return example_config(name, example, "checkpoint.every=2", f"checkpoint.dir={tmp_path / folder}")
+
+    full = run(cfg("full"))
+    first, last = _metrics(full.records[0]), _metrics(full.records[-1])
+    assert any(not math.isclose(first[k], last[k], abs_tol=1e-9) for k in first if k.startswith("val/")
+               and not math.isnan(first[k])), f"{name}: validation metrics did not move in {ROUNDS} rounds"
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg("ck"), [_Crash(at_round=2)])
+    ck = checkpoint.load(tmp_path / "ck")
+    assert ck.round == 1
+    resumed = run(cfg("ck"), [_KillWorker(after_round=2)], resume=ck)
+    assert resumed.info["worker_recoveries"] == 1
+    _assert_same(full, resumed, f"{name}: resumed from round 1, a worker killed after round 2")
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_central_dp_is_real_or_refused_before_anything_starts(ray_session, name):
+    algo = ALGORITHMS[name]
+    example = next(iter(algo.EXAMPLES))
+    if CENTRAL_DP in algo.PRIVACY:
+        res = run(example_config(name, example, "privacy.enabled=true", "privacy.noise_multiplier=1.0", "rounds=2"))
+        eps = [r["privacy/epsilon"] for r in res.records]
+        assert 0 < eps[0] < eps[1], name
+        plain = run(example_config(name, example, "rounds=2"))
+        assert any(not torch.equal(res.server_state[k], plain.server_state[k]) for k in plain.server_state)
+    else:
+        with pytest.raises(ConfigError, match=rf"privacy\.enabled: algorithm '{name}' does not implement central DP"):
+            example_config(name, example, "privacy.enabled=true")
