@@ -1,0 +1,72 @@
+"""Per-user FedProx (Li et al., MLSys 2020): FedAvg whose local objective adds (mu/2)·||θ − θ_global||².
+
+This file is the "write your own algorithm" example (algorithms/README.md): one file, the public
+protocol only, registered in one line in `algorithms/__init__.py`. From the engine it gets
+vectorized cohorts (`train_cohort_sgd` trains K clients in one call), checkpoint / resume and
+worker recovery (all its state is the server state and the personal state the engine owns),
+central DP (`privacy.CentralDP`: clipped deltas with unit weights, noise on their sum, ε per
+round) and pointwise evaluation (`score_cohort`, inherited from RoleModelAlgorithm).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from algorithms import aggregate
+from algorithms.base import RoleModelAlgorithm
+from algorithms.privacy import CentralDP
+from algorithms.protocol import (CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
+                                 Tensors, TrainPlan)
+from algorithms.vectorized import train_cohort_sgd
+
+
+@dataclass(frozen=True)
+class FedProxConfig(AlgorithmConfig):
+    name: str = "fedprox"
+    mu: float = 0.01                  # proximal weight; 0 = FedAvg
+
+    CHECKS: ClassVar[dict] = {"mu": ">=0"}
+
+
+class FedProx(RoleModelAlgorithm):
+    Config = FedProxConfig
+    PRIVACY = frozenset({CENTRAL_DP})         # the upload is a weighted sum of deltas
+    EXAMPLES = {"per_user": {                 # a tiny run, for the registry-wide tests
+        "data.num_clients": 37, "data.num_items": 40, "data.rows_min": 5, "data.rows_max": 30,
+        "federation.clients_per_round": 20, "resources.workers": 2, "resources.cpus_per_worker": 0.5,
+        "model.dim": 8, "model.hidden": "[8]", "train.lr": 0.1, "algorithm.mu": 0.1}}
+
+    def __init__(self, config: FedProxConfig, setup: Setup):
+        super().__init__(config, setup)       # the model, its tensors split by role
+        self.dp = CentralDP(setup)            # off unless privacy.enabled
+
+    # ---- server half (the coordinator)
+    def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan:
+        return TrainPlan(round=rnd, params={k: state[k] for k in self.shared_names})
+
+    def aggregate_train(self, rnd: int, state: Tensors, acc: Accumulator) -> tuple[Tensors, dict]:
+        mean = self.dp.mean_delta(acc, rnd)   # weighted mean of the deltas, or their noisy mean
+        new = dict(state)
+        if mean is not None:
+            new.update({k: state[k] + mean[k].to(state[k].dtype) for k in self.shared_names})
+        return new, {**aggregate.mean_stats(acc), **self.dp.metrics(rnd)}
+
+    # ---- client half (the workers), K clients at once
+    def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
+        K, mu = batch.size, self.config.mu
+        start = {k: v.expand(K, *v.shape) for k, v in plan.params.items()}      # (K, ...) views
+
+        def proximal(params: Tensors) -> Tensors:                                # d/dθ (mu/2)·||θ − θ_global||²
+            return {k: mu * (params[k] - start[k]) for k in start}
+
+        params = {**personal, **{k: v.clone() for k, v in start.items()}}
+        params, loss = train_cohort_sgd(self.model, params, self.frozen, batch, self.setup.train, batch.order,
+                                        extra_grad=proximal if mu > 0 else None)
+        deltas, weights = self.dp.client({k: params[k] - start[k] for k in start}, batch.n_rows.double())
+        acc = Accumulator()
+        keep = aggregate.fold_weighted(acc, deltas, weights, {"train_loss": loss})   # NaN clients dropped
+        new_personal = {k: torch.where(aggregate.bcast(keep, params[k]), params[k], personal[k])
+                        for k in self.private_names}
+        return CohortUpdate(personal=new_personal, acc=acc)
