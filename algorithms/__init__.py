@@ -24,7 +24,11 @@ def algorithms_supporting(mechanism: str) -> list[str]:
 
 
 def make_algorithm(config, setup):
-    return ALGORITHMS[config.name](config, setup)
+    from algorithms.protocol import CENTRAL_DP
+    cls = ALGORITHMS[config.name]
+    if setup.privacy is not None and CENTRAL_DP not in cls.PRIVACY:   # the config loader refuses this first
+        raise ValueError(f"privacy.enabled: algorithm {config.name!r} does not implement central DP")
+    return cls(config, setup)
 
 
 def _register_builtins() -> None:
@@ -32,6 +36,8 @@ def _register_builtins() -> None:
     register("fedavg", FedAvg)
     from algorithms.fedpa import FedPA
     register("fedpa", FedPA)
+    from algorithms.fedprox import FedProx
+    register("fedprox", FedProx)
     from algorithms.pmtrec import FedAvgMF, PMTRecMF
     register("pmtrec", PMTRecMF)
     register("fedavg_mf", FedAvgMF)

@@ -8,15 +8,23 @@ the accumulator weighted by the client's training rows. Server half: the weighte
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from algorithms import aggregate, privacy, sparse_rows
+from algorithms import aggregate, privacy, server_opt, sparse_rows
 from algorithms.base import RoleModelAlgorithm
 from algorithms.protocol import CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Tensors, TrainPlan
+from algorithms.server_opt import ServerOptimizerConfig
 from algorithms.vectorized import train_cohort_sgd
+
+
+# a tiny per-user federation (the registry-wide tests run every algorithm on its EXAMPLES)
+PER_USER_EXAMPLE = {
+    "data.num_clients": 37, "data.num_items": 40, "data.rows_min": 5, "data.rows_max": 30,
+    "federation.clients_per_round": 20, "resources.workers": 2, "resources.cpus_per_worker": 0.5,
+    "model.dim": 8, "model.hidden": "[8]", "train.lr": 0.1}
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,7 @@ class FedAvgConfig(AlgorithmConfig):
     weighting: str = "examples"       # examples: weight by training rows; uniform: every client 1
     sparse_rows: bool = True          # clients train only the rows of shared embedding tables they
                                       # touch (exact; used when train.weight_decay is 0)
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)   # rule on the mean delta
 
     CHECKS: ClassVar[dict] = {"server_lr": ">0", "weighting": ("examples", "uniform")}
 
@@ -33,10 +42,18 @@ class FedAvgConfig(AlgorithmConfig):
 class FedAvg(RoleModelAlgorithm):
     Config = FedAvgConfig
     PRIVACY = frozenset({CENTRAL_DP})
-    EXAMPLES = {"per_user": {
-        "data.num_clients": 37, "data.num_items": 40, "data.rows_min": 5, "data.rows_max": 30,
-        "federation.clients_per_round": 20, "resources.workers": 2, "resources.cpus_per_worker": 0.5,
-        "model.dim": 8, "model.hidden": "[8]", "train.lr": 0.1}}
+    EXAMPLES = {"per_user": PER_USER_EXAMPLE,
+                # FedAdam: the server rule's moments must survive a resume and a worker loss
+                "fedadam": {**PER_USER_EXAMPLE, "algorithm.server_optimizer": "{name: adam}",
+                            "algorithm.server_lr": 0.03}}
+
+    def __init__(self, config: FedAvgConfig, setup):
+        super().__init__(config, setup)
+        self.dp = privacy.CentralDP(setup)
+
+    def init_server(self) -> Tensors:
+        shared = super().init_server()
+        return {**shared, **server_opt.init_state(self.config.server_optimizer, shared)}
 
     def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan:
         return TrainPlan(round=rnd, params={k: state[k] for k in self.shared_names})
@@ -68,10 +85,9 @@ class FedAvg(RoleModelAlgorithm):
         ones = torch.ones(K, dtype=torch.float64, device=batch.mask.device)
         weights = batch.n_rows.double() if self.config.weighting == "examples" else ones
         acc = Accumulator()
-        dp = self.setup.privacy
-        if dp is not None:   # central DP: clipped deltas, every client weight 1 (bounded sensitivity)
-            up = privacy.clip_updates({k: params[k] - start[k] for k in self.shared_names}, dp.clip)[0]
-            weights = ones
+        dp = self.dp.enabled
+        if dp:               # central DP: clipped deltas, every client weight 1 (bounded sensitivity)
+            up, weights = self.dp.client({k: params[k] - start[k] for k in self.shared_names}, weights)
         else:
             up = {k: params[k] - start[k] if k in vocab else params[k] for k in self.shared_names}
         dense = {k: v for k, v in up.items() if k not in vocab}
@@ -80,28 +96,18 @@ class FedAvg(RoleModelAlgorithm):
         for k in vocab:
             table = plan.params[k]
             aggregate.fold_rows(acc, k, table.shape[0], vocab[k], up[k], weights, keep,
-                                base=None if dp is not None else table)
+                                base=None if dp else table)
         new_personal = {k: torch.where(aggregate.bcast(keep, params[k]), params[k], personal[k])
                         for k in self.private_names}
         return CohortUpdate(personal=new_personal, acc=acc)
 
     def aggregate_train(self, rnd: int, state: Tensors, acc: Accumulator) -> tuple[Tensors, dict]:
-        new, dp = dict(state), self.setup.privacy
-        if dp is not None and acc.sums:
-            noisy = privacy.privatize(acc, dp, self.setup.seed, rnd, self.setup.clients_per_round)
-            for k in self.shared_names:
-                new[k] = state[k] + self.config.server_lr * noisy[k].to(state[k].dtype)
-            return new, {**aggregate.mean_stats(acc), "privacy/epsilon": self.epsilon(rnd + 1)}
-        if acc.weight > 0:
-            for k in self.shared_names:
-                mean = (acc.sums[k] / acc.weight).to(state[k].dtype)
-                new[k] = state[k] + self.config.server_lr * (mean - state[k])
-        return new, aggregate.mean_stats(acc)
-
-    def epsilon(self, rounds: int) -> float:
-        """epsilon(delta) after `rounds` noisy aggregates, from the accountant (a pure function of rounds)."""
-        dp = self.setup.privacy
-        q = privacy.sample_rate(self.setup.clients_per_round, self.setup.num_clients)
-        acct = privacy.PrivacyAccountant.from_config(dp, q)
-        acct.step(rounds)
-        return acct.epsilon()
+        opt, lr = self.config.server_optimizer, self.config.server_lr
+        if self.dp.enabled and acc.sums:        # the summed updates are deltas
+            noisy = self.dp.mean_delta(acc, rnd)
+            delta = {k: noisy[k].to(state[k].dtype) for k in self.shared_names}
+            return server_opt.apply(opt, lr, state, delta), {**aggregate.mean_stats(acc), **self.dp.metrics(rnd)}
+        if acc.weight > 0:                      # the summed updates are the clients' new tensors
+            delta = {k: (acc.sums[k] / acc.weight).to(state[k].dtype) - state[k] for k in self.shared_names}
+            return server_opt.apply(opt, lr, state, delta), aggregate.mean_stats(acc)
+        return dict(state), aggregate.mean_stats(acc)

@@ -5,20 +5,23 @@ protocol only, registered in one line in `algorithms/__init__.py`. From the engi
 vectorized cohorts (`train_cohort_sgd` trains K clients in one call), checkpoint / resume and
 worker recovery (all its state is the server state and the personal state the engine owns),
 central DP (`privacy.CentralDP`: clipped deltas with unit weights, noise on their sum, ε per
-round) and pointwise evaluation (`score_cohort`, inherited from RoleModelAlgorithm).
+round), the server rules of `server_opt` (FedAvgM / FedAdam / FedYogi, moments in the server
+state) and pointwise evaluation (`score_cohort`, inherited from RoleModelAlgorithm).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from algorithms import aggregate
+from algorithms import aggregate, server_opt
 from algorithms.base import RoleModelAlgorithm
+from algorithms.fedavg import PER_USER_EXAMPLE
 from algorithms.privacy import CentralDP
 from algorithms.protocol import (CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
                                  Tensors, TrainPlan)
+from algorithms.server_opt import ServerOptimizerConfig
 from algorithms.vectorized import train_cohort_sgd
 
 
@@ -26,31 +29,35 @@ from algorithms.vectorized import train_cohort_sgd
 class FedProxConfig(AlgorithmConfig):
     name: str = "fedprox"
     mu: float = 0.01                  # proximal weight; 0 = FedAvg
+    server_lr: float = 1.0            # η of the server rule
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)   # sgd / adam / ...
 
-    CHECKS: ClassVar[dict] = {"mu": ">=0"}
+    CHECKS: ClassVar[dict] = {"mu": ">=0", "server_lr": ">0"}
 
 
 class FedProx(RoleModelAlgorithm):
     Config = FedProxConfig
     PRIVACY = frozenset({CENTRAL_DP})         # the upload is a weighted sum of deltas
-    EXAMPLES = {"per_user": {                 # a tiny run, for the registry-wide tests
-        "data.num_clients": 37, "data.num_items": 40, "data.rows_min": 5, "data.rows_max": 30,
-        "federation.clients_per_round": 20, "resources.workers": 2, "resources.cpus_per_worker": 0.5,
-        "model.dim": 8, "model.hidden": "[8]", "train.lr": 0.1, "algorithm.mu": 0.1}}
+    EXAMPLES = {"per_user": {**PER_USER_EXAMPLE, "algorithm.mu": 0.1}}   # a tiny run, for the registry-wide tests
 
     def __init__(self, config: FedProxConfig, setup: Setup):
         super().__init__(config, setup)       # the model, its tensors split by role
         self.dp = CentralDP(setup)            # off unless privacy.enabled
 
     # ---- server half (the coordinator)
+    def init_server(self) -> Tensors:        # the shared tensors and the server rule's moments
+        shared = super().init_server()
+        return {**shared, **server_opt.init_state(self.config.server_optimizer, shared)}
+
     def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan:
         return TrainPlan(round=rnd, params={k: state[k] for k in self.shared_names})
 
     def aggregate_train(self, rnd: int, state: Tensors, acc: Accumulator) -> tuple[Tensors, dict]:
         mean = self.dp.mean_delta(acc, rnd)   # weighted mean of the deltas, or their noisy mean
         new = dict(state)
-        if mean is not None:
-            new.update({k: state[k] + mean[k].to(state[k].dtype) for k in self.shared_names})
+        if mean is not None:                  # θ += η·Δ, or FedAvgM / FedAdam / FedYogi on Δ
+            new = server_opt.apply(self.config.server_optimizer, self.config.server_lr, state,
+                                   {k: mean[k].to(state[k].dtype) for k in self.shared_names})
         return new, {**aggregate.mean_stats(acc), **self.dp.metrics(rnd)}
 
     # ---- client half (the workers), K clients at once

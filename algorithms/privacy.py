@@ -251,3 +251,46 @@ class PrivacyAccountant:
     def __repr__(self) -> str:
         return (f"PrivacyAccountant(kind={self.kind!r}, sigma={self.noise_multiplier}, "
                 f"q={self.sample_rate}, delta={self.delta}, steps={self.steps})")
+
+
+# ---------------------------------------------------------------------------- both halves
+class CentralDP:
+    """Central DP for any algorithm whose upload is a weighted sum of client deltas (declared as
+    `PRIVACY = {CENTRAL_DP}` on its class), built from `Setup.privacy` (None = off).
+
+    Client half, `client(deltas, weights)`: every client's delta clipped jointly over its
+    tensors to L2 norm C and given weight 1 (bounded sensitivity); off, both pass through.
+    Server half, `mean_delta(acc, rnd)`: the sum plus N(0, (σC)²) noise, divided by the expected
+    cohort size q·N (`privacy.denominator`); off, the weighted mean. `metrics(rnd)` is ε(δ) after
+    rnd + 1 noisy rounds from the Opacus accountant (a pure function of the round, so nothing to
+    checkpoint), as `privacy/epsilon`.
+    """
+
+    def __init__(self, setup):
+        self.cfg: CentralDPConfig | None = setup.privacy
+        self.seed = setup.seed
+        self.expected = expected_clients(setup.clients_per_round, setup.num_clients)
+        self.q = sample_rate(setup.clients_per_round, setup.num_clients)
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg is not None
+
+    def client(self, deltas: Tensors, weights: torch.Tensor) -> tuple[Tensors, torch.Tensor]:
+        if not self.enabled:
+            return deltas, weights
+        return clip_updates(deltas, self.cfg.clip)[0], torch.ones_like(weights)
+
+    def mean_delta(self, acc: Accumulator, rnd: int) -> Tensors | None:
+        """The round's (noisy) mean delta per tensor of `acc.sums`, float64; None when nothing was summed."""
+        if self.enabled:
+            return privatize(acc, self.cfg, self.seed, rnd, self.expected) if acc.sums else None
+        return {k: v / acc.weight for k, v in acc.sums.items()} if acc.weight > 0 else None
+
+    def epsilon(self, rounds: int) -> float:
+        acct = PrivacyAccountant.from_config(self.cfg, self.q)
+        acct.step(rounds)
+        return acct.epsilon()
+
+    def metrics(self, rnd: int) -> dict[str, float]:
+        return {"privacy/epsilon": self.epsilon(rnd + 1)} if self.enabled else {}

@@ -19,7 +19,7 @@ centralized on pooled data, FedAvg, FedProx, FedBN, FedPer and Ditto over the MT
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from algorithms import aggregate
+from algorithms import aggregate, server_opt
 from algorithms.base import build_model
 from algorithms.pfmsm_math import bn_tensor
 from datasets.federated import CategoricalField
-from algorithms.protocol import (PRIVATE, SHARED, Accumulator, AlgorithmBase, AlgorithmConfig, CohortBatch,
+from algorithms.privacy import CentralDP
+from algorithms.server_opt import ServerOptimizerConfig
+from algorithms.protocol import (CENTRAL_DP, PRIVATE, SHARED, Accumulator, AlgorithmBase, AlgorithmConfig, CohortBatch,
                                  CohortUpdate, Setup, Tensors, TrainPlan)
 
 EVAL_CHUNK = 65536          # rows per forward pass in evaluation
@@ -61,8 +63,10 @@ class ScenarioFedAvgConfig(AlgorithmConfig):
     local_bn: bool = False            # BatchNorm weights and statistics never leave the client (FedBN)
     local_towers: bool = False        # task towers stay local (FedPer)
     weighting: str = "examples"       # examples: weight by training rows; uniform: every client 1
+    server_lr: float = 1.0            # η of the server rule on the mean delta
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)   # sgd / adam / ...
 
-    CHECKS: ClassVar[dict] = {"mu": ">=0", "weighting": ("examples", "uniform")}
+    CHECKS: ClassVar[dict] = {"mu": ">=0", "weighting": ("examples", "uniform"), "server_lr": ">0"}
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,7 @@ class ScenarioAlgorithm(AlgorithmBase):
         self.template = self.model.state_roles()
         self._initial = {k: v.detach().clone() for k, v in sd.items()}
         self.shared_names = self.select_shared()
+        self.dp = CentralDP(setup)                # off unless privacy.enabled (declared: the FedAvg family)
 
     # ---- which tensors the server holds, the proximal weight, client weights; subclasses override
     def select_shared(self) -> list[str]:
@@ -164,11 +169,29 @@ class ScenarioAlgorithm(AlgorithmBase):
         return TrainPlan(round=rnd, params={k: state[k] for k in self.shared_names})
 
     def aggregate_train(self, rnd: int, state: Tensors, acc: Accumulator) -> tuple[Tensors, dict]:
-        new = dict(state)
-        if acc.weight > 0:
-            for k in self.shared_names:
-                new[k] = (acc.sums[k] / acc.weight).to(state[k].dtype)
-        return new, aggregate.mean_stats(acc)
+        stats = aggregate.mean_stats(acc)
+        if self.dp.enabled:                       # the noisy mean of the clipped deltas
+            mean = self.dp.mean_delta(acc, rnd)
+            delta = {} if mean is None else {k: mean[k].to(state[k].dtype) for k in self.shared_names}
+            return self.server_step(state, delta), {**stats, **self.dp.metrics(rnd)}
+        if acc.weight <= 0:
+            return dict(state), stats
+        means = {k: (acc.sums[k] / acc.weight).to(state[k].dtype) for k in self.shared_names}
+        if self.plain_average():                  # the weighted mean of the clients' tensors, exactly
+            return {**state, **means}, stats
+        return self.server_step(state, {k: means[k] - state[k] for k in means}), stats
+
+    def plain_average(self) -> bool:
+        """True when the server's new tensors are the plain weighted mean (no server rule)."""
+        return True
+
+    def server_step(self, state: Tensors, delta: Tensors) -> Tensors:
+        """The new server state from the mean delta (base: θ + Δ); BatchNorm variances kept positive."""
+        return self._positive_var({**state, **{k: state[k] + d for k, d in delta.items()}})
+
+    def _positive_var(self, state: Tensors) -> Tensors:
+        return {k: v.clamp(min=1e-5) if k in self.shared_names and k.endswith("running_var") else v
+                for k, v in state.items()}
 
     def traffic(self) -> tuple[int, int]:
         n = sum(self._initial[k].numel() * self._initial[k].element_size() for k in self.shared_names)
@@ -193,7 +216,10 @@ class ScenarioAlgorithm(AlgorithmBase):
         new_personal = {PERSONAL + n: torch.stack([e[n] for e in ends]) for n in self.all_names}
         acc = Accumulator()
         shared = {n: new_personal[PERSONAL + n] for n in self.shared_names}
-        keep = aggregate.fold_weighted(acc, shared, self.weights(batch), {"train_loss": torch.tensor(losses)})
+        weights = self.weights(batch)
+        if self.dp.enabled:      # central DP: deltas from the round's server tensors, clipped, unit weights
+            shared, weights = self.dp.client({n: v - plan.params[n] for n, v in shared.items()}, weights)
+        keep = aggregate.fold_weighted(acc, shared, weights, {"train_loss": torch.tensor(losses)})
         # a client whose update was dropped (NaN / inf) keeps its previous state
         new_personal = {k: torch.where(aggregate.bcast(keep, v), v, personal[k]) for k, v in new_personal.items()}
         return CohortUpdate(personal=new_personal, acc=acc)
@@ -290,6 +316,7 @@ class ScenarioAlgorithm(AlgorithmBase):
 class ScenarioFedAvg(ScenarioAlgorithm):
     """FedAvg / FedProx / FedBN / FedPer over scenario clients (see ScenarioFedAvgConfig)."""
     Config = ScenarioFedAvgConfig
+    PRIVACY = frozenset({CENTRAL_DP})
 
     def select_shared(self) -> list[str]:
         cfg = self.config
@@ -298,6 +325,16 @@ class ScenarioFedAvg(ScenarioAlgorithm):
 
     def proximal_mu(self) -> float:
         return self.config.mu
+
+    def init_server(self) -> Tensors:
+        shared = super().init_server()
+        return {**shared, **server_opt.init_state(self.config.server_optimizer, shared)}
+
+    def plain_average(self) -> bool:
+        return self.config.server_optimizer.name == "sgd" and self.config.server_lr == 1.0
+
+    def server_step(self, state: Tensors, delta: Tensors) -> Tensors:
+        return self._positive_var(server_opt.apply(self.config.server_optimizer, self.config.server_lr, state, delta))
 
     def weights(self, batch: CohortBatch) -> torch.Tensor:
         if self.config.weighting == "uniform":

@@ -9,6 +9,7 @@ step (`active` = 0), so the result equals training each client alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,14 @@ def _step_rows(batch: CohortBatch, rows: torch.Tensor) -> tuple[Tensors, torch.T
 
 
 def train_cohort_sgd(model, params: Tensors, frozen: Tensors, batch: CohortBatch,
-                     cfg: LocalTrainConfig, order: torch.Tensor) -> tuple[Tensors, torch.Tensor]:
+                     cfg: LocalTrainConfig, order: torch.Tensor,
+                     extra_grad: Callable[[Tensors], Tensors] | None = None) -> tuple[Tensors, torch.Tensor]:
     """Run `cfg.local_epochs` of minibatch training for every client of the cohort.
 
     params: name -> (K, ...) per-client trainable tensors; frozen: name -> tensor (shared by all).
-    order: (E, K, L) row order per epoch, real rows first. Returns (new params, (K,) mean loss).
+    order: (E, K, L) row order per epoch, real rows first. `extra_grad(params)` (optional) returns
+    gradients of a regularizer to add at every step, for some of the tensors (e.g. FedProx's
+    mu·(θ − θ_global)). Returns (new params, (K,) mean loss).
     """
     K, L = batch.mask.shape
     bs = cfg.batch_size
@@ -65,6 +69,8 @@ def train_cohort_sgd(model, params: Tensors, frozen: Tensors, batch: CohortBatch
             cat, num, y, m = _step_rows(batch, rows)
             active = (m.sum(1) > 0).float()                                          # (K,)
             grads, loss = grad_fn(params, cat, num, batch.client_attrs, y, m)
+            if extra_grad is not None:
+                grads.update({k: grads[k] + g for k, g in extra_grad(params).items()})
             params = opt.step(params, grads, active)
             loss_sum += loss.detach() * active
             n_steps += active

@@ -251,3 +251,17 @@ def test_end_to_end_on_ray_reports_per_scenario_metrics(ray_session):
     means = [rec[f"test/s{c}/auc"] for c in range(3)]
     assert rec["test/scenario_mean/auc"] == pytest.approx(np.mean(means))
     assert rec["train/clients_trained"] == 3 and rec["bytes_up"] > 0
+
+
+def test_alpha_beta_momentum_is_server_state_so_a_fresh_server_continues_it():
+    """Four rounds by one server object equal four rounds where the server half is rebuilt every
+    round (a resumed run): the α / β momentum buffers are in the server state, and they move."""
+    extra = {"algorithm.name": "pf_msmtrec", "algorithm.alpha_lr": 1.0}
+    kept, rebuilt = Sim(**extra), Sim(**extra)
+    for rnd in range(4):
+        kept.round(rnd)
+        rebuilt.server = make_algorithm(rebuilt.cfg.algorithm, make_setup(rebuilt.cfg, rebuilt.ds))
+        rebuilt.round(rnd)
+    assert float(kept.state["alpha_momentum"].abs().max()) > 0
+    for k in kept.state:
+        torch.testing.assert_close(rebuilt.state[k], kept.state[k], atol=0, rtol=0, msg=k)

@@ -436,3 +436,35 @@ def test_mf_amazon_category_only_for_the_official_layout():
     with pytest.raises(ConfigError, match="data.category"):
         from_dict(apply_overrides({}, ["data.name=mf_amazon", "data.source=video_games", "data.category=Toy",
                                        "algorithm.name=pmtrec", "algorithm.mode=centralized", "eval.metric=recall@20"]))
+
+
+@pytest.mark.parametrize("combiner", ["uncertainty", "dwa", "gradnorm"])
+def test_combiner_history_is_server_state_so_fresh_workers_continue_it(combiner):
+    """Centralized PMTRec with a combiner that keeps history: three rounds by one algorithm object
+    equal three rounds by a fresh object each round (what a resumed run or a restarted worker
+    has), because the history travels in the server state; and the history does change."""
+    cfg = _cfg("pmtrec_synthetic.yaml", **{"algorithm.combiner": f"{{name: {combiner}}}", "train.local_epochs": 2,
+                                           "train.optimizer": "adam"})
+    ds = cfg.data.build(cfg.seed)
+    dv = DataView(ds)
+
+    def fresh():
+        algo = PMTRecMF(cfg.algorithm, make_setup(cfg, ds))
+        algo.attach_data(ds)
+        return algo
+
+    def step(algo, state, rnd):
+        batch = dv.batch(np.array([0]), 0, epochs=2, seed=cfg.seed, rnd=rnd)
+        up = algo.train_cohort(algo.configure_train(rnd, state, torch.tensor([0])), batch, {})
+        return algo.aggregate_train(rnd, state, up.acc)[0]
+
+    one = fresh()
+    kept = one.init_server()
+    restarted = dict(kept)
+    for rnd in range(3):
+        kept = step(one, kept, rnd)
+        restarted = step(fresh(), restarted, rnd)
+    history = [k for k in kept if k.startswith("combiner")]
+    assert history and any(not torch.equal(kept[k], one.init_server()[k]) for k in history)
+    for k in kept:
+        torch.testing.assert_close(restarted[k], kept[k], atol=0, rtol=0, msg=k)
