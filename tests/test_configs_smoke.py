@@ -7,13 +7,31 @@ from pathlib import Path
 import pytest
 
 from simulator.config import load
-from simulator.config_loader import read_yaml
+from simulator.config_loader import flatten, read_yaml
 from simulator.run import run
 
-# the KuaiRand FedPA baselines are the MovieLens ones' flags on the KuaiRand base (checked in
-# tests/test_fedpa.py); running fedpa_kuairand.yaml and the MovieLens variants covers them
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
-                 if not p.stem.startswith("fedpa_kuairand_"))
+FOLDER = Path(__file__).resolve().parents[1] / "configs"
+ALL = sorted(FOLDER.glob("*.yaml"))
+
+
+def flag_variant_of(path: Path) -> Path | None:
+    """The config `path` is a variant of (the longest other config name its name extends), when the
+    two differ only in algorithm options other than algorithm.name (an ablation flag, a combiner):
+    such a variant runs the same engine path on the same data, so one in-process round checks it."""
+    bases = [p for p in ALL if p != path and path.stem.startswith(p.stem + "_")]
+    if not bases:
+        return None
+    base = max(bases, key=lambda p: len(p.stem))
+    a, b = flatten(read_yaml(path)), flatten(read_yaml(base))
+    diff = {k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "name" and not k.startswith("tracking.")}
+    ok = diff and all(k.startswith("algorithm.") and k != "algorithm.name" for k in diff)
+    return base if ok else None
+
+
+# the KuaiRand and Epinions FedPA baselines are the MovieLens ones' flags on their own base (checked
+# in tests/test_fedpa.py); running their base configs and the MovieLens variants covers them
+FLAGS = [p for p in ALL if flag_variant_of(p) is not None]
+CONFIGS = [p for p in ALL if p not in FLAGS and not p.stem.startswith(("fedpa_kuairand_", "fedpa_epinions_"))]
 
 
 def _tiny(path: Path) -> list[str]:
@@ -57,3 +75,37 @@ def test_config_runs_one_tiny_round(ray_session, path, kuairand_release):
     cfg = load(path, [*_tiny(path), *extra])
     result = run(cfg)
     assert len(result.records) == 1 and result.records[0]["train/clients_trained"] > 0
+
+
+def test_flag_variants_are_recognized():
+    """The variants checked in-process are the ablation flags and combiners, never a baseline."""
+    names = {p.stem for p in FLAGS}
+    assert {"pf_msmtrec_epinions_no_tower", "pmtrec_epinions_nashmtl", "pmtrec_epinions_single"} <= names
+    assert not names & {"pf_msmtrec_epinions_fedavg", "pmtrec_epinions_federated", "fedpa_movielens_no_gate"}
+
+
+@pytest.mark.parametrize("path", FLAGS, ids=[p.stem for p in FLAGS])
+def test_flag_variant_trains_and_evaluates_one_round_in_process(path):
+    """Both halves of the algorithm in this process on the config's tiny data slice: one round of
+    training over a cohort, aggregation, and the algorithm's own evaluation of the validation split."""
+    import numpy as np
+    import torch
+
+    from algorithms import make_algorithm
+    from simulator.cohort import DataView
+    from simulator.config import make_setup
+    cfg = load(path, _tiny(path))
+    ds = cfg.data.build(cfg.seed)
+    algo = make_algorithm(cfg.algorithm, make_setup(cfg, ds))
+    if algo.READS_SIDE_TABLES:
+        algo.attach_data(ds)
+    ids = np.arange(min(ds.num_clients, cfg.federation.clients_per_round), dtype=np.int64)
+    view, state = DataView(ds), algo.init_server()
+    personal = algo.init_personal(torch.from_numpy(ids))
+    batch = view.batch(ids, 0, epochs=cfg.train.local_epochs, seed=cfg.seed, rnd=0)
+    update = algo.train_cohort(algo.configure_train(0, state, torch.from_numpy(ids)), batch, personal)
+    state, stats = algo.aggregate_train(0, state, update.acc.cpu())
+    assert stats["clients_trained"] > 0
+    splits = {s: view.batch(ids, s) for s in (0, 1, 2)}
+    metrics = algo.aggregate_evaluate("val", algo.evaluate_cohort(state, splits, {**personal, **update.personal}, 1))
+    assert metrics and all(k.startswith("val/") for k in metrics)
