@@ -10,10 +10,10 @@ workers' and `aggregate_evaluate` turns the result into metrics.
 
 What an algorithm can do is declared on its class (`AlgorithmBase`), never probed: its
 evaluation kind, the privacy mechanisms it supports, whether it reads the dataset's side
-tables, and the tiny example runs that the registry-wide tests use (tests/test_contract.py). Everything that changes
-across rounds lives in the server state or the personal state the engine owns (and
-checkpoints); an algorithm object holds nothing mutable after `__init__` beyond caches
-rebuilt from that state.
+tables, and the tiny example runs that the registry-wide tests use (tests/test_contract.py).
+Everything that changes across rounds lives in the server state or the personal state the
+engine owns (and checkpoints); an algorithm object holds nothing mutable after `__init__`
+beyond caches rebuilt from that state.
 """
 from __future__ import annotations
 

@@ -7,17 +7,9 @@ import torch
 
 from simulator import checkpoint
 from simulator.config_loader import ConfigError
-from simulator.run import Callback, run
+from simulator.run import run
 from simulator.tracking import MlflowLogger
-
-
-class _Crash(Callback):
-    def __init__(self, at_round: int):
-        self.at = at_round
-
-    def on_round(self, record):
-        if record["round"] == self.at:
-            raise KeyboardInterrupt("driver killed")
+from tests.test_contract import _Crash, _KillWorker
 
 
 def test_resume_after_kill_matches_uninterrupted(ray_session, tiny_cfg, tmp_path):
@@ -55,21 +47,6 @@ def test_checkpoints_are_pruned_and_missing_dir_is_a_clear_error(ray_session, ti
     assert not list(tmp_path.glob(".tmp*"))
     with pytest.raises(ConfigError, match="no checkpoint to resume from"):
         checkpoint.load(tmp_path / "nothing")
-
-
-class _KillWorker(Callback):
-    """Kills worker 1 (Ray restarts it with fresh state) after a given round."""
-
-    def __init__(self, after_round: int):
-        self.after = after_round
-
-    def on_start(self, cfg, info):
-        self.handle = info["worker_handles"][1]
-
-    def on_round(self, record):
-        if record["round"] == self.after:
-            import ray
-            ray.kill(self.handle, no_restart=False)
 
 
 # right after a checkpoint (nothing to replay); a kill between checkpoints (replay) is run for every

@@ -9,22 +9,15 @@ import torch
 from algorithms import make_algorithm
 from algorithms import pfmsm_math as pm
 from algorithms.pfmsm import PERS
-from algorithms.scenario import PERSONAL
+from algorithms.scenario import PERSONAL, SCENARIO_EXAMPLE
 from datasets.federated import TEST
 from simulator.cohort import DataView
 from simulator.config import from_dict, make_setup
 from simulator.config_loader import ConfigError, apply_overrides
 
-TINY = {
-    "rounds": 2, "tracking.mlflow": False, "tracking.progress": False, "algorithm.name": "pf_msmtrec",
-    "data.name": "synthetic_multi_scenario", "data.rows": "[300,200,120]", "data.num_users": 40,
-    "data.num_items": 30, "data.num_numeric": 2,
-    "model.name": "mmoe", "model.embed_dim": 4, "model.num_global_experts": 2, "model.num_task_experts": 1,
-    "model.num_scenario_experts": 1, "model.expert": "[8]", "model.tower": "[4]", "model.dropout": 0.0,
-    "train.batch_size": 64, "train.lr": 0.01, "train.optimizer": "adam",
-    "federation.clients_per_round": 3, "federation.cohort_size": 3,
-    "resources.workers": 1, "resources.cpus_per_worker": 0.5,
-}
+# the registry-wide example of the scenario algorithms, in one worker, without dropout
+TINY = {**SCENARIO_EXAMPLE, "rounds": 2, "tracking.mlflow": False, "tracking.progress": False,
+        "algorithm.name": "pf_msmtrec", "model.dropout": 0.0, "resources.workers": 1}
 
 
 def tiny(**extra):
