@@ -1,6 +1,6 @@
 """Evaluation partials: what a worker returns for one split, mergeable in any grouping.
 
-Two implementations of one interface (`EvalPartial`: `merge`, `empty`):
+Two implementations of one interface (`EvalPartial`: `merge_many`, `empty`):
 - `PointwisePartial`: the scored real rows (client id, probabilities, labels), merged by
   concatenation; `pointwise_metrics` turns them into AUC, GAUC, log-loss and weighted
   precision / recall / F1 per task, their means over tasks and, when the clients are
@@ -24,7 +24,8 @@ from algorithms import metrics
 
 
 class EvalPartial(Protocol):
-    def merge(self, other: "EvalPartial") -> "EvalPartial": ...
+    @classmethod
+    def merge_many(cls, parts: list) -> "EvalPartial": ...
     def empty(self) -> bool: ...
 
 
@@ -42,14 +43,14 @@ class PointwisePartial:
         client = batch.client_ids.cpu()[:, None].expand_as(real)[real]
         return cls(client.numpy(), prob.detach().float().cpu()[real].numpy(), batch.labels.cpu()[real].numpy())
 
-    def merge(self, other: "PointwisePartial") -> "PointwisePartial":
-        if other.scores is None:
-            return self
-        if self.scores is None:
-            return PointwisePartial(other.client, other.scores, other.labels)
-        return PointwisePartial(np.concatenate([self.client, other.client]),
-                                np.concatenate([self.scores, other.scores]),
-                                np.concatenate([self.labels, other.labels]))
+    @classmethod
+    def merge_many(cls, parts: list["PointwisePartial"]) -> "PointwisePartial":
+        """One concatenation of all the parts' rows, in order."""
+        parts = [p for p in parts if p.scores is not None]
+        if not parts:
+            return cls()
+        return cls(np.concatenate([p.client for p in parts]), np.concatenate([p.scores for p in parts]),
+                   np.concatenate([p.labels for p in parts]))
 
     def empty(self) -> bool:
         return self.scores is None or len(self.client) == 0
@@ -61,21 +62,22 @@ class RankingPartial:
     sums: dict[str, float] = field(default_factory=dict)
     users: int = 0
 
-    def merge(self, other: "RankingPartial") -> "RankingPartial":
-        sums = dict(self.sums)
-        for k, v in other.sums.items():
-            sums[k] = sums.get(k, 0.0) + v
-        return RankingPartial(sums, self.users + other.users)
+    @classmethod
+    def merge_many(cls, parts: list["RankingPartial"]) -> "RankingPartial":
+        sums: dict[str, float] = {}
+        for p in parts:
+            for k, v in p.sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return cls(sums, sum(p.users for p in parts))
 
     def empty(self) -> bool:
         return self.users == 0
 
 
 def merge_all(parts: list) -> EvalPartial | None:
-    out = None
-    for p in parts:
-        out = p if out is None else out.merge(p)
-    return out
+    """The parts (all of one kind, in order) as one partial; None when there are none."""
+    parts = [p for p in parts if p is not None]
+    return type(parts[0]).merge_many(parts) if parts else None
 
 
 def _nanmean(v) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+import torch
 
 __all__ = [
     "pooled_auc",
@@ -30,7 +31,7 @@ NAN = float("nan")
 
 def _np(x, dtype=None) -> np.ndarray:
     """Any array-like (numpy, list, torch tensor) -> flat numpy array."""
-    if hasattr(x, "detach"):  # torch.Tensor without importing torch here
+    if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     arr = np.asarray(x, dtype=dtype)
     return arr.reshape(-1)

@@ -18,6 +18,7 @@ beyond caches rebuilt from that state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from abc import ABCMeta, abstractmethod
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
@@ -199,13 +200,14 @@ class SplitBatches(Protocol):
     def __getitem__(self, split: int) -> CohortBatch: ...
 
 
-class AlgorithmBase:
+class AlgorithmBase(metaclass=ABCMeta):
     """Defaults every registered algorithm inherits, and its declared capabilities.
 
     Pointwise evaluation is the default: `evaluate_cohort` scores the split's rows with
     `score_cohort` ((K, L, T) probabilities) and returns them as a `PointwisePartial`;
     `aggregate_evaluate` computes AUC / GAUC / log-loss / P-R-F1 per task, and per client when
-    the clients are scenarios. A ranking algorithm sets EVALUATION = RANKING and overrides both.
+    the clients are scenarios. A ranking algorithm sets EVALUATION = RANKING and overrides both
+    (and still defines `score_cohort`, the row scores, for inspection).
     """
     Config: ClassVar[type]
     EVALUATION: ClassVar[str] = POINTWISE
@@ -219,8 +221,9 @@ class AlgorithmBase:
     def attach_data(self, dataset) -> None:
         """Called once per worker with the FederatedDataset when READS_SIDE_TABLES is set."""
 
+    @abstractmethod
     def score_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must define score_cohort (pointwise evaluation)")
+        """(K, L, T) probabilities of every row of every client of the cohort."""
 
     def evaluate_cohort(self, state: Tensors, batches: SplitBatches, personal: Tensors,
                         split: int) -> "EvalPartial":

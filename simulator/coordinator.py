@@ -114,7 +114,7 @@ class Coordinator:
         parts = self._gather([(i, call(i)) for i in range(len(self.workers))], call)
         out = {}
         for split, name in ((VAL, "val"), (TEST, "test")):
-            out.update(self.algo.aggregate_evaluate(name, merge_all([p[split] for p in parts if p[split] is not None])))
+            out.update(self.algo.aggregate_evaluate(name, merge_all([p[split] for p in parts])))
         return out
 
     def _gather(self, calls: list, redo) -> list:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import yaml
 from ray.tune import Callback as TuneCallback
 
@@ -179,11 +180,8 @@ class Sweep:
 
 def _py(v):
     """numpy scalars (what Tune samples) -> Python scalars, so the loader type-checks them."""
-    if hasattr(v, "item") and not isinstance(v, (list, dict, str)):
-        try:
-            return v.item()
-        except (TypeError, ValueError):
-            return v
+    if isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.ndim == 0):
+        return v.item()
     return v
 
 

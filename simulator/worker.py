@@ -16,7 +16,8 @@ import ray
 import torch
 
 from algorithms import make_algorithm
-from algorithms.protocol import Accumulator, Setup, TrainPlan, Tensors
+from algorithms.evaluation import merge_all
+from algorithms.protocol import RANKING, Accumulator, Setup, TrainPlan, Tensors
 from datasets.federated import FederatedDataset
 from simulator.cohort import DataView
 
@@ -137,21 +138,26 @@ class Worker:
 
     def evaluate(self, state: Tensors, splits: tuple[int, ...], client_ids: np.ndarray | None = None) -> dict:
         """The algorithm's evaluation partial of the owned clients (all, or the given ones) per split:
-        {split: EvalPartial or None}. Cohort chunks are formed by the split's row counts."""
+        {split: EvalPartial or None}. Pointwise: cohort chunks formed by each split's row counts.
+        Ranking reads a cohort's training (and validation) rows to mask them, so its chunks are formed
+        once and their batches are shared by every split."""
         self._check()
         ids_all = owned_clients(self.setup.num_clients, self.index, self.workers) if client_ids is None \
             else np.sort(np.asarray(client_ids, dtype=np.int64))
-        out, dev = {}, self.setup.device
+        dev = self.setup.device
         if dev != "cpu":
             state = {k: v.to(dev) for k, v in state.items()}
-        for split in splits:
-            part = None
-            for ids in self._chunks(ids_all, split):
-                personal = {k: v[self._slots(ids)].to(dev) for k, v in self.personal.items()}
-                p = self.algo.evaluate_cohort(state, _SplitBatches(self.data, ids, dev), personal, split)
-                part = p if part is None else part.merge(p)
-            out[split] = part
-        return out
+        if self.algo.EVALUATION == RANKING:
+            plan = [(tuple(splits), ids) for ids in self._chunks(ids_all, 0)]
+        else:
+            plan = [((split,), ids) for split in splits for ids in self._chunks(ids_all, split)]
+        parts: dict[int, list] = {split: [] for split in splits}
+        for chunk_splits, ids in plan:
+            personal = {k: v[self._slots(ids)].to(dev) for k, v in self.personal.items()}
+            batches = _SplitBatches(self.data, ids, dev)
+            for split in chunk_splits:
+                parts[split].append(self.algo.evaluate_cohort(state, batches, personal, split))
+        return {split: merge_all(p) for split, p in parts.items()}
 
     def personal_state(self, client_ids: np.ndarray) -> Tensors:
         """A copy of some owned clients' personal state (for inspection and tests)."""

@@ -7,9 +7,18 @@ import torch
 
 from simulator import checkpoint
 from simulator.config_loader import ConfigError
-from simulator.run import run
+from simulator.run import Callback, run
 from simulator.tracking import MlflowLogger
-from tests.test_contract import _Crash, _KillWorker
+from tests.test_contract import _KillWorker
+
+
+class _Crash(Callback):
+    def __init__(self, at_round: int):
+        self.at = at_round
+
+    def on_round(self, record):
+        if record["round"] == self.at:
+            raise KeyboardInterrupt("driver killed")
 
 
 def test_resume_after_kill_matches_uninterrupted(ray_session, tiny_cfg, tmp_path):

@@ -46,15 +46,6 @@ def test_every_algorithm_declares_its_capabilities_and_a_tiny_example():
             assert bool(cfg.algorithm.ranking_ks()) == (algo.EVALUATION == RANKING), name
 
 
-class _Crash(Callback):
-    def __init__(self, at_round: int):
-        self.at = at_round
-
-    def on_round(self, record):
-        if record["round"] == self.at:
-            raise KeyboardInterrupt("driver killed")
-
-
 class _KillWorker(Callback):
     """Kills the last worker (Ray restarts it with fresh state) after a given round."""
 

@@ -5,6 +5,7 @@ returns none, one without shared embedding tables trained as row subsets lists n
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from algorithms.protocol import Tensors
 
 
-class RoleModule(nn.Module):
+class RoleModule(nn.Module, metaclass=ABCMeta):
     MULTI_TASK: ClassVar[bool] = False        # one output per task with template roles (algorithms/models/mtl.py)
 
     def __init__(self):
@@ -21,8 +22,9 @@ class RoleModule(nn.Module):
         self.group_params: dict[str, str] = {}    # group-shared parameter name -> the client attribute it is keyed by
         self.backbone_meta: dict = {}             # what a pre-trained backbone file recorded (FedPA stage 1)
 
+    @abstractmethod
     def roles(self) -> dict[str, str]:
-        raise NotImplementedError(f"{type(self).__name__} must define roles()")
+        """Role (algorithms.protocol FROZEN / PRIVATE / SHARED / GROUP, or a template role) per parameter."""
 
     def init_private(self, normal: callable, client_ids: torch.Tensor) -> Tensors:
         """Fresh private tensors for K clients; `normal(shape_tail)` draws (K, *shape_tail)."""
