@@ -1,12 +1,12 @@
 """Central DP building blocks: clipping, seeded server noise, the fixed-denominator mean, accounting."""
+import opacus.accountants as opacus_accountants
 import pytest
 import torch
 
 from algorithms import privacy as P
 from algorithms.aggregate import fold_weighted
 from algorithms.protocol import Accumulator
-
-opacus_accountants = pytest.importorskip("opacus.accountants")
+from simulator import config_loader as loader
 
 
 # ---------------------------------------------------------------------------- accountant
@@ -31,7 +31,6 @@ def test_step_n_equals_n_single_steps():
     assert a.epsilon() == b.epsilon()
 
 
-@pytest.mark.skipif(not hasattr(opacus_accountants, "PRVAccountant"), reason="no PRVAccountant")
 def test_prv_epsilon_equals_library():
     acc = P.PrivacyAccountant(1.0, 0.01, 1e-5, "prv")
     acc.step(50)
@@ -186,7 +185,6 @@ def test_config_defaults_and_checks():
 
 
 def test_config_loads_through_the_project_loader():
-    loader = pytest.importorskip("simulator.config_loader")
     load = loader.build
     cfg = load(P.CentralDPConfig, {"enabled": True, "noise_multiplier": 0.9, "accountant": "prv"})
     assert cfg == P.CentralDPConfig(enabled=True, noise_multiplier=0.9, accountant="prv")
