@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from algorithms.protocol import Accumulator, Tensors
+from fleetrec.algorithms.protocol import Accumulator, Tensors
 
 
 def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ def fold_rows(acc: Accumulator, name: str, num_rows: int, vocab: torch.Tensor, d
     """Fold per-client row deltas (K, U, ...) of table `name` (rows `vocab` (K, U)) into
     acc.sums[name] as sum_k w_k x_k over the full table, x_k = base + delta_k (`base` None:
     the deltas themselves are summed). Clients with keep False add nothing."""
-    from algorithms.sparse_rows import scatter_rows
+    from fleetrec.algorithms.sparse_rows import scatter_rows
     w = torch.where(keep, weights.double(), torch.zeros_like(weights, dtype=torch.float64))
     d = torch.where(bcast(keep, deltas), deltas, torch.zeros_like(deltas)).double() * bcast(w, deltas)
     s = scatter_rows(num_rows, vocab, d)

@@ -9,20 +9,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from algorithms import rng
-from algorithms.protocol import FROZEN, GROUP, PRIVATE, SHARED, AlgorithmBase, CohortBatch, Setup, Tensors
-from algorithms.vectorized import predict_cohort
+from fleetrec.algorithms import rng
+from fleetrec.algorithms.models import MODELS
+from fleetrec.algorithms.protocol import FROZEN, GROUP, PRIVATE, SHARED, AlgorithmBase, CohortBatch, Setup, Tensors
+from fleetrec.algorithms.vectorized import predict_cohort
 
 
 def build_model(setup: Setup):
-    from algorithms.models.adapter import AdapterModel, AdapterModelConfig
-    from algorithms.models.per_user import PerUserModel, PerUserModelConfig
-    from algorithms.models.fedpa import FedPAModel, FedPAModelConfig
-    from algorithms.models.mtl import MODELS as MTL_MODELS
-    builders = {PerUserModelConfig: PerUserModel, AdapterModelConfig: AdapterModel, FedPAModelConfig: FedPAModel,
-                **dict(MTL_MODELS.values())}
     torch.manual_seed(setup.seed)   # the one global-RNG use: identical initial model everywhere
-    model = builders[type(setup.model)](setup.model, setup.schema)
+    model = MODELS[setup.model.name](setup.model, setup.schema)
     return model.to(setup.device)
 
 

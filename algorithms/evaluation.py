@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from algorithms import metrics
+from fleetrec.algorithms import metrics
 
 
 class EvalPartial(Protocol):

@@ -13,11 +13,11 @@ from typing import ClassVar
 
 import torch
 
-from algorithms import aggregate, privacy, server_opt, sparse_rows
-from algorithms.base import RoleModelAlgorithm
-from algorithms.protocol import CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Tensors, TrainPlan
-from algorithms.server_opt import ServerOptimizerConfig
-from algorithms.vectorized import train_cohort_sgd
+from fleetrec.algorithms import aggregate, privacy, server_opt, sparse_rows
+from fleetrec.algorithms.base import RoleModelAlgorithm
+from fleetrec.algorithms.protocol import CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Tensors, TrainPlan
+from fleetrec.algorithms.server_opt import ServerOptimizerConfig
+from fleetrec.algorithms.vectorized import train_cohort_sgd
 
 
 # a tiny per-user federation (the registry-wide tests run every algorithm on its EXAMPLES)

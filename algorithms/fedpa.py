@@ -20,11 +20,11 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from algorithms import aggregate, rng
-from algorithms.base import RoleModelAlgorithm
-from algorithms.protocol import (GROUP, SHARED, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
-                                 Tensors, TrainPlan)
-from algorithms.vectorized import predict_cohort, train_cohort_sgd
+from fleetrec.algorithms import aggregate, rng
+from fleetrec.algorithms.base import RoleModelAlgorithm
+from fleetrec.algorithms.protocol import (GROUP, SHARED, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
+                                          Tensors, TrainPlan)
+from fleetrec.algorithms.vectorized import predict_cohort, train_cohort_sgd
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class FedPA(RoleModelAlgorithm):
             raise ValueError(
                 f"model.backbone was pre-trained with {meta.get('open_clients')} open clients held out of "
                 f"{meta.get('total_clients')}; stage 2 must federate the {private} private clients only, but the "
-                f"dataset has {setup.num_clients}: build it with simulator.pretrain.federated_dataset(cfg)")
+                f"dataset has {setup.num_clients}: build it with fleetrec.simulator.run.federated_dataset(cfg)")
 
     # ---- server half
     def init_server(self) -> Tensors:

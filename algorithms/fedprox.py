@@ -15,14 +15,14 @@ from typing import ClassVar
 
 import torch
 
-from algorithms import aggregate, server_opt
-from algorithms.base import RoleModelAlgorithm
-from algorithms.fedavg import PER_USER_EXAMPLE
-from algorithms.privacy import CentralDP
-from algorithms.protocol import (CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
-                                 Tensors, TrainPlan)
-from algorithms.server_opt import ServerOptimizerConfig
-from algorithms.vectorized import train_cohort_sgd
+from fleetrec.algorithms import aggregate, server_opt
+from fleetrec.algorithms.base import RoleModelAlgorithm
+from fleetrec.algorithms.fedavg import PER_USER_EXAMPLE
+from fleetrec.algorithms.privacy import CentralDP
+from fleetrec.algorithms.protocol import (CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
+                                          Tensors, TrainPlan)
+from fleetrec.algorithms.server_opt import ServerOptimizerConfig
+from fleetrec.algorithms.vectorized import train_cohort_sgd
 
 
 @dataclass(frozen=True)

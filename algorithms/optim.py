@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from algorithms.protocol import LocalTrainConfig, Tensors
+from fleetrec.algorithms.protocol import LocalTrainConfig, Tensors
 
 
 def _bcast(active: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -26,14 +26,13 @@ from typing import ClassVar
 
 import torch
 
-from algorithms import aggregate
-from algorithms import pfmsm_math as pm
-from algorithms.protocol import (PERSONALIZED, PRIVATE, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate,
-                                 Tensors, TrainPlan)
-from algorithms.scenario import PERSONAL, SCENARIO_EXAMPLE, ScenarioAlgorithm
+from fleetrec.algorithms import aggregate
+from fleetrec.algorithms import pfmsm_math as pm
+from fleetrec.algorithms.protocol import (PERSONALIZED, PRIVATE, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate,
+                                          Tensors, TrainPlan)
+from fleetrec.algorithms.scenario import OWN_MODEL, SCENARIO_EXAMPLE, ScenarioAlgorithm
 
 PERS, REF = "pers.", "ref."
-FEDBN_MODES = ("local_bn", "server_norm", "aggregate")
 TOWER_MODES = ("cross_attention", "fallback", "none")
 
 
@@ -53,7 +52,7 @@ class PFMSMTrecConfig(AlgorithmConfig):
     tower_aggregation: str = "cross_attention"   # cross_attention | fallback | none (towers stay local)
     mu: float = 0.01                         # proximal weight toward the mean personalized copy
 
-    CHECKS: ClassVar[dict] = {"fedbn_mode": FEDBN_MODES, "kappa": ">=0", "rescale": pm.RESCALES,
+    CHECKS: ClassVar[dict] = {"fedbn_mode": pm.FEDBN_MODES, "kappa": ">=0", "rescale": pm.RESCALES,
                               "alpha_init": "0..1", "alpha_lr": ">=0", "alpha_momentum": "0..1",
                               "alpha_weight_decay": ">=0", "tower_aggregation": TOWER_MODES, "mu": ">=0"}
 
@@ -75,7 +74,7 @@ class PFMSMTrec(ScenarioAlgorithm):
         if cfg.tower_aggregation == "none":
             roles = {n: (pm.LOCAL if _is_tower(r) else r) for n, r in roles.items()}
         self.group_roles = roles
-        names = pm.upload_names(roles, "local_bn" if cfg.fedbn_mode == "local_bn" else "server_norm")
+        names = pm.upload_names(roles, cfg.fedbn_mode)
         groups = pm.aggregation_groups(roles, names)
         self.expert_groups = {g: ns for g, ns in groups.items() if not _is_tower(g)}
         tower_names = [n for g, ns in groups.items() if _is_tower(g) for n in ns]
@@ -185,7 +184,7 @@ class PFMSMTrec(ScenarioAlgorithm):
 
     # ---- client half
     def client_start(self, plan_or_state: Tensors, personal: Tensors, k: int, client: int) -> Tensors:
-        own = {n: personal[PERSONAL + n][k] for n in self.all_names}
+        own = {n: personal[OWN_MODEL + n][k] for n in self.all_names}
         own.update({n: plan_or_state[PERS + n][client] for n in self.shared_names})
         return own
 
@@ -195,7 +194,7 @@ class PFMSMTrec(ScenarioAlgorithm):
         starts, ends, losses = self.train_clients(plan, batch, personal, ref, mu)
         deltas = {int(c): {n: (end[n] - start[n]).double() for n in self.shared_names}
                   for c, start, end in zip(batch.client_ids, starts, ends)}
-        new_personal = {PERSONAL + n: torch.stack([e[n] for e in ends]) for n in self.all_names}
+        new_personal = {OWN_MODEL + n: torch.stack([e[n] for e in ends]) for n in self.all_names}
         acc = Accumulator()
         loss_t = torch.tensor(losses)
         keep = aggregate.fold_weighted(acc, {}, batch.n_rows.double(), {"train_loss": loss_t})

@@ -9,30 +9,19 @@ No Ray, no per-client objects: callers stack the clients' deltas and call these 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+# The parameter template (roles by module name) and the BatchNorm-name rule belong to the models;
+# they are re-exported here because every aggregation below is keyed by them.
+from fleetrec.algorithms.models.template import (GLOBAL, LOCAL, PERSONAL, SCENARIO, TASK_PREFIX,  # noqa: F401
+                                                 TOWER_PREFIX, bn_tensor, task_role, template_roles, tower_role)
+
 RESCALES = ("1+k2", "1+k", "none")
-FEDBN_MODES = ("local_bn", "server_norm")
-
-# Template roles (§1.2 option A). Task and tower roles carry the task name: "task:ctr", "tower:ctr".
-GLOBAL = "global"          # aggregated across all clients
-SCENARIO = "scenario"      # scenario experts, aggregated (personalized) across clients
-PERSONAL = "personal"      # scenario experts kept by the client (aggregate_scenario_experts=False)
-LOCAL = "local"            # gates, embeddings: never uploaded
-TASK_PREFIX, TOWER_PREFIX = "task:", "tower:"
-
-
-def task_role(task: str) -> str:
-    return TASK_PREFIX + task
-
-
-def tower_role(task: str) -> str:
-    return TOWER_PREFIX + task
-
+# local_bn: BN tensors stay with the client (FedBN); server_norm: uploaded, deltas normalized; aggregate: plain
+FEDBN_MODES = ("local_bn", "server_norm", "aggregate")
 
 # ---------------------------------------------------------------------------------- module 1
 def server_norm(deltas: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -44,17 +33,6 @@ def server_norm(deltas: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     m = deltas.mean(dim=1, keepdim=True)                        # (N, 1)
     s = deltas.std(dim=1, correction=0, keepdim=True)           # (N, 1)
     return (deltas - m) / (s + eps) * s.mean() + m.mean()       # (N, D)
-
-
-_BN_RE = re.compile(r"(^|\.)bn\d*\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
-
-
-def bn_tensor(name: str) -> bool:
-    """True for BatchNorm weight, bias and running statistics (modules named `bn<i>`, see models/mtl.py).
-
-    Under `fedbn_mode="local_bn"` (FedBN) these tensors are never uploaded nor overwritten.
-    """
-    return _BN_RE.search(name) is not None
 
 
 # ---------------------------------------------------------------------------------- module 2
@@ -151,31 +129,6 @@ def tower_fallback(start: torch.Tensor, deltas: torch.Tensor, beta: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------- template
-def template_roles(names: Iterable[str], tasks: Sequence[str],
-                   aggregate_scenario_experts: bool = True) -> dict[str, str]:
-    """Template role of every parameter name of an MTL model (§1.2 option A), from module names.
-
-    `global_experts.*` / `bottom.*` -> "global" (all clients); `task_experts.<t>.*` -> "task:<name>"
-    (clients having task t); `scenario_experts.*` -> "scenario" when `aggregate_scenario_experts`,
-    else "personal"; `towers.<t>.*` -> "tower:<name>"; anything else (embeddings, gates) -> "local".
-    """
-    out = {}
-    for name in names:
-        parts = name.split(".")
-        out[name] = _role_of(parts, tasks, aggregate_scenario_experts)
-    return out
-
-
-def _role_of(parts: list[str], tasks: Sequence[str], aggregate_scenario_experts: bool) -> str:
-    for i, p in enumerate(parts):
-        if p in ("towers", "task_experts"):
-            t = tasks[int(parts[i + 1])]
-            return tower_role(t) if p == "towers" else task_role(t)
-        if p == "scenario_experts":
-            return SCENARIO if aggregate_scenario_experts else PERSONAL
-        if p in ("global_experts", "bottom"):
-            return GLOBAL
-    return LOCAL
 
 
 def is_aggregated(role: str) -> bool:

@@ -38,14 +38,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from algorithms import rng
-from algorithms.combiners import (CombineInput, CombinerConfig, PMTRecConfig, gather_rows, make_combiner,
-                                  pmtrec_combine, task_row_grads, touched_mask)
-from algorithms.evaluation import RankingPartial, ranking_metrics
-from algorithms.protocol import (RANKING, Accumulator, AlgorithmBase, AlgorithmConfig, CohortBatch, CohortUpdate,
-                                 Setup, Tensors, TrainPlan)
-from algorithms.ranking import full_ranking
-from datasets.federated import TRAIN, VAL
+from fleetrec.algorithms import rng
+from fleetrec.algorithms.combiners import (COMBINERS, CombineInput, CombinerConfig, PMTRecConfig, gather_rows, make_combiner,
+                                           pmtrec_combine, task_row_grads, touched_mask)
+from fleetrec.algorithms.evaluation import RankingPartial, ranking_metrics
+from fleetrec.algorithms.protocol import (RANKING, Accumulator, AlgorithmBase, AlgorithmConfig, CohortBatch, CohortUpdate,
+                                          Setup, Tensors, TrainPlan)
+from fleetrec.algorithms.ranking import full_ranking
+from fleetrec.datasets.federated import TRAIN, VAL
 
 TASKS = ("bpr", "social", "coview", "category", "rating", "au")
 FEDERATED_TASKS = ("bpr", "category", "rating", "au")
@@ -54,7 +54,6 @@ MF_EXAMPLE = {"data.name": "mf_synthetic", "data.num_users": 40, "data.num_items
               "data.num_categories": 4, "eval.metric": "recall@20", "federation.clients_per_round": 20,
               "resources.workers": 2, "resources.cpus_per_worker": 0.5}   # a tiny run (registry-wide tests)
 COMBINER_PREFIX, COMBINER_OPT_PREFIX = "combiner/", "combiner_adam/"   # server-state keys of the combiner history
-NEG_STREAM, SOCIAL_STREAM, PAIR_STREAM, STEP_STREAM = 201, 202, 203, 204
 BETAS, EPS = (0.9, 0.999), 1e-8
 
 
@@ -224,9 +223,9 @@ class PMTRecMF(AlgorithmBase):
 
     def init_server(self) -> Tensors:
         d = self.config.dim
-        s = {"Q": self._init_table(self.num_items, 302)}
+        s = {"Q": self._init_table(self.num_items, rng.MF_INIT_ITEMS)}
         if self.config.mode == "centralized":
-            s["P"] = self._init_table(self.num_users, 301)
+            s["P"] = self._init_table(self.num_users, rng.MF_INIT_USERS)
         if self._head_names():
             C = max(self.num_categories, 1)
             s["W"], s["b"] = torch.zeros(C, d), torch.zeros(C)
@@ -273,7 +272,7 @@ class PMTRecMF(AlgorithmBase):
         if self.config.mode == "centralized":
             return {}
         ids = client_ids.numpy().astype(np.uint64)
-        p = rng.normal_tensor((d,), self.setup.seed, 301, 0, ids, std=self.config.init_std) if K else torch.zeros(0, d)
+        p = rng.normal_tensor((d,), self.setup.seed, rng.MF_INIT_USERS, 0, ids, std=self.config.init_std) if K else torch.zeros(0, d)
         return {"p": p, "m/p": torch.zeros(K, d), "v/p": torch.zeros(K, d), "step/p": torch.zeros(K)}
 
     def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan:
@@ -380,7 +379,7 @@ class PMTRecMF(AlgorithmBase):
     def _central_step(self, s: Tensors, u, i, r, epoch: int) -> dict:
         c, tr = self.config, self.setup.train
         step = int(s["step"]) + 1
-        gen = _generator(self.setup.seed, NEG_STREAM, step)
+        gen = _generator(self.setup.seed, rng.MF_NEGATIVES, step)
         j = torch.randint(self.num_items, u.shape, generator=gen)
         aux = self._aux_ids(u, i, gen)
         users, items = self._task_ids(u, i, j, aux)
@@ -477,7 +476,7 @@ class PMTRecMF(AlgorithmBase):
 
     def _negatives(self, batch: CohortBatch, rnd: int) -> torch.Tensor:
         K, L = batch.mask.shape
-        u = rng.uniform(self.setup.seed, NEG_STREAM, rnd, batch.client_ids.numpy()[:, None].astype(np.uint64),
+        u = rng.uniform(self.setup.seed, rng.MF_NEGATIVES, rnd, batch.client_ids.numpy()[:, None].astype(np.uint64),
                         np.arange(L, dtype=np.uint64)[None, :])
         return torch.from_numpy(np.minimum((u * self.num_items).astype(np.int64), self.num_items - 1))
 
@@ -630,7 +629,7 @@ class FedAvgMF(PMTRecMF):
     EXAMPLES = {"federated": {**MF_EXAMPLE, "data.layout": "federated", "train.lr": 0.1}}
 
     def __init__(self, config: FedAvgMFConfig, setup: Setup):
-        full = PMTRecAlgoConfig(mode="federated", tasks=("bpr",), combiner=CombinerConfig.VARIANTS()["equal"](),
+        full = PMTRecAlgoConfig(mode="federated", tasks=("bpr",), combiner=COMBINERS.config("equal")(),
                                 dim=config.dim, init_std=config.init_std, reg=config.reg, ks=config.ks)
         super().__init__(full, setup)
         self.fconfig = config

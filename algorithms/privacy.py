@@ -36,7 +36,7 @@ add/remove-one neighbouring. The simulator samples a fixed number of clients per
 without replacement; using q = clients_per_round / num_clients is the usual approximation
 (as in DP-FedAvg) and is reported as such, not as a formal guarantee for that sampler.
 
-Noise. Server-side noise is drawn with the counter-based generator of `algorithms.rng`
+Noise. Server-side noise is drawn with the counter-based generator of `fleetrec.algorithms.rng`
 (stream `rng.NOISE`) at a pseudo-client id `SERVER_NOISE_CLIENT + crc32(tensor name)`,
 so it is a pure function of (seed, round, tensor name): the same whatever the worker
 layout, different every round, and never shared with a real client's local-DP draws.
@@ -50,8 +50,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from algorithms import rng
-from algorithms.protocol import Accumulator, Tensors
+from fleetrec.algorithms import rng
+from fleetrec.algorithms.protocol import Accumulator, Tensors
 
 # Pseudo-client ids for server-side noise start here; real client ids are far below it.
 SERVER_NOISE_CLIENT = 2 ** 40

@@ -5,7 +5,7 @@ An algorithm owns both halves: the server half runs in the coordinator
 workers (`init_personal`, `train_cohort`, `evaluate_cohort`). Workers train whole cohorts at
 once; updates are folded into an `Accumulator` that workers pre-reduce and the coordinator
 merges. Evaluation works the same way: `evaluate_cohort` returns a mergeable partial
-(`algorithms.evaluation`), workers merge their cohorts' partials, the coordinator merges the
+(`fleetrec.algorithms.evaluation`), workers merge their cohorts' partials, the coordinator merges the
 workers' and `aggregate_evaluate` turns the result into metrics.
 
 What an algorithm can do is declared on its class (`AlgorithmBase`), never probed: its
@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
-from datasets.federated import DatasetSchema
+from fleetrec.datasets.federated import DatasetSchema
+from fleetrec.datasets.registry import Registry, TaggedUnion
 
 if TYPE_CHECKING:
-    from algorithms.evaluation import EvalPartial
-    from algorithms.models import ModelConfig
-    from algorithms.privacy import CentralDPConfig
+    from fleetrec.algorithms.evaluation import EvalPartial
+    from fleetrec.algorithms.models import ModelConfig
+    from fleetrec.algorithms.privacy import CentralDPConfig
 
 Tensors = dict[str, torch.Tensor]
 
@@ -54,15 +55,39 @@ class LocalTrainConfig:
                               "optimizer": ("sgd", "adam"), "weight_decay": ">=0"}
 
 
+def _check_algorithm(name: str, algorithm: type) -> None:
+    if not (isinstance(algorithm, type) and issubclass(algorithm, AlgorithmBase)):
+        raise TypeError(f"algorithm {name!r}: {algorithm!r} must subclass "
+                        "fleetrec.algorithms.protocol.AlgorithmBase")
+    if algorithm.Config.name != name:
+        raise ValueError(f"algorithm {name!r}: its Config's default name is {algorithm.Config.name!r}")
+
+
+_A = "fleetrec.algorithms."
+# The one registry of algorithms (`register` adds a plug-in). Built-ins are imported on first use.
+ALGORITHMS: Registry[type] = Registry("algorithm", {
+    "fedavg": _A + "fedavg:FedAvg",
+    "fedprox": _A + "fedprox:FedProx",
+    "fedpa": _A + "fedpa:FedPA",
+    "pmtrec": _A + "pmtrec:PMTRecMF",
+    "fedavg_mf": _A + "pmtrec:FedAvgMF",
+    "scenario_local": _A + "scenario:ScenarioLocal",
+    "scenario_centralized": _A + "scenario:ScenarioCentralized",
+    "scenario_fedavg": _A + "scenario:ScenarioFedAvg",
+    "scenario_fedprox": _A + "scenario:ScenarioFedProx",
+    "scenario_fedbn": _A + "scenario:ScenarioFedBN",
+    "scenario_fedper": _A + "scenario:ScenarioFedPer",
+    "scenario_ditto": _A + "scenario:ScenarioDitto",
+    "pf_msmtrec": _A + "pfmsm:PFMSMTrec",
+}, config_of=lambda algorithm: algorithm.Config, check=_check_algorithm)
+
+
 @dataclass(frozen=True)
-class AlgorithmConfig:
+class AlgorithmConfig(TaggedUnion):
     """Base of the YAML `algorithm:` block; `name` picks the algorithm from the registry."""
     name: str = "fedavg"
 
-    @classmethod
-    def VARIANTS(cls) -> dict[str, type]:
-        from algorithms import ALGORITHMS
-        return {name: algo.Config for name, algo in ALGORITHMS.items()}
+    REGISTRY: ClassVar[Registry] = ALGORITHMS
 
     def data_layout(self) -> str | None:
         """The `data.layout` this configuration needs (centralized / federated), or None for any."""
@@ -227,11 +252,29 @@ class AlgorithmBase(metaclass=ABCMeta):
 
     def evaluate_cohort(self, state: Tensors, batches: SplitBatches, personal: Tensors,
                         split: int) -> "EvalPartial":
-        from algorithms.evaluation import PointwisePartial
+        from fleetrec.algorithms.evaluation import PointwisePartial
         batch = batches[split]
         return PointwisePartial.from_scores(batch, self.score_cohort(state, batch, personal))
 
     def aggregate_evaluate(self, prefix: str, partial: "EvalPartial") -> dict[str, float]:
-        from algorithms.evaluation import pointwise_metrics
+        from fleetrec.algorithms.evaluation import pointwise_metrics
         schema = self.setup.schema
         return pointwise_metrics(prefix, schema.tasks, partial, per_client=schema.scenario is not None)
+
+
+def register(name: str, algorithm: type) -> type:
+    """Add an algorithm class. It must subclass `AlgorithmBase` (declared capabilities and
+    defaults) and have a `Config` whose default `name` is `name`; a taken name is refused."""
+    return ALGORITHMS.register(name, algorithm)
+
+
+def algorithms_supporting(mechanism: str) -> list[str]:
+    """Registered algorithms that declare a privacy mechanism (CENTRAL_DP, ...)."""
+    return [n for n, a in ALGORITHMS.items() if mechanism in a.PRIVACY]
+
+
+def make_algorithm(config: AlgorithmConfig, setup: Setup):
+    cls = ALGORITHMS[config.name]
+    if setup.privacy is not None and CENTRAL_DP not in cls.PRIVACY:   # the config loader refuses this first
+        raise ValueError(f"privacy.enabled: algorithm {config.name!r} does not implement central DP")
+    return cls(config, setup)

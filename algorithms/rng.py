@@ -14,8 +14,28 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
-# Stream ids: one per use, so different uses never share draws.
-INIT_PERSONAL, MINIBATCH_ORDER, NOISE, SAMPLE, DROPOUT = 1, 2, 3, 4, 5
+# Stream ids, the one table: every use of randomness in the engine and the algorithms has its own
+# id, so no two uses share draws (tests/test_layout.py checks that the ids are distinct). The
+# numbers are part of every published result: renaming is free, renumbering changes the draws.
+# Data generators and partitioners (fleetrec.datasets, which imports nothing of ours) seed their
+# NumPy generators with [seed, 7000-9999]: outside this table's range.
+INIT_PERSONAL = 1        # personal tensors of a client at first sight (algorithms/base.py)
+MINIBATCH_ORDER = 2      # row order of every local epoch (simulator/cohort.py)
+NOISE = 3                # Gaussian noise of central DP (privacy.py) and of FedPA's local DP
+SAMPLE = 4               # the clients of a round (simulator/coordinator.py, simulator/system.py)
+AVAILABILITY = 11        # which clients are online in a round (simulator/system.py)
+CLIENT_DROPOUT = 12      # which sampled clients drop out of a round (simulator/system.py)
+PROFILE = 13             # each client's speed profile (simulator/system.py)
+NN_DROPOUT = 17          # torch dropout masks of a scenario client's local training (scenario.py)
+POOLED_SHUFFLE = 23      # minibatches of the pooled centralized baseline (scenario.py)
+RLW = 101                # random loss weights (combiners/weighting.py)
+PCGRAD = 102             # PCGrad's projection order (combiners/surgery.py)
+MF_NEGATIVES = 201       # BPR negative items (pmtrec.py)
+MF_SOCIAL = 202          # sampled trust edges (pmtrec.py)
+MF_PAIRS = 203           # sampled co-view pairs (pmtrec.py)
+MF_STEP = 204            # per-step draws of the MF trainers (pmtrec.py)
+MF_INIT_USERS = 301      # initial user factors (pmtrec.py)
+MF_INIT_ITEMS = 302      # initial item factors (pmtrec.py)
 
 
 def _mix(z: np.ndarray) -> np.ndarray:

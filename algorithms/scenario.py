@@ -27,17 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from algorithms import aggregate, server_opt
-from algorithms.base import build_model
-from algorithms.pfmsm_math import bn_tensor
-from datasets.federated import CategoricalField
-from algorithms.privacy import CentralDP
-from algorithms.server_opt import ServerOptimizerConfig
-from algorithms.protocol import (CENTRAL_DP, PRIVATE, SHARED, Accumulator, AlgorithmBase, AlgorithmConfig, CohortBatch,
-                                 CohortUpdate, Setup, Tensors, TrainPlan)
+from fleetrec.algorithms import aggregate, rng, server_opt
+from fleetrec.algorithms.base import build_model
+from fleetrec.algorithms.models.template import bn_tensor
+from fleetrec.datasets.federated import CategoricalField
+from fleetrec.algorithms.privacy import CentralDP
+from fleetrec.algorithms.server_opt import ServerOptimizerConfig
+from fleetrec.algorithms.protocol import (CENTRAL_DP, PRIVATE, SHARED, Accumulator, AlgorithmBase, AlgorithmConfig, CohortBatch,
+                                          CohortUpdate, Setup, Tensors, TrainPlan)
 
 EVAL_CHUNK = 65536          # rows per forward pass in evaluation
-PERSONAL = "m."             # personal-state prefix of the client's model
+OWN_MODEL = "m."            # personal-state key prefix of the client's own model copy
 DITTO = "p."                # personal-state prefix of Ditto's personal model
 
 
@@ -200,12 +200,12 @@ class ScenarioAlgorithm(AlgorithmBase):
     # ---- client half
     def init_personal(self, client_ids: torch.Tensor) -> Tensors:
         n = len(client_ids)
-        return {PERSONAL + k: v.expand(n, *v.shape).clone() for k, v in self._initial.items()}
+        return {OWN_MODEL + k: v.expand(n, *v.shape).clone() for k, v in self._initial.items()}
 
     def client_start(self, plan_or_state: Tensors, personal: Tensors, k: int, client: int) -> Tensors:
         """Client k's model at the start of a round / for evaluation: its own tensors, with the
         server's tensors in place of the aggregated ones."""
-        own = {n: personal[PERSONAL + n][k] for n in self.all_names}
+        own = {n: personal[OWN_MODEL + n][k] for n in self.all_names}
         own.update({n: plan_or_state[n] for n in self.shared_names if n in plan_or_state})
         return own
 
@@ -213,9 +213,9 @@ class ScenarioAlgorithm(AlgorithmBase):
         mu = self.proximal_mu()
         ref = {n: plan.params[n] for n in self.shared_names} if mu > 0 else None
         _, ends, losses = self.train_clients(plan, batch, personal, ref, mu)
-        new_personal = {PERSONAL + n: torch.stack([e[n] for e in ends]) for n in self.all_names}
+        new_personal = {OWN_MODEL + n: torch.stack([e[n] for e in ends]) for n in self.all_names}
         acc = Accumulator()
-        shared = {n: new_personal[PERSONAL + n] for n in self.shared_names}
+        shared = {n: new_personal[OWN_MODEL + n] for n in self.shared_names}
         weights = self.weights(batch)
         if self.dp.enabled:      # central DP: deltas from the round's server tensors, clipped, unit weights
             shared, weights = self.dp.client({n: v - plan.params[n] for n, v in shared.items()}, weights)
@@ -273,7 +273,7 @@ class ScenarioAlgorithm(AlgorithmBase):
                         for e in range(tc.local_epochs) for s in range(0, n, tc.batch_size)]
         self.model.train()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_client_seed(self.setup.seed, rnd, client, 17))
+            torch.manual_seed(_client_seed(self.setup.seed, rnd, client, rng.NN_DROPOUT))
             for mb in row_plan:
                 parts = [self._rows(batch, kk, idx) for kk, idx in mb]
                 cat = {f: torch.cat([p[0][f] for p in parts]) for f in parts[0][0]}
@@ -369,7 +369,7 @@ class ScenarioDitto(ScenarioFedAvg):
 
     def init_personal(self, client_ids: torch.Tensor) -> Tensors:
         out = super().init_personal(client_ids)
-        out.update({DITTO + k[len(PERSONAL):]: v.clone() for k, v in out.items()})
+        out.update({DITTO + k[len(OWN_MODEL):]: v.clone() for k, v in out.items()})
         return out
 
     def roles(self) -> dict[str, str]:
@@ -410,7 +410,7 @@ class ScenarioCentralized(ScenarioAlgorithm):
         for e in range(tc.local_epochs):
             pairs = np.concatenate([np.stack([np.full(int(n), k), batch.order[e, k, :int(n)].numpy()], 1)
                                     for k, n in enumerate(batch.n_rows.tolist())])           # (R, 2)
-            g = np.random.default_rng([self.setup.seed, 23, plan.round, e])
+            g = np.random.default_rng([self.setup.seed, rng.POOLED_SHUFFLE, plan.round, e])
             pairs = pairs[g.permutation(len(pairs))]
             for s in range(0, len(pairs), tc.batch_size):
                 mb = pairs[s:s + tc.batch_size]

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from algorithms.protocol import Tensors
+from fleetrec.algorithms.protocol import Tensors
 
 RULES = ("sgd", "momentum", "adam", "yogi")
 M, V = "server_opt/m/", "server_opt/v/"

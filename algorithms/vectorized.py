@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
-from algorithms.optim import CohortOptimizer
-from algorithms.protocol import CohortBatch, LocalTrainConfig, Tensors
+from fleetrec.algorithms.optim import CohortOptimizer
+from fleetrec.algorithms.protocol import CohortBatch, LocalTrainConfig, Tensors
 
 
 def _client_loss(model, params: Tensors, frozen: Tensors, cat: Tensors, num, attrs: Tensors, y, m):

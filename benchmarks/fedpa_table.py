@@ -1,6 +1,6 @@
 """FedPA against its baselines and ablations, over seeds, plus a local-DP sweep.
 
-For every dataset and seed: stage 1 (`simulator.pretrain.pretrain`: the backbone on the open
+For every dataset and seed: stage 1 (`fleetrec.simulator.pretrain.pretrain`: the backbone on the open
 users, written to benchmarks/out/fedpa/<dataset>_seed<k>_backbone.pt), then stage 2 for every
 method config `configs/fedpa_<dataset>[_<method>].yaml` on the private users with that backbone,
 and, on the LDP dataset, FedPA with Laplace noise of scale δ on every uploaded tensor. Each run
@@ -70,8 +70,8 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def _algorithm(cfg, ds):
-    from algorithms import make_algorithm
-    from algorithms.protocol import Setup
+    from fleetrec.algorithms import make_algorithm
+    from fleetrec.algorithms.protocol import Setup
     return make_algorithm(cfg.algorithm, Setup(ds.schema, ds.num_clients, cfg.seed, cfg.train, cfg.model))
 
 
@@ -81,7 +81,7 @@ def _touched_floats(algo, ds, parts: dict[str, int]) -> float | None:
     it trained on) instead of whole tables, as the paper and `upload_floats` count them. None when
     the method sends no such table."""
     import numpy as np
-    from datasets.federated import CLIENT, SPLIT, TRAIN
+    from fleetrec.datasets.federated import CLIENT, SPLIT, TRAIN
     if not (parts.get("user_tables") or parts.get("item_tables")):
         return None
     named = dict(algo.model.named_parameters())
@@ -103,9 +103,9 @@ def _touched_floats(algo, ds, parts: dict[str, int]) -> float | None:
 
 
 def _one(config: Path, overrides: list[str]) -> dict:
-    from simulator.config import load
-    from simulator.pretrain import federated_dataset
-    from simulator.run import run
+    from fleetrec.simulator.config import load
+    from fleetrec.simulator.run import federated_dataset
+    from fleetrec.simulator.run import run
     cfg = load(config, overrides)
     ds = federated_dataset(cfg)
     t0 = time.perf_counter()
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from throughput import _machine, _versions
-    from simulator.pretrain import load_for_pretrain, pretrain
+    from fleetrec.simulator.pretrain import load_for_pretrain, pretrain
     import torch
     torch.set_num_threads(1)              # stage 1 runs in this process, next to the Ray workers
     if not ray.is_initialized():

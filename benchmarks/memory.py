@@ -159,9 +159,9 @@ def main(argv=None) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from simulator.config import load
-    from simulator.pretrain import federated_dataset
-    from simulator.run import run
+    from fleetrec.simulator.config import load
+    from fleetrec.simulator.run import federated_dataset
+    from fleetrec.simulator.run import run
 
     cfg = load(args.config, [f"rounds={args.rounds}", f"federation.clients_per_round={args.clients_per_round}",
                              f"eval.every={args.eval_every}", f"resources.workers={args.workers}",

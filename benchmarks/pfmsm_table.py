@@ -48,8 +48,8 @@ def _stem(name: str) -> str:
 
 def run_grid(args) -> dict:
     import ray
-    from simulator.config import load
-    from simulator.run import run
+    from fleetrec.simulator.config import load
+    from fleetrec.simulator.run import run
 
     out = Path(args.out)
     res = json.loads(out.read_text()) if args.resume and out.is_file() else {"runs": []}

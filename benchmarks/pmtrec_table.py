@@ -1,6 +1,6 @@
 """PMTRec on Epinions: single-task MF, every combiner and PMTRec (centralized), plus PMTRec federated
 vs FedAvg-MF federated; Recall@20/40 and NDCG@20/40 on the test split at the best validation
-Recall@20, over seeds. Every run goes through the engine (`simulator.run.run`) with the configs in
+Recall@20, over seeds. Every run goes through the engine (`fleetrec.simulator.run.run`) with the configs in
 configs/; the data options are the configs' (10-core, 4,000 users by seeded hash order, 10-core
 again; data seed fixed at 0, so the seeds vary initialization, negatives and minibatch order).
 
@@ -34,8 +34,8 @@ METRICS = ("recall@20", "recall@40", "ndcg@20", "ndcg@40")
 
 
 def run_one(path: Path, seed: int, extra: list[str]) -> dict:
-    from simulator.config import load
-    from simulator.run import run
+    from fleetrec.simulator.config import load
+    from fleetrec.simulator.run import run
     cfg = load(path, [f"seed={seed}", "tracking.mlflow=false", "tracking.progress=false", *extra])
     t0 = time.perf_counter()
     res = run(cfg)
@@ -52,9 +52,9 @@ def step_cost(reps: int = 5) -> dict:
     equal weighting and PMTRec on the same data and minibatch order (median of `reps` epochs)."""
     import numpy as np
     import torch
-    from algorithms.pmtrec import PMTRecMF
-    from simulator.cohort import DataView
-    from simulator.config import load, make_setup
+    from fleetrec.algorithms.pmtrec import PMTRecMF
+    from fleetrec.simulator.cohort import DataView
+    from fleetrec.simulator.config import load, make_setup
     torch.set_num_threads(1)
     out, ds = {}, None
     for name in ("single", "equal", "pmtrec"):

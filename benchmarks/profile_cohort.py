@@ -1,6 +1,6 @@
 """Where a worker's time goes inside one round of the reference workload, in-process (no Ray).
 
-Replays what `simulator.worker.Worker.train` does for worker 0 of --workers (its share of each
+Replays what `fleetrec.simulator.worker.Worker.train` does for worker 0 of --workers (its share of each
 round's cohort, in chunks of --cohort-size) with --threads torch threads, and times the phases
 by wrapping the engine's functions (nothing in the engine is modified):
 
@@ -52,12 +52,12 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    import algorithms.vectorized as vec
-    from algorithms import make_algorithm
-    from algorithms.protocol import Accumulator, Setup
-    from simulator.cohort import DataView
-    from simulator.coordinator import sample_cohort, split_by_owner
-    from simulator.worker import owned_clients
+    import fleetrec.algorithms.vectorized as vec
+    from fleetrec.algorithms import make_algorithm
+    from fleetrec.algorithms.protocol import Accumulator, Setup
+    from fleetrec.simulator.cohort import DataView
+    from fleetrec.simulator.coordinator import sample_cohort, split_by_owner
+    from fleetrec.simulator.placement import Placement
 
     W, wl, _ = throughput.load_workload(a.bench_dir, a.cache_dir, a.users, a.clients_per_round, a.rounds, a.seed)
     ds = throughput.to_dataset(W, wl)
@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
             return timed("optimizer", super().step)(*x, **k)
     vec.CohortOptimizer = TimedOpt
     vec.train_cohort_sgd = timed("train_cohort_sgd", vec.train_cohort_sgd)
-    import algorithms.fedavg as fedavg
+    import fleetrec.algorithms.fedavg as fedavg
     fedavg.train_cohort_sgd = vec.train_cohort_sgd
 
     setup = Setup(schema=ds.schema, num_clients=ds.num_clients, seed=cfg.seed, train=cfg.train, model=cfg.model)
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     algo = make_algorithm(cfg.algorithm, setup)
     state = server.init_server()
     view = DataView(ds)
-    personal = algo.init_personal(torch.from_numpy(owned_clients(ds.num_clients, 0, a.workers)))
+    personal = algo.init_personal(torch.from_numpy(Placement(ds.num_clients, a.workers).owned(0)))
 
     rounds, prof = [], cProfile.Profile() if a.cprofile else None
     for rnd in range(1 + a.rounds):

@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_dataset(n_clients: int, rows_min: int, rows_max: int, items: int, seed: int):
-    from datasets.federated import CategoricalField, DatasetSchema, FederatedDataset
+    from fleetrec.datasets.federated import CategoricalField, DatasetSchema, FederatedDataset
     g = np.random.default_rng(seed)
     n = g.integers(rows_min, rows_max + 1, n_clients)
     total = int(n.sum())
@@ -100,7 +100,7 @@ def build_dataset(n_clients: int, rows_min: int, rows_max: int, items: int, seed
 
 
 def build_config(args, rounds: int):
-    from simulator.config import from_dict
+    from fleetrec.simulator.config import from_dict
     return from_dict({
         "name": "bench_scale", "seed": args.seed, "rounds": rounds,
         "model": {"name": "per_user", "dim": args.dim, "hidden": [],
@@ -128,10 +128,11 @@ def make_probe():
 
             import torch
 
-            from algorithms import make_algorithm
-            from simulator.cohort import DataView
-            from simulator.config import make_setup
-            from simulator.worker import build_personal, owned_clients
+            from fleetrec.algorithms import make_algorithm
+            from fleetrec.simulator.cohort import DataView
+            from fleetrec.simulator.config import make_setup
+            from fleetrec.simulator.placement import Placement
+            from fleetrec.simulator.worker import build_personal
             torch.set_num_threads(1)
             setup = make_setup(cfg, dataset)
             algo = make_algorithm(cfg.algorithm, setup)
@@ -140,7 +141,7 @@ def make_probe():
             libc = ctypes.CDLL("libc.so.6")
             libc.malloc_trim(0)                      # a tight baseline: no free heap pages left resident
             before = rss_anon(os.getpid())
-            owned = owned_clients(setup.num_clients, index, workers)
+            owned = Placement(setup.num_clients, workers).owned(index)
             t0 = time.perf_counter()
             personal = build_personal(algo, owned)          # what Worker.__init__ runs
             init_s = time.perf_counter() - t0
@@ -196,7 +197,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from simulator.run import run
+    from fleetrec.simulator.run import run
 
     t_start = time.perf_counter()
     t0 = time.perf_counter()

@@ -4,12 +4,12 @@ a centralized epoch over the same rows?
 Builds the synthetic multi-scenario dataset (`synthetic_multi_scenario`, --scenarios x --rows
 rows, tasks click and like) once, then in the same invocation:
 
-  fleetrec     `simulator.run.run` with `--algorithm` (default `scenario_fedavg`) over all
+  fleetrec     `fleetrec.simulator.run.run` with `--algorithm` (default `scenario_fedavg`) over all
                scenarios every round, --workers worker actors x --cpus-per-worker CPUs; each
                scenario trains one local epoch of minibatches. Rounds 1..R are timed (round 0
                warms up); the figure is the median `train_seconds` of a round as the coordinator
                measures it (dispatch, local training, aggregation; evaluation off).
-  centralized  the same MMoE (`algorithms.models.mtl`) as an ordinary nn.Module, Adam, the same
+  centralized  the same MMoE (`fleetrec.algorithms.models.mtl`) as an ordinary nn.Module, Adam, the same
                batch size, one epoch over every scenario's training rows in one shuffled stream,
                in this process, once per torch thread count in --central-threads (default 1 and
                workers x cpus-per-worker); the fastest is the compute floor.
@@ -57,8 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def experiment(a: argparse.Namespace):
-    from simulator.config import from_dict
-    from simulator.config_loader import apply_overrides
+    from fleetrec.simulator.config import from_dict
+    from fleetrec.simulator.config_loader import apply_overrides
     over = {
         "name": "scenario_bench", "seed": a.seed, "rounds": a.rounds + 1,
         "data.name": "synthetic_multi_scenario", "data.rows": "[" + ",".join([str(a.rows)] * a.scenarios) + "]",
@@ -74,9 +74,9 @@ def experiment(a: argparse.Namespace):
 
 def centralized_epoch(cfg, ds, threads: int) -> dict:
     """One epoch of ordinary minibatch training of the same model over all training rows."""
-    from algorithms.base import build_model
-    from datasets.federated import SPLIT, TRAIN
-    from simulator.config import make_setup
+    from fleetrec.algorithms.base import build_model
+    from fleetrec.datasets.federated import SPLIT, TRAIN
+    from fleetrec.simulator.config import make_setup
     torch.set_num_threads(threads)
     model = build_model(make_setup(cfg, ds))
     model.train()
@@ -107,7 +107,7 @@ def centralized_epoch(cfg, ds, threads: int) -> dict:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     import ray
-    from simulator.run import Callback, run
+    from fleetrec.simulator.run import Callback, run
     cfg = experiment(a)
     t0 = time.perf_counter()
     ds = cfg.data.build(cfg.seed)

@@ -33,9 +33,9 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json-out", default=None)
     a = p.parse_args(argv)
-    from algorithms import make_algorithm
-    from simulator.cohort import DataView
-    from simulator.config import load, make_setup
+    from fleetrec.algorithms import make_algorithm
+    from fleetrec.simulator.cohort import DataView
+    from fleetrec.simulator.config import load, make_setup
     torch.set_num_threads(a.threads)
     algos = {}
     for sparse in (True, False):

@@ -2,7 +2,7 @@
 
 Generates (or reuses from a cache) the seeded reference workload, converts it to a
 `FederatedDataset` plus a backbone `.npz` for the `adapter` model, runs fleetrec's FedAvg on it
-with `simulator.run.run`, and prints ONE JSON line as the last line of output:
+with `fleetrec.simulator.run.run`, and prints ONE JSON line as the last line of output:
 
     client_updates_per_s  clients per round / median train_seconds of the timed rounds
     seconds_per_round     median train_seconds of the timed rounds (warm-up round excluded)
@@ -105,7 +105,7 @@ def load_workload(bench_dir: str, cache_dir: str, users: int, clients_per_round:
 
 def to_dataset(W, wl):
     """One row per interaction: client = user, split 0, item_id (vocab = items), task `click`."""
-    from datasets.federated import CategoricalField, DatasetSchema, FederatedDataset
+    from fleetrec.datasets.federated import CategoricalField, DatasetSchema, FederatedDataset
     n = np.diff(wl.offsets)
     schema = DatasetSchema(categorical=(CategoricalField("item_id", W.CFG["num_items"]),),
                            numeric=(), tasks=("click",))
@@ -125,7 +125,7 @@ def write_backbone(wl, path: Path) -> Path:
 
 
 def build_config(args, W, backbone: Path):
-    from simulator.config import from_dict
+    from fleetrec.simulator.config import from_dict
     total = WARMUP_ROUNDS + args.rounds
     return from_dict({
         "name": "bench_throughput", "seed": args.seed, "rounds": total,
@@ -293,8 +293,8 @@ def reference_check(W, wl, ds, cfg, records) -> dict:
     import torch.nn.functional as F
     from torch.func import functional_call, grad_and_value, vmap
 
-    from simulator.cohort import DataView
-    from simulator.coordinator import sample_cohort
+    from fleetrec.simulator.cohort import DataView
+    from fleetrec.simulator.coordinator import sample_cohort
 
     t0 = time.perf_counter()
     view = DataView(ds)
@@ -409,7 +409,7 @@ def main(argv=None) -> dict:
     import ray
     import torch
 
-    from simulator.run import run
+    from fleetrec.simulator.run import run
 
     t_start = time.perf_counter()
     W, wl, prep_s = load_workload(args.bench_dir, args.cache_dir, args.users, args.clients_per_round,

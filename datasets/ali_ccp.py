@@ -25,9 +25,9 @@ from typing import ClassVar, Literal
 import numpy as np
 import pandas as pd
 
-from datasets.federated import TEST, TRAIN, VAL, DataError
-from datasets.real import _numeric, _read_csv
-from datasets.tabular import FILE_SPLIT, TabularConfig, check_tasks, labels01
+from fleetrec.datasets.federated import TEST, TRAIN, VAL, DataError
+from fleetrec.datasets.real import _numeric, _read_csv
+from fleetrec.datasets.tabular import FILE_SPLIT, TabularConfig, check_tasks, labels01
 
 LABELS = ("click", "purchase")
 SPARSE = ("101", "121", "122", "124", "125", "126", "127", "128", "129", "205", "206", "207", "210", "216", "508",

@@ -16,9 +16,9 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from datasets.federated import TEST, TRAIN, DataError
-from datasets.real import _read_csv, _numeric
-from datasets.tabular import FILE_SPLIT, TabularConfig, check_tasks, labels01
+from fleetrec.datasets.federated import TEST, TRAIN, DataError
+from fleetrec.datasets.real import _read_csv, _numeric
+from fleetrec.datasets.tabular import FILE_SPLIT, TabularConfig, check_tasks, labels01
 
 CATEGORICAL = tuple(f"categorical_{i}" for i in range(1, 17))
 NUMERIC = tuple(f"numerical_{i}" for i in range(1, 64))

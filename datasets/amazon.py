@@ -32,11 +32,11 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from datasets.federated import DataError
+from fleetrec.datasets.federated import DataError
 import pyarrow as pa
 
-from datasets.real import (PARSE_VERSION, RatingsConfig, _atomic_write_parquet, _numeric, _read_csv, cached_frame,
-                           content_cache_path, select_rows)
+from fleetrec.datasets.real import (PARSE_VERSION, RatingsConfig, _atomic_write_parquet, _numeric, _read_csv, cached_frame,
+                                    content_cache_path, select_rows)
 
 PAIR_KINDS = ("also_view", "also_buy")
 UNKNOWN_CATEGORY = "<unknown>"
@@ -373,7 +373,3 @@ class AmazonOfficeProductsConfig(_AmazonImplicit):
     def row_features(self, df):
         _, code = np.unique(df["brand"].to_numpy(), return_inverse=True)
         return {"brand": (code.reshape(-1).astype(np.int64), int(code.max()) + 1 if len(code) else 1)}
-
-
-AMAZON_SOURCES = {"amazon": AmazonConfig, "amazon_video_games": AmazonVideoGamesConfig,
-                  "amazon_office_products": AmazonOfficeProductsConfig}

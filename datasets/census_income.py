@@ -17,9 +17,9 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from datasets.federated import DataError
-from datasets.real import _numeric, _read_csv
-from datasets.tabular import TabularConfig, check_tasks
+from fleetrec.datasets.federated import DataError
+from fleetrec.datasets.real import _numeric, _read_csv
+from fleetrec.datasets.tabular import TabularConfig, check_tasks
 
 NUMERIC = ("age", "det_ind_code", "det_occ_code", "wage_per_hour", "capital_gains", "capital_losses",
            "stock_dividends", "num_emp", "own_or_self", "vet_benefits", "weeks_worked", "year")

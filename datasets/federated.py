@@ -16,6 +16,13 @@ CLIENT = "client"   # int64 client id, 0..num_clients-1, table sorted by it
 SPLIT = "split"     # int8: 0 train, 1 validation, 2 test; sorted by it inside a client
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "val", "test")
+# Ground truth of generated data, for the simulator to report what a perfect model scores:
+ORACLE_PREFIX = "_oracle_"                  # column `_oracle_<task>`: the true probability of the row's label
+ORACLE_FACTORS = ("oracle_user_factors", "oracle_item_factors")   # side tables: true factors, in built codes
+
+
+def oracle_column(task: str) -> str:
+    return ORACLE_PREFIX + task
 
 
 class DataError(ValueError):
@@ -55,7 +62,7 @@ class FederatedDataset:
     offsets: np.ndarray                   # (C+1,) int64
     schema: DatasetSchema
     client_attrs: pa.Table                # (C rows) client_categorical columns (+ optional `label` strings)
-    meta: dict = field(default_factory=dict)   # e.g. {"bayes_auc": {"test": 0.81}}
+    meta: dict = field(default_factory=dict)   # e.g. {"positive_rate": 0.31}
     side: dict = field(default_factory=dict)   # optional named side tables (pa.Table), e.g. social / item graphs
 
     @property
@@ -114,6 +121,9 @@ class FederatedDataset:
             cols[f.name] = np.asarray(columns[f.name], dtype=np.int64)[order]
         for c in (*schema.numeric, *schema.tasks):
             cols[c] = np.asarray(columns[c], dtype=np.float32)[order]
+        for c in (oracle_column(t) for t in schema.tasks):     # ground truth of generated data, if any
+            if c in columns:
+                cols[c] = np.asarray(columns[c], dtype=np.float32)[order]
         counts = np.bincount(cols[CLIENT], minlength=num_clients) if len(client) else np.zeros(num_clients, np.int64)
         offsets = np.zeros(num_clients + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(counts)

@@ -31,9 +31,9 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 
-from datasets.federated import CategoricalField, DataError, DatasetSchema, FederatedDataset
-from datasets.partition import random_split, subsample_clients
-from datasets.sources import DataConfig
+from fleetrec.datasets.federated import ORACLE_FACTORS, CategoricalField, DataError, DatasetSchema, FederatedDataset
+from fleetrec.datasets.partition import random_split, subsample_clients
+from fleetrec.datasets.sources import DataConfig
 
 LAYOUTS = ("centralized", "federated")
 
@@ -53,6 +53,7 @@ class MFData:
     meta: dict | None = None
     user_ids: np.ndarray | None = None     # (U,) the source's id of each user code
     item_ids: np.ndarray | None = None     # (I,) the source's id of each item code
+    true_factors: tuple[np.ndarray, np.ndarray] | None = None   # (U, d), (I, d) in codes: generated data only
 
     @property
     def num_categories(self) -> int:
@@ -156,6 +157,9 @@ def to_federated(data: MFData, layout: str) -> FederatedDataset:
             "item_category": pa.table({"category": data.item_category})}
     if data.item_pairs is not None:
         side["item_pairs"] = pa.table({"a": data.item_pairs[0], "b": data.item_pairs[1]})
+    if data.true_factors is not None:       # what a model that knows the true preferences scores
+        for name, f in zip(ORACLE_FACTORS, data.true_factors):
+            side[name] = pa.table({f"f{j}": f[:, j] for j in range(f.shape[1])})
     meta = {**(data.meta or {}), "layout": layout, "num_users": data.num_users, "num_items": data.num_items,
             "num_categories": data.num_categories}
     return FederatedDataset.from_columns(
@@ -201,24 +205,6 @@ def synthetic_mf(num_users: int, num_items: int, dim: int, rows_per_user: int, n
     return user, item, rating, trust, cat[item], np.stack([a[ok], b[ok]]), (p, q)
 
 
-def oracle_ranking(data: MFData, factors: tuple[np.ndarray, np.ndarray], ks=(20, 40)) -> dict[str, float]:
-    """Recall@K / NDCG@K on the validation and test splits of a model that knows the true
-    preferences (scores u·q of the generating factors; training and validation items masked as
-    in evaluation): what a perfect model would score."""
-    import torch
-    from algorithms.ranking import full_ranking
-    p, q = factors
-    ue = torch.from_numpy(p[data.user_ids]).double()
-    ie = torch.from_numpy(q[data.item_ids]).double()
-    out = {}
-    for s, name in ((1, "val"), (2, "test")):
-        test = torch.from_numpy(np.stack([data.user[data.split == s], data.item[data.split == s]]))
-        known = data.split < s
-        exclude = torch.from_numpy(np.stack([data.user[known], data.item[known]]))
-        out.update({f"{name}/{k}": v for k, v in full_ranking(ue, ie, test, exclude, tuple(ks)).means().items()})
-    return out
-
-
 @dataclass(frozen=True)
 class MFSyntheticConfig(DataConfig):
     """Seeded synthetic MF data with a trust graph, item categories and co-view pairs."""
@@ -257,7 +243,8 @@ class MFSyntheticConfig(DataConfig):
         data = build_mf(self.name, user, item, rating, trust=trust, item_category_per_row=cat_row,
                         item_pairs=pairs if self.pairs_per_item else None, k_core=self.k_core, max_users=None,
                         val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=s)
-        data.meta["oracle_ranking"] = oracle_ranking(data, factors)
+        p, q = factors
+        data.true_factors = (p[data.user_ids], q[data.item_ids])
         return data
 
     def build(self, seed: int) -> FederatedDataset:
@@ -306,7 +293,7 @@ class MFEpinionsConfig(_MFRealConfig):
     name: str = "mf_epinions"
 
     def read(self) -> dict:
-        from datasets.real import EpinionsConfig, _read_csv, _numeric
+        from fleetrec.datasets.real import EpinionsConfig, _read_csv, _numeric
         src = EpinionsConfig(path=self.path, cache_dir=self.cache_dir, cache=self.cache)
         df = src.load_frame()
         trust_path = Path(src.root()) / "trust.csv.gz"
@@ -322,7 +309,7 @@ class MFCiaoConfig(_MFRealConfig):
     name: str = "mf_ciao"
 
     def read(self) -> dict:
-        from datasets.real import CiaoConfig
+        from fleetrec.datasets.real import CiaoConfig
         df = CiaoConfig(path=self.path, cache_dir=self.cache_dir, cache=self.cache).load_frame()
         return {"df": df, "trust": None, "item_category_per_row": df["category"].to_numpy(), "item_pairs": None}
 
@@ -350,7 +337,7 @@ class MFAmazonConfig(_MFRealConfig):
         return None
 
     def amazon(self):
-        from datasets.amazon import AmazonConfig, AmazonOfficeProductsConfig, AmazonVideoGamesConfig
+        from fleetrec.datasets.amazon import AmazonConfig, AmazonOfficeProductsConfig, AmazonVideoGamesConfig
         common = {"path": self.path, "cache_dir": self.cache_dir, "cache": self.cache}
         if self.source == "official":
             return AmazonConfig(category=self.category, category_level=self.category_level, **common)
@@ -365,7 +352,3 @@ class MFAmazonConfig(_MFRealConfig):
                  if len(raw) else None)
         return {"df": df, "trust": None, "item_pairs": pairs, "has_rating": src.HAS_RATING,
                 "item_category_per_row": df["category"].to_numpy() if src.HAS_CATEGORY else None}
-
-
-MF_SOURCES = {"mf_synthetic": MFSyntheticConfig, "mf_epinions": MFEpinionsConfig, "mf_ciao": MFCiaoConfig,
-              "mf_amazon": MFAmazonConfig}

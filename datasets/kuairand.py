@@ -23,13 +23,13 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from datasets.federated import (CLIENT, SPLIT, SPLIT_NAMES, TEST, VAL, CategoricalField, DataError,
-                                DatasetSchema, FederatedDataset)
-from datasets.partition import by_column, chronological_split, quantile_buckets, rows_at_least, subsample_clients
-from datasets.real import (ACTIVITY_BUCKETS, PARSE_VERSION, REPO_ROOT, SHARED_DATA, _numeric, _read_csv,
-                           cached_frame, content_cache_path)
-from datasets.sources import DataConfig
-from datasets.tabular import check_tasks, labels01
+from fleetrec.datasets.federated import (CLIENT, SPLIT, SPLIT_NAMES, TEST, VAL, CategoricalField, DataError,
+                                         DatasetSchema, FederatedDataset)
+from fleetrec.datasets.partition import by_column, chronological_split, quantile_buckets, rows_at_least, subsample_clients
+from fleetrec.datasets.real import (ACTIVITY_BUCKETS, PARSE_VERSION, REPO_ROOT, SHARED_DATA, _numeric, _read_csv,
+                                    cached_frame, content_cache_path)
+from fleetrec.datasets.sources import DataConfig
+from fleetrec.datasets.tabular import check_tasks, labels01
 
 USER_FILE = "user_features_pure.csv.gz"
 VIDEO_FILE = "video_features_basic_pure.csv.gz"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from datasets.federated import TEST, TRAIN, VAL
+from fleetrec.datasets.federated import CLIENT, TEST, TRAIN, VAL, FederatedDataset
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -162,3 +162,21 @@ def quantile_buckets(values: np.ndarray, buckets: int) -> np.ndarray:
         return np.zeros(len(values), dtype=np.int64)
     edges = np.quantile(values, np.linspace(0, 1, buckets + 1)[1:-1])
     return np.clip(np.searchsorted(edges, values, side="right"), 0, buckets - 1).astype(np.int64)
+
+
+def open_clients(num_clients: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted ids of the open clients: the first round(fraction * C) ids in seeded hash order."""
+    n = int(round(fraction * num_clients))
+    return np.sort(hash_order(np.arange(num_clients), seed)[:n]).astype(np.int64)
+
+
+def subset_clients(ds: FederatedDataset, keep: np.ndarray) -> FederatedDataset:
+    """The clients `keep` (sorted ids) only, renumbered 0..len(keep)-1; schema unchanged."""
+    keep = np.asarray(keep, dtype=np.int64)
+    starts, ends = ds.offsets[keep], ds.offsets[keep + 1]
+    rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(keep) else np.zeros(0, np.int64)
+    cols = {c: ds.column(c)[rows] for c in ds.table.column_names}
+    cols[CLIENT] = np.repeat(np.arange(len(keep)), ends - starts)
+    attrs = {c: ds.client_attr(c)[keep] for c in ds.client_attrs.column_names if c != "_"}
+    meta = {**ds.meta, "clients_kept": int(len(keep)), "clients_before": ds.num_clients}
+    return FederatedDataset.from_columns(ds.name, cols, ds.schema, attrs, len(keep), meta)

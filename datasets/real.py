@@ -28,11 +28,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datasets.federated import (CLIENT, SPLIT, SPLIT_NAMES, TEST, VAL, CategoricalField, DataError,
-                                DatasetSchema, FederatedDataset)
-from datasets.partition import (by_column, chronological_split, quantile_buckets, random_split,
-                                rows_at_least, subsample_clients)
-from datasets.sources import DataConfig
+from fleetrec.datasets.federated import (CLIENT, SPLIT, SPLIT_NAMES, TEST, VAL, CategoricalField, DataError,
+                                         DatasetSchema, FederatedDataset)
+from fleetrec.datasets.partition import (by_column, chronological_split, quantile_buckets, random_split,
+                                         rows_at_least, subsample_clients)
+from fleetrec.datasets.sources import DataConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -324,7 +324,7 @@ def select_rows(cfg: RatingsConfig, seed: int) -> tuple[pd.DataFrame, np.ndarray
     """The kept observed rows (dedupe, min_rows, max_clients / scenario_top_k) and the client key per row.
 
     `build_ratings` codes items by rank among `np.unique(rows["item"])`, so helpers that need the built
-    dataset's item codes (e.g. `datasets.amazon.amazon_item_pairs`) call this with the same seed."""
+    dataset's item codes (e.g. `fleetrec.datasets.amazon.amazon_item_pairs`) call this with the same seed."""
     src = cfg.rating_path()
     df = cfg.load_frame()
     if cfg.dedupe:
@@ -737,7 +737,3 @@ class FilmTrustConfig(RatingsConfig):
             "user": _numeric(raw, "user_id", p, integer=True, lo=0, header=False),
             "item": _numeric(raw, "item_id", p, integer=True, lo=0, header=False),
             "rating": _numeric(raw, "rating", p, integer=False, lo=0.5, hi=4, header=False)})
-
-
-REAL_SOURCES = {"movielens_100k": MovieLens100kConfig, "movielens_1m": MovieLens1MConfig, "epinions": EpinionsConfig,
-                "ciao": CiaoConfig, "filmtrust": FilmTrustConfig}

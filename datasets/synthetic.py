@@ -13,8 +13,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from datasets.federated import CLIENT, SPLIT, TEST, TRAIN, VAL, CategoricalField, DatasetSchema, FederatedDataset
-from datasets.sources import DataConfig
+from fleetrec.datasets.federated import (CLIENT, SPLIT, TEST, TRAIN, VAL, CategoricalField, DatasetSchema,
+                                         FederatedDataset, oracle_column)
+from fleetrec.datasets.sources import DataConfig
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ def synthetic_per_user(cfg: SyntheticPerUserConfig, seed: int) -> FederatedDatas
     prob = 1.0 / (1.0 + np.exp(-logit))
     label = (rng.random(len(prob)) < prob).astype(np.float32)
     split = assign_splits(rng, client, n_rows, cfg.val_fraction, cfg.test_fraction)
-    cols = {CLIENT: client, SPLIT: split, "item_id": item, "click": label}
+    cols = {CLIENT: client, SPLIT: split, "item_id": item, "click": label,
+            oracle_column("click"): prob.astype(np.float32)}
     for j, f in enumerate(feats):
         cols[f"item_f{j}"] = f[item]
     schema = DatasetSchema(
@@ -98,13 +100,6 @@ def synthetic_per_user(cfg: SyntheticPerUserConfig, seed: int) -> FederatedDatas
         numeric=(), tasks=("click",),
         client_categorical=tuple(CategoricalField(f"group_{j}", v) for j, v in enumerate(cfg.user_groups)))
     attrs = {f"group_{j}": g for j, g in enumerate(groups)}
-    meta = {"bayes_auc": _bayes(prob, label, split), "positive_rate": float(label.mean())}
+    meta = {"positive_rate": float(label.mean())}
     ds = FederatedDataset.from_columns("synthetic_per_user", cols, schema, attrs, U, meta)
     return ds
-
-
-def _bayes(prob: np.ndarray, label: np.ndarray, split: np.ndarray) -> dict[str, float]:
-    """AUC of the true click probability on each split: the best any model can expect."""
-    from algorithms.metrics import pooled_auc
-    return {name: pooled_auc(prob[split == s], label[split == s])
-            for s, name in ((TRAIN, "train"), (VAL, "val"), (TEST, "test"))}

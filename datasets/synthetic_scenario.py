@@ -10,7 +10,7 @@ the click probability sigmoid(signal * <w_{s,t}, phi> / sqrt(dim phi) + bias), w
 
 so `heterogeneity` = 0 makes every scenario the same problem and 1 makes them unrelated, and
 `task_correlation` sets how much the two tasks share. The true probability is the Bayes-optimal
-scorer; its AUC per task and split is stored in `meta["bayes_auc"]`.
+scorer; it is kept as the column `_oracle_<task>`, and a run reports its AUC per task and split.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from datasets.federated import CLIENT, SPLIT, TEST, TRAIN, VAL, CategoricalField, DatasetSchema, FederatedDataset
-from datasets.sources import DataConfig
-from datasets.synthetic import assign_splits
+from fleetrec.datasets.federated import CLIENT, SPLIT, CategoricalField, DatasetSchema, FederatedDataset, oracle_column
+from fleetrec.datasets.sources import DataConfig
+from fleetrec.datasets.synthetic import assign_splits
 
 TASKS = ("click", "like")
 
@@ -91,11 +91,8 @@ def synthetic_multi_scenario(cfg: SyntheticMultiScenarioConfig, seed: int) -> Fe
                      CategoricalField("item_cat", 10)),
         numeric=tuple(f"x{j}" for j in range(M)), tasks=TASKS,
         client_categorical=(CategoricalField("scenario", S),), scenario="scenario")
-    from algorithms.metrics import pooled_auc
-    bayes = {f"{task}/{name}": pooled_auc(prob[split == s, t], label[split == s, t])
-             for t, task in enumerate(TASKS) for s, name in ((TRAIN, "train"), (VAL, "val"), (TEST, "test"))}
-    for name in ("train", "val", "test"):   # mean over tasks (what the progress line prints)
-        bayes[name] = float(np.mean([bayes[f"{task}/{name}"] for task in TASKS]))
-    meta = {"bayes_auc": bayes, "positive_rate": {task: float(label[:, t].mean()) for t, task in enumerate(TASKS)}}
+    for t, task in enumerate(TASKS):
+        cols[oracle_column(task)] = prob[:, t].astype(np.float32)
+    meta = {"positive_rate": {task: float(label[:, t].mean()) for t, task in enumerate(TASKS)}}
     return FederatedDataset.from_columns("synthetic_multi_scenario", cols, schema,
                                          {"scenario": np.arange(S)}, S, meta)

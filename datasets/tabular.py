@@ -6,7 +6,7 @@ scenario (a country file, an app/content-type file, or the values of a column). 
 1. parse the raw files into one checked frame (a `scenario` code per row, the raw categorical values,
    float numeric values, 0/1 labels and, where the data ships an official train/test split, a
    `file_split` column), cached as Parquet keyed by the SHA-256 of the raw bytes, the parser version
-   and the options that change parsing (the cache helpers of `datasets.real` are reused);
+   and the options that change parsing (the cache helpers of `fleetrec.datasets.real` are reused);
 2. optionally keep `max_rows_per_client` rows per client (seeded);
 3. split: official test files stay test and a seeded `val_fraction` of each client's train rows is
    validation; without an official split, per-client random val/test fractions;
@@ -23,11 +23,11 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from datasets.federated import (CLIENT, SPLIT, SPLIT_NAMES, TEST, TRAIN, VAL, CategoricalField, DataError,
-                                DatasetSchema, FederatedDataset)
-from datasets.partition import _rank_within, by_column, random_split
-from datasets.real import RatingsConfig, _numeric, cached_frame, content_cache_path
-from datasets.sources import DataConfig
+from fleetrec.datasets.federated import (CLIENT, SPLIT, SPLIT_NAMES, TEST, TRAIN, VAL, CategoricalField, DataError,
+                                         DatasetSchema, FederatedDataset)
+from fleetrec.datasets.partition import _rank_within, by_column, random_split
+from fleetrec.datasets.real import RatingsConfig, _numeric, cached_frame, content_cache_path
+from fleetrec.datasets.sources import DataConfig
 
 TABULAR_PARSE_VERSION = 1
 FILE_SPLIT = "file_split"      # frame column: 0 = official train file, 2 = official test file, -1 = none

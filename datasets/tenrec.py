@@ -16,9 +16,9 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from datasets.federated import DataError
-from datasets.real import _numeric, _read_csv
-from datasets.tabular import TabularConfig, check_tasks, labels01
+from fleetrec.datasets.federated import DataError
+from fleetrec.datasets.real import _numeric, _read_csv
+from fleetrec.datasets.tabular import TabularConfig, check_tasks, labels01
 
 LABELS = ("click", "follow", "like", "share")
 FEATURES = ("user_id", "item_id", "video_category", "gender", "age")

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 import yaml
 
-from simulator.config_loader import ConfigError, to_dict
+from fleetrec.simulator.config_loader import ConfigError, to_dict
 
 
 @dataclass(frozen=True)

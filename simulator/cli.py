@@ -9,8 +9,8 @@ import os
 import subprocess
 import sys
 
-from datasets.federated import DataError
-from simulator.config_loader import ConfigError
+from fleetrec.datasets.federated import DataError
+from fleetrec.simulator.config_loader import ConfigError
 
 VERBS = {
     "run": "run an experiment (default configs/quickstart.yaml) with key.path=value overrides",
@@ -59,12 +59,12 @@ def _split_config(config: str | None, overrides: list[str]) -> tuple[str | None,
 
 
 def cmd_run(args) -> int:
-    from simulator.config import from_dict, load
-    from simulator.config_loader import apply_overrides
+    from fleetrec.simulator.config import from_dict, load
+    from fleetrec.simulator.config_loader import apply_overrides
     path, overrides = _split_config(args.config, args.overrides)
     resume = None
     if args.resume:
-        from simulator import checkpoint
+        from fleetrec.simulator import checkpoint
         if path:
             raise ConfigError(f"--resume {args.resume}: the config comes from the checkpoint; "
                               f"give overrides only, not {path}")
@@ -73,14 +73,14 @@ def cmd_run(args) -> int:
         cfg = from_dict(apply_overrides(resume.config, overrides), f"{args.resume}/config.yaml")
     else:
         cfg = load(path, overrides)
-    from simulator.run import run
-    from simulator.tracking import default_callbacks
+    from fleetrec.simulator.run import run
+    from fleetrec.simulator.tracking import default_callbacks
     run(cfg, default_callbacks(cfg), resume=resume)
     return 0
 
 
 def cmd_tune(args) -> int:
-    from simulator.tune import SweepInterrupted, describe, load_sweep, report, tune_sweep
+    from fleetrec.simulator.tune import SweepInterrupted, describe, load_sweep, report, tune_sweep
     sweep = load_sweep(args.space, args.overrides, name=args.name, storage_path=args.storage_path)
     print(describe(sweep), file=sys.stderr)
     if args.check:
@@ -103,7 +103,7 @@ def cmd_ui(args) -> int:
         return 0
 
 
-PASS_THROUGH = {"data": "datasets.describe", "pretrain": "simulator.pretrain"}   # verbs with their own parser
+PASS_THROUGH = {"data": "fleetrec.simulator.data_cli", "pretrain": "fleetrec.simulator.pretrain"}   # verbs with their own parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,9 +11,9 @@ import warnings
 import numpy as np
 import torch
 
-from algorithms import rng
-from algorithms.protocol import CohortBatch
-from datasets.federated import FederatedDataset
+from fleetrec.algorithms import rng
+from fleetrec.algorithms.protocol import CohortBatch
+from fleetrec.datasets.federated import FederatedDataset
 
 _PAD_KEY = np.iinfo(np.uint64).max
 

@@ -10,16 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from algorithms.models import ModelConfig
-from algorithms.models.per_user import PerUserModelConfig
-from algorithms.fedavg import FedAvgConfig
-from algorithms.privacy import CentralDPConfig
-from algorithms.protocol import CENTRAL_DP, RANKING, AlgorithmConfig, LocalTrainConfig, Setup
-from datasets.sources import DataConfig
-from datasets.synthetic import SyntheticPerUserConfig
-from simulator.checkpoint import CheckpointConfig
-from simulator.config_loader import ConfigError, apply_overrides, build, read_yaml
-from simulator.system import SystemConfig
+from fleetrec.algorithms.models import ModelConfig
+from fleetrec.algorithms.models.per_user import PerUserModelConfig
+from fleetrec.algorithms.fedavg import FedAvgConfig
+from fleetrec.algorithms.privacy import CentralDPConfig
+from fleetrec.algorithms.protocol import CENTRAL_DP, RANKING, AlgorithmConfig, LocalTrainConfig, Setup
+from fleetrec.datasets.sources import DataConfig
+from fleetrec.datasets.synthetic import SyntheticPerUserConfig
+from fleetrec.simulator.checkpoint import CheckpointConfig
+from fleetrec.simulator.artifacts import resolve_backbone
+from fleetrec.simulator.placement import POLICIES
+from fleetrec.simulator.config_loader import ConfigError, apply_overrides, build, read_yaml
+from fleetrec.simulator.system import SystemConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
@@ -34,15 +36,17 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    workers: int = 2                   # worker actors; each owns the clients with id % workers == index
+    workers: int = 2                   # worker actors; which clients each owns: placement_policy
     cpus_per_worker: float = 1.0       # fractional allowed; torch threads = max(1, floor(cpus))
     gpus_per_worker: float = 0.0       # fractional allowed: 0.25 = four workers share a GPU
     address: str | None = None         # Ray address ("auto" joins a running cluster); null = local
     max_restarts: int = 3              # Ray restarts of a crashed worker (restored from the last checkpoint)
     placement: str = "default"         # worker actors: Ray's default placement, or "spread" over the nodes
+    placement_policy: str = "modulo"   # clients -> workers: modulo (id % workers) | balanced (greedy by train rows)
 
     CHECKS: ClassVar[dict] = {"workers": ">=1", "cpus_per_worker": ">0", "gpus_per_worker": ">=0",
-                              "max_restarts": ">=0", "placement": ("default", "spread")}
+                              "max_restarts": ">=0", "placement": ("default", "spread"),
+                              "placement_policy": POLICIES}
 
 
 RANKING_METRIC = re.compile(r"(recall|ndcg)@([1-9][0-9]*)")
@@ -95,7 +99,7 @@ class ExperimentConfig:
     CHECKS: ClassVar[dict] = {"rounds": ">=1", "early_stop_patience": ">=0", "seed": ">=0"}
 
     def validate(self) -> str | None:
-        from algorithms import ALGORITHMS, algorithms_supporting
+        from fleetrec.algorithms import ALGORITHMS, algorithms_supporting
         algo = ALGORITHMS[self.algorithm.name]
         name = self.algorithm.name
         # ranking algorithms (EVALUATION = ranking, cut-offs in algorithm.ks) report recall@K / ndcg@K,
@@ -129,22 +133,9 @@ def make_setup(cfg: ExperimentConfig, ds) -> Setup:
 
 def from_dict(data: dict, source: str = "config") -> ExperimentConfig:
     try:
-        return build(ExperimentConfig, _fetch_mlflow_backbone(data))
+        return build(ExperimentConfig, resolve_backbone(data, TrackingConfig.tracking_uri))
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-
-
-def _fetch_mlflow_backbone(data: dict) -> dict:
-    """`model.backbone: runs:/<run id>/<file>` (an MLflow artifact, e.g. of `fleetrec pretrain`):
-    download it from `tracking.tracking_uri` and put the local file's path in its place."""
-    model = data.get("model")
-    uri = model.get("backbone") if isinstance(model, dict) else None
-    if not (isinstance(uri, str) and uri.startswith("runs:/")):
-        return data
-    from simulator.pretrain import fetch_backbone
-    tracking = data.get("tracking") if isinstance(data.get("tracking"), dict) else {}
-    local = fetch_backbone(uri, str(tracking.get("tracking_uri", TrackingConfig.tracking_uri)))
-    return {**data, "model": {**model, "backbone": str(local)}}
 
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:

@@ -4,8 +4,8 @@ Rules every config dataclass follows:
 - fields with defaults are the YAML keys; past this loader nobody sees a dict;
 - `CHECKS: ClassVar[dict]` maps a field to a check: ">0", ">=1", "<=1", "0..1" (inclusive)
   or a tuple of allowed values;
-- a field typed with a class that defines `VARIANTS()` (a classmethod returning
-  {name: dataclass}) is a tagged union: its YAML block's `name` key picks the dataclass.
+- a field typed with a `TaggedUnion` subclass (fleetrec.datasets.registry) is a tagged union:
+  its YAML block's `name` key picks the dataclass from the class's registry.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
+
+from fleetrec.datasets.registry import TaggedUnion
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -114,14 +116,13 @@ def build(cls, data, path: str = ""):
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: got {data!r}, expected a mapping of keys")
-    if hasattr(cls, "VARIANTS"):
-        variants = cls.VARIANTS()
+    if issubclass(cls, TaggedUnion):
         default = next((f.default for f in dataclasses.fields(cls) if f.name == "name"), None)
         name = data.get("name", default)
-        if name not in variants:
+        if name not in cls.REGISTRY:
             raise ConfigError(f"{_join(path, 'name')}: got {name!r}, expected one of "
-                              + ", ".join(sorted(variants)))
-        cls = variants[name]
+                              + ", ".join(cls.REGISTRY.names()))
+        cls = cls.REGISTRY.config(name)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]

@@ -14,12 +14,13 @@ import numpy as np
 import ray
 import torch
 
-from algorithms import make_algorithm, rng
-from algorithms.evaluation import merge_all
-from algorithms.protocol import Accumulator, Tensors
-from datasets.federated import TEST, VAL, FederatedDataset
-from simulator import checkpoint
-from simulator.worker import Worker, WorkerRestarted
+from fleetrec.algorithms import make_algorithm, rng
+from fleetrec.algorithms.evaluation import merge_all
+from fleetrec.algorithms.protocol import Accumulator, Tensors
+from fleetrec.datasets.federated import TEST, TRAIN, VAL, FederatedDataset
+from fleetrec.simulator import checkpoint
+from fleetrec.simulator.placement import Placement
+from fleetrec.simulator.worker import Worker, WorkerRestarted
 
 
 def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> np.ndarray:
@@ -28,29 +29,25 @@ def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> np.ndarray:
     return np.sort(g.choice(num_clients, size=min(k, num_clients), replace=False))
 
 
-def split_by_owner(cohort: np.ndarray, workers: int) -> list[np.ndarray]:
-    owner = cohort % workers
-    return [cohort[owner == w] for w in range(workers)]
-
-
 @ray.remote
 class Coordinator:
     def __init__(self, cfg, dataset_holder: list):
         ds: FederatedDataset = ray.get(dataset_holder[0])
         self.cfg = cfg
         self.num_clients = ds.num_clients
-        from simulator.config import make_setup
+        from fleetrec.simulator.config import make_setup
         setup = make_setup(cfg, ds)
         self.algo = make_algorithm(cfg.algorithm, setup)
         self.state: Tensors = self.algo.init_server()
         res = cfg.resources
+        self.placement = Placement.build(res.placement_policy, res.workers, ds.rows_per_client(TRAIN))
         # "spread": one worker per node as far as the nodes allow (Ray's SPREAD strategy; a restarted
         # worker is placed the same way). Inside a Tune trial the workers stay in its placement group.
         spread = res.placement == "spread" and ray.util.get_current_placement_group() is None
         self.workers = [
             Worker.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
                            max_restarts=res.max_restarts, **({"scheduling_strategy": "SPREAD"} if spread else {})).remote(
-                i, res.workers, dataset_holder[0], cfg.algorithm, setup,
+                i, self.placement, dataset_holder[0], cfg.algorithm, setup,
                 cfg.federation.cohort_size, int(res.cpus_per_worker))
             for i in range(res.workers)]
         self.worker_info = ray.get([w.info.remote() for w in self.workers])
@@ -58,7 +55,7 @@ class Coordinator:
         self.recoveries = 0
         self.system = None
         if cfg.system.active:
-            from simulator.system import SystemModel
+            from fleetrec.simulator.system import SystemModel
             up, down = self.algo.traffic()
             self.system = SystemModel(cfg.system, cfg.seed, ds.num_clients, ds.rows_per_client(0), up + down,
                                       cfg.train.local_epochs)
@@ -77,7 +74,7 @@ class Coordinator:
         else:
             cohort, system_record = self.system.select(rnd, self.num_clients, k)
         plan_ref = ray.put(self.algo.configure_train(rnd, self.state, torch.from_numpy(cohort)))
-        parts = split_by_owner(cohort, len(self.workers))
+        parts = self.placement.split(cohort)
         calls = [(i, w.train.remote(plan_ref, ids)) for i, (w, ids) in enumerate(zip(self.workers, parts)) if len(ids)]
         acc = Accumulator()
         for part in self._gather(calls, lambda i: self.workers[i].train.remote(plan_ref, parts[i])):
@@ -103,7 +100,7 @@ class Coordinator:
         if n == 0 or n >= self.num_clients:
             return [None] * len(self.workers)
         g = np.random.default_rng([self.cfg.seed, rng.SAMPLE, 2**31])      # same sample every time
-        return split_by_owner(np.sort(g.choice(self.num_clients, size=n, replace=False)), len(self.workers))
+        return self.placement.split(np.sort(g.choice(self.num_clients, size=n, replace=False)))
 
     def evaluate(self) -> dict[str, float]:
         """Validation and test metrics: every worker's partial per split, merged in worker order,
@@ -172,10 +169,10 @@ class Coordinator:
 
     def personal_state(self, client_ids: list[int]) -> dict[int, Tensors]:
         """Personal state of some clients, fetched from their owners (inspection and tests)."""
-        W = len(self.workers)
         out = {}
         for c in client_ids:
-            part = ray.get(self.workers[c % W].personal_state.remote(np.array([c])))
+            owner = int(self.placement.owner(np.array([c]))[0])
+            part = ray.get(self.workers[owner].personal_state.remote(np.array([c])))
             out[c] = {k: v[0] for k, v in part.items()}
         return out
 

@@ -8,13 +8,14 @@ keeps the best epoch by AUC on those rows (as the official code does; or on the 
 clients' validation rows, `select: open_val_auc`), and writes the weights
 to `model.backbone`. With MLflow tracking on, the file is logged as an artifact of its own run,
 and stage 2 can name it as `model.backbone: runs:/<run id>/<file>` (fetched once into
-`.fleetrec_cache/mlflow/`; see `fetch_backbone`).
+`.fleetrec_cache/mlflow/`; see `fleetrec.simulator.artifacts`).
 
-`federated_dataset(cfg)` is stage 2's dataset: the same build minus the open clients (client
-ids renumbered 0..P-1, schema and vocabularies unchanged, so the backbone's tables fit).
+Stage 2's dataset is the same build minus the open clients (client ids renumbered 0..P-1, schema
+and vocabularies unchanged, so the backbone's tables fit): `FedPAModelConfig.pretrained_clients`
+names them from the backbone file and `fleetrec.simulator.run.federated_dataset` holds them out.
 
-    fleetrec pretrain CONFIG [key=value ...]        (or python -m simulator.pretrain ...)
-    python -m simulator.pretrain --run CONFIG [...] (stage 2 on the private clients)
+    fleetrec pretrain CONFIG [key=value ...]        (or python -m fleetrec.simulator.pretrain ...)
+    python -m fleetrec.simulator.pretrain --run CONFIG [...] (stage 2 on the private clients)
 """
 from __future__ import annotations
 
@@ -28,68 +29,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from algorithms.metrics import pooled_auc
-from algorithms.models.fedpa import FedPAModel, FedPAModelConfig, load_backbone, save_backbone
-from datasets.federated import CLIENT, SPLIT, TRAIN, VAL, DataError, FederatedDataset
-from datasets.partition import hash_order
-from simulator.config import ExperimentConfig, load
-from simulator.config_loader import ConfigError, apply_overrides, flatten, read_yaml, to_dict
-
-
-def open_clients(num_clients: int, fraction: float, seed: int) -> np.ndarray:
-    """Sorted ids of the open clients: the first round(fraction * C) ids in seeded hash order."""
-    n = int(round(fraction * num_clients))
-    return np.sort(hash_order(np.arange(num_clients), seed)[:n]).astype(np.int64)
-
-
-def select_open(ds: FederatedDataset, fraction: float, seed: int, attribute: str = "") -> np.ndarray:
-    """Stage 1's open clients: those whose 0/1 client attribute `attribute` is 1, or (attribute "")
-    `open_clients(C, fraction, seed)`."""
-    if not attribute:
-        return open_clients(ds.num_clients, fraction, seed)
-    names = [f.name for f in ds.schema.client_categorical]
-    if attribute not in names:
-        raise ConfigError(f"model.pretrain.open_attribute: the data has no client attribute {attribute!r}; "
-                          f"expected one of {', '.join(names) or '(none)'} or '' (open_fraction)")
-    flag = np.asarray(ds.client_attr(attribute))
-    if not np.isin(flag, (0, 1)).all():
-        raise ConfigError(f"model.pretrain.open_attribute: client attribute {attribute!r} has values other than 0/1; "
-                          "expected 1 = open, 0 = private")
-    return np.flatnonzero(flag == 1).astype(np.int64)
-
-
-def subset_clients(ds: FederatedDataset, keep: np.ndarray) -> FederatedDataset:
-    """The clients `keep` (sorted ids) only, renumbered 0..len(keep)-1; schema unchanged."""
-    keep = np.asarray(keep, dtype=np.int64)
-    starts, ends = ds.offsets[keep], ds.offsets[keep + 1]
-    rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(keep) else np.zeros(0, np.int64)
-    cols = {c: ds.column(c)[rows] for c in ds.table.column_names}
-    cols[CLIENT] = np.repeat(np.arange(len(keep)), ends - starts)
-    attrs = {c: ds.client_attr(c)[keep] for c in ds.client_attrs.column_names if c != "_"}
-    meta = {**ds.meta, "clients_kept": int(len(keep)), "clients_before": ds.num_clients}
-    return FederatedDataset.from_columns(ds.name, cols, ds.schema, attrs, len(keep), meta)
+from fleetrec.algorithms.metrics import pooled_auc
+from fleetrec.algorithms.models.fedpa import FedPAModel, FedPAModelConfig, load_backbone, save_backbone, select_open
+from fleetrec.datasets.federated import CLIENT, SPLIT, TRAIN, VAL, DataError, FederatedDataset
+from fleetrec.simulator.config import ExperimentConfig, load
+from fleetrec.simulator.config_loader import ConfigError, apply_overrides, flatten, read_yaml, to_dict
 
 
 def _fedpa_model(cfg: ExperimentConfig) -> FedPAModelConfig:
     if not isinstance(cfg.model, FedPAModelConfig):
         raise ConfigError(f"model.name: got {cfg.model.name!r}, pre-training needs 'fedpa'")
     return cfg.model
-
-
-def federated_dataset(cfg: ExperimentConfig) -> FederatedDataset:
-    """Stage 2's dataset: without the open clients named by the backbone file's meta (when the
-    model is FedPA with a backbone pre-trained on open clients), else the full build."""
-    ds = cfg.data.build(cfg.seed)
-    if not isinstance(cfg.model, FedPAModelConfig) or not cfg.model.backbone:
-        return ds
-    _, meta = load_backbone(cfg.model.backbone)
-    if not meta.get("open_clients"):
-        return ds
-    if meta["total_clients"] != ds.num_clients:
-        raise ConfigError(f"model.backbone: pre-trained on a dataset of {meta['total_clients']} clients, this data "
-                          f"config builds {ds.num_clients}; pre-train with the same data config")
-    opened = select_open(ds, meta["open_fraction"], meta["seed"], meta.get("open_attribute", ""))
-    return subset_clients(ds, np.setdiff1d(np.arange(ds.num_clients), opened))
 
 
 def _rows(ds: FederatedDataset, clients: np.ndarray, splits: tuple[int, ...]) -> np.ndarray:
@@ -193,47 +143,6 @@ def pretrain(cfg: ExperimentConfig, out: str | Path | None = None) -> Path:
     return path
 
 
-CACHE = Path(".fleetrec_cache") / "mlflow"
-
-
-def fetch_backbone(uri: str, tracking_uri: str, cache: Path | None = None) -> Path:
-    """The local copy of the backbone artifact `runs:/<run id>/<path>` of the MLflow store at
-    `tracking_uri`, downloaded once into `.fleetrec_cache/mlflow/<run id>/` (run artifacts do not
-    change). A missing run or artifact is a ConfigError naming model.backbone."""
-    parts = uri[len("runs:/"):].strip("/").split("/", 1)
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"model.backbone: {uri!r}: expected runs:/<run id>/<artifact path>, as `fleetrec "
-                          "pretrain` prints it")
-    run_id, artifact = parts
-    dest = ((cache or CACHE) / run_id).resolve()        # absolute: workers need not share the driver's cwd
-    local = dest / artifact
-    if local.is_file():
-        return local
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
-        raise ConfigError(f"model.backbone: cannot fetch {uri}: no MLflow store at {tracking_uri} "
-                          "(tracking.tracking_uri); expected the store `fleetrec pretrain` logged to")
-    import logging
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    quiet = [logging.getLogger(n) for n in ("mlflow", "alembic")]      # store set-up chatter, not errors
-    levels = [q.level for q in quiet]
-    try:
-        for q in quiet:
-            q.setLevel(logging.WARNING)
-        got = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri)
-    except (MlflowException, OSError) as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.backbone: cannot fetch {uri} from the MLflow store {tracking_uri} "
-                          f"(tracking.tracking_uri): {first}") from None
-    finally:
-        for q, level in zip(quiet, levels):
-            q.setLevel(level)
-    if not Path(got).is_file():
-        raise ConfigError(f"model.backbone: {uri} is a folder of artifacts; expected the backbone file in it")
-    return Path(got)
-
-
 def _mlflow_run(cfg: ExperimentConfig):
     import mlflow
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
@@ -264,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.run:
-            from simulator.run import run
-            from simulator.tracking import default_callbacks
+            from fleetrec.simulator.run import run
+            from fleetrec.simulator.tracking import default_callbacks
             cfg = load(args.config, args.overrides)
-            run(cfg, default_callbacks(cfg), dataset=federated_dataset(cfg))
+            run(cfg, default_callbacks(cfg))    # holds the open clients out
             return 0
         cfg, target = load_for_pretrain(args.config, args.overrides)
         path = pretrain(cfg, target)

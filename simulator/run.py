@@ -10,9 +10,13 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import ray
 
-from simulator.config import ExperimentConfig
+from fleetrec.datasets.federated import FederatedDataset
+from fleetrec.datasets.partition import subset_clients
+from fleetrec.simulator.ceiling import ceiling
+from fleetrec.simulator.config import ExperimentConfig
 
 
 @dataclass
@@ -57,18 +61,28 @@ def _better(a: float, b: float | None, mode: str) -> bool:
     return b is None or (a > b if mode == "max" else a < b)
 
 
+def federated_dataset(cfg: ExperimentConfig) -> FederatedDataset:
+    """The dataset a run federates: the data config's build, without the clients a pre-trained part
+    of the model has already seen (`ModelConfig.pretrained_clients`: FedPA's open clients), whose
+    ids are renumbered 0..P-1 with schema and vocabularies unchanged."""
+    ds = cfg.data.build(cfg.seed)
+    seen = cfg.model.pretrained_clients(ds)
+    if seen is None:
+        return ds
+    return subset_clients(ds, np.setdiff1d(np.arange(ds.num_clients), seen))
+
+
 def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, keep_actors: bool = False,
         resume=None):
     """Run one experiment. Returns a RunResult (and the coordinator handle if keep_actors).
 
-    `resume`: a `simulator.checkpoint.Checkpoint` to continue from (its round + 1 onwards).
+    `resume`: a `fleetrec.simulator.checkpoint.Checkpoint` to continue from (its round + 1 onwards).
     """
-    from simulator import checkpoint
-    from simulator.coordinator import Coordinator
+    from fleetrec.simulator import checkpoint
+    from fleetrec.simulator.coordinator import Coordinator
     ensure_ray(cfg)
     t0 = time.perf_counter()
     if dataset is None:
-        from simulator.pretrain import federated_dataset   # the data itself, or FedPA's private users
         dataset = federated_dataset(cfg)
     ds = dataset
     ds_ref = ray.put(ds)
@@ -76,6 +90,7 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
     try:
         info = ray.get(coord.info.remote())
         info.update(dataset=ds.name, num_clients=ds.num_clients, num_rows=ds.num_rows, meta=ds.meta,
+                    ceiling=ceiling(ds, cfg.algorithm.ranking_ks() or (20, 40)),
                     startup_seconds=time.perf_counter() - t0,
                     worker_handles=ray.get(coord.worker_handles.remote()))
         loop = _Loop(cfg, callbacks)

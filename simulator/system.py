@@ -15,10 +15,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from algorithms import rng
-from simulator.config_loader import ConfigError
-
-AVAILABILITY, DROPOUT, PROFILE = 11, 12, 13   # rng streams
+from fleetrec.algorithms import rng
+from fleetrec.simulator.config_loader import ConfigError
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ class SystemModel:
         self.cfg, self.seed = cfg, seed
         self.trace = load_trace(cfg.availability_trace, num_clients) if cfg.availability_trace else None
         w = np.asarray(cfg.profile_weights, dtype=np.float64)
-        u = rng.uniform(seed, PROFILE, np.arange(num_clients))
+        u = rng.uniform(seed, rng.PROFILE, np.arange(num_clients))
         self.profile = np.searchsorted(np.cumsum(w / w.sum()), u, side="right").clip(0, len(w) - 1)  # (C,)
         self.train_rows = train_rows
         self.bytes = bytes_per_client
@@ -79,7 +77,7 @@ class SystemModel:
     def available(self, rnd: int, num_clients: int) -> np.ndarray:
         """Ids of the clients online in round `rnd`."""
         ids = np.arange(num_clients)
-        on = rng.uniform(self.seed, AVAILABILITY, rnd, ids) < self.cfg.availability
+        on = rng.uniform(self.seed, rng.AVAILABILITY, rnd, ids) < self.cfg.availability
         if self.trace is not None:
             on &= self.trace[:, rnd % self.trace.shape[1]]
         return ids[on]
@@ -96,7 +94,7 @@ class SystemModel:
         want = min(int(np.ceil(self.cfg.overcommit * k)), len(online))
         g = np.random.default_rng([self.seed, rng.SAMPLE, rnd])
         picked = np.sort(g.choice(online, size=want, replace=False)) if want else online[:0]
-        dropped = rng.uniform(self.seed, DROPOUT, rnd, picked) < self.cfg.dropout
+        dropped = rng.uniform(self.seed, rng.CLIENT_DROPOUT, rnd, picked) < self.cfg.dropout
         t = self.completion_time(picked)
         late = (t > self.cfg.deadline_s) if self.cfg.deadline_s > 0 else np.zeros(len(picked), bool)
         ok = picked[~dropped & ~late]

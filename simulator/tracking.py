@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from simulator.config import ExperimentConfig
-from simulator.config_loader import flatten, to_dict
-from simulator.run import Callback, RunResult
+from fleetrec.simulator.config import ExperimentConfig
+from fleetrec.simulator.config_loader import flatten, to_dict
+from fleetrec.simulator.run import Callback, RunResult
 
 def mlflow_name(key: str) -> str:
     """A round-record key as an MLflow metric name (MLflow refuses '@'): val/recall@20 -> val/recall_at_20."""
@@ -37,12 +37,12 @@ class ProgressBar(Callback):
     def on_start(self, cfg: ExperimentConfig, info: dict) -> None:
         from tqdm import tqdm
         self.metric = f"val/{cfg.eval.metric}"
-        bayes = info.get("meta", {}).get("bayes_auc")
+        bayes = info.get("ceiling", {}).get("bayes_auc")
         if bayes:
             print(f"dataset {info['dataset']}: {info['num_clients']} clients, {info['num_rows']} rows; "
                   f"Bayes-optimal AUC (a perfect model) val {bayes['val']:.4f} test {bayes['test']:.4f}",
                   file=self.stream)
-        oracle = info.get("meta", {}).get("oracle_ranking")
+        oracle = info.get("ceiling", {}).get("oracle_ranking")
         if oracle:
             print(f"dataset {info['dataset']}: a model knowing the true preferences scores "
                   + ", ".join(f"{k} {v:.4f}" for k, v in oracle.items() if k.startswith("test/")), file=self.stream)
@@ -112,9 +112,9 @@ class MlflowLogger(Callback):
         self.run_id = run.info.run_id
         params = {k: str(v)[:500] for k, v in flatten(to_dict(cfg)).items()}
         mlflow.log_params(params)
-        bayes = info.get("meta", {}).get("bayes_auc", {})
+        bayes = info.get("ceiling", {}).get("bayes_auc", {})
         mlflow.log_params({f"data.bayes_auc.{k}": f"{v:.6f}" for k, v in bayes.items()})
-        oracle = info.get("meta", {}).get("oracle_ranking", {})
+        oracle = info.get("ceiling", {}).get("oracle_ranking", {})
         mlflow.log_params({f"data.oracle.{k.replace('@', '_at_')}": f"{v:.6f}" for k, v in oracle.items()})
         mlflow.log_metrics({"system/startup_seconds": info["startup_seconds"],
                             "system/bytes_up_per_client": info["bytes_up_per_client"],

@@ -30,9 +30,10 @@ import numpy as np
 import yaml
 from ray.tune import Callback as TuneCallback
 
-from simulator.config import ExperimentConfig, from_dict
-from simulator.config_loader import ConfigError, apply_overrides, build, read_yaml, to_dict
-from simulator.run import Callback
+from fleetrec.datasets.registry import Registry, TaggedUnion
+from fleetrec.simulator.config import ExperimentConfig, from_dict
+from fleetrec.simulator.config_loader import ConfigError, apply_overrides, build, read_yaml, to_dict
+from fleetrec.simulator.run import Callback
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SWEEP_STATE = "fleetrec_sweep.json"          # in the experiment dir: parent run id, for --resume
@@ -92,13 +93,14 @@ class DimConfig:
         return [float(v[0]), float(v[1])]
 
 
+SCHEDULERS: Registry[type] = Registry("scheduler")     # name -> its config dataclass
+
+
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(TaggedUnion):
     name: str = "asha"
 
-    @classmethod
-    def VARIANTS(cls) -> dict[str, type]:
-        return {"asha": AshaConfig, "none": NoSchedulerConfig}
+    REGISTRY: ClassVar[Registry] = SCHEDULERS
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,10 @@ class AshaConfig(SchedulerConfig):
 @dataclass(frozen=True)
 class NoSchedulerConfig(SchedulerConfig):
     name: str = "none"
+
+
+SCHEDULERS.register("asha", AshaConfig)
+SCHEDULERS.register("none", NoSchedulerConfig)
 
 
 @dataclass(frozen=True)
@@ -343,8 +349,8 @@ class TrialTags(Callback):
 def trial(config: dict, sweep: Sweep, parent_run_id: str | None, cwd: str) -> None:
     """One Tune trial: build the config through the loader and call `run(cfg)`."""
     from ray import tune
-    from simulator.run import run
-    from simulator.tracking import MlflowLogger
+    from fleetrec.simulator.run import run
+    from fleetrec.simulator.tracking import MlflowLogger
     os.chdir(cwd)                                       # relative data paths as in the driver
     values = {k: _py(v) for k, v in config.items()}
     name = tune.get_context().get_trial_name()
@@ -556,7 +562,7 @@ def _summarize_mlflow(sweep: Sweep, parent: str, trials: list[dict], best: dict,
                                                         for t in trials))
     client.log_metric(parent, "tune/errored", sum(t["error"] is not None for t in trials))
     if best:
-        from simulator.tracking import mlflow_name
+        from fleetrec.simulator.tracking import mlflow_name
         client.log_metric(parent, mlflow_name(f"best/{sc.metric}"), best["best"])
         client.set_tag(parent, "tune.best_trial_id", best["trial_id"])
         if best_child:
@@ -583,7 +589,7 @@ def tune_sweep(sweep: Sweep, resume: bool = False, verbose: int = 1) -> SweepRes
     """Run (or resume) a sweep; returns the per-trial summary and the best trial."""
     import ray
     from ray import tune
-    from simulator.run import ensure_ray
+    from fleetrec.simulator.run import ensure_ray
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")      # trials keep the driver's working dir
     ensure_ray(sweep.base_cfg)
     _check_fits(sweep, ray.cluster_resources())

@@ -1,8 +1,8 @@
 """Worker actors: stateful shards that own clients and train them in vectorized cohorts.
 
-Worker `w` of `W` owns the clients with `id % W == w`; client `c` lives in local slot
-`c // W`. Its personal state (e.g. user embeddings) is stacked per tensor, so a cohort's
-state is one gather and one scatter, and it never leaves the worker.
+Which clients worker `w` owns, and in which local slot each lives, is the run's `Placement`
+(simulator/placement.py). Its personal state (e.g. user embeddings) is stacked per tensor by
+slot, so a cohort's state is one gather and one scatter, and it never leaves the worker.
 """
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ import numpy as np
 import ray
 import torch
 
-from algorithms import make_algorithm
-from algorithms.evaluation import merge_all
-from algorithms.protocol import RANKING, Accumulator, Setup, TrainPlan, Tensors
-from datasets.federated import FederatedDataset
-from simulator.cohort import DataView
+from fleetrec.algorithms import make_algorithm
+from fleetrec.algorithms.evaluation import merge_all
+from fleetrec.algorithms.protocol import RANKING, Accumulator, Setup, TrainPlan, Tensors
+from fleetrec.datasets.federated import FederatedDataset
+from fleetrec.simulator.cohort import DataView
+from fleetrec.simulator.placement import Placement
 
 
 def _release_freed_heap() -> None:
@@ -34,10 +35,6 @@ def _release_freed_heap() -> None:
 
 class WorkerRestarted(RuntimeError):
     """A restarted worker holds fresh personal state until the coordinator restores it."""
-
-
-def owned_clients(num_clients: int, index: int, workers: int) -> np.ndarray:
-    return np.arange(index, num_clients, workers, dtype=np.int64)
 
 
 def build_personal(algo, owned: np.ndarray, chunk_rows: int = 65536) -> Tensors:
@@ -69,7 +66,7 @@ class _SplitBatches:
 
 @ray.remote
 class Worker:
-    def __init__(self, index: int, workers: int, dataset: FederatedDataset, algo_config, setup: Setup,
+    def __init__(self, index: int, placement: Placement, dataset: FederatedDataset, algo_config, setup: Setup,
                  cohort_size: int, threads: int):
         torch.set_num_threads(max(1, threads))
         gpu_ids = ray.get_gpu_ids()
@@ -77,7 +74,7 @@ class Worker:
         self.setup = Setup(**{**setup.__dict__, "device": device})
         # after a crash Ray re-runs __init__: state is fresh until `restore` brings it back
         self.stale = ray.get_runtime_context().was_current_actor_reconstructed
-        self.index, self.workers = index, workers
+        self.index, self.placement = index, placement
         self.data = DataView(dataset)
         # columns are views of the object store's buffers, not copies (read-only memory)
         self.zero_copy = all(not dataset.column(c).flags.writeable for c in dataset.table.column_names)
@@ -85,14 +82,11 @@ class Worker:
         if self.algo.READS_SIDE_TABLES:            # algorithms that read the dataset's side tables (graphs)
             self.algo.attach_data(dataset)
         self.cohort_size = cohort_size
-        owned = owned_clients(setup.num_clients, index, workers)
-        self.personal: Tensors = build_personal(self.algo, owned)
+        self.personal: Tensors = build_personal(self.algo, placement.owned(index))
         _release_freed_heap()   # init temporaries (float64 draws, concatenations) stay resident otherwise
 
     def _slots(self, client_ids: np.ndarray) -> torch.Tensor:
-        if len(client_ids) and np.any(client_ids % self.workers != self.index):
-            raise ValueError(f"worker {self.index} got clients it does not own")
-        return torch.from_numpy(client_ids // self.workers)
+        return torch.from_numpy(self.placement.slots(client_ids, self.index))
 
     def _chunks(self, client_ids: np.ndarray, split: int = 0):
         """Cohorts of at most `cohort_size` clients of similar size (sorted by rows of `split`),
@@ -142,7 +136,7 @@ class Worker:
         Ranking reads a cohort's training (and validation) rows to mask them, so its chunks are formed
         once and their batches are shared by every split."""
         self._check()
-        ids_all = owned_clients(self.setup.num_clients, self.index, self.workers) if client_ids is None \
+        ids_all = self.placement.owned(self.index) if client_ids is None \
             else np.sort(np.asarray(client_ids, dtype=np.int64))
         dev = self.setup.device
         if dev != "cpu":

@@ -35,8 +35,8 @@ def tiny_overrides(**extra) -> list[str]:
 
 def tiny_config(*overrides: str, **extra):
     """The dataclass defaults (not configs/quickstart.yaml) plus tiny overrides."""
-    from simulator.config import from_dict
-    from simulator.config_loader import apply_overrides
+    from fleetrec.simulator.config import from_dict
+    from fleetrec.simulator.config_loader import apply_overrides
     return from_dict(apply_overrides({}, tiny_overrides(**extra) + list(overrides)), "tiny")
 
 

@@ -29,7 +29,7 @@ os.environ["RAY_TMPDIR"] = RAY_TMPDIR
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from simulator.run import Callback, run  # noqa: E402
+from fleetrec.simulator.run import Callback, run  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}

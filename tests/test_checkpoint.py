@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simulator import checkpoint
-from simulator.config_loader import ConfigError
-from simulator.run import Callback, run
-from simulator.tracking import MlflowLogger
+from fleetrec.simulator import checkpoint
+from fleetrec.simulator.config_loader import ConfigError
+from fleetrec.simulator.run import Callback, run
+from fleetrec.simulator.tracking import MlflowLogger
 from tests.test_contract import _KillWorker
 
 

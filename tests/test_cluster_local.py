@@ -111,7 +111,7 @@ def test_ray_up_submit_down_on_loopback(tmp_path):
     try:
         ray("up", "-y", "--no-config-cache", LOCAL_YAML, timeout=240)
         # setup_commands installed the copy that file_mounts synced to ~/fleetrec on the head
-        where = subprocess.run(SSH + ["bash -ic 'cd && python -c \"import simulator; print(simulator.__file__)\"'"],
+        where = subprocess.run(SSH + ["bash -ic 'cd && python -c \"import fleetrec.simulator as s; print(s.__file__)\"'"],
                                capture_output=True, text=True, timeout=60)
         home = subprocess.run(SSH + ["echo $HOME"], capture_output=True, text=True, timeout=30).stdout.strip()
         assert where.stdout.strip().splitlines()[-1] == f"{home}/fleetrec/simulator/__init__.py", where

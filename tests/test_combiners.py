@@ -11,12 +11,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from algorithms.combiners import (COMBINERS, CombineInput, PMTRecConfig, add_row_grad, dwa_weights,
-                                  gather_rows, gradnorm_step, make_combiner, min_norm_weights, nash_weights,
-                                  pcgrad_coefficients, pmtrec_combine, register, task_row_grads,
-                                  touched_mask, uncertainty_loss)
-from algorithms.combiners.base import generator
-from simulator.config_loader import ConfigError, build
+from fleetrec.algorithms.combiners import (COMBINERS, CombineInput, PMTRecConfig, add_row_grad, dwa_weights,
+                                           gather_rows, gradnorm_step, make_combiner, min_norm_weights, nash_weights,
+                                           pcgrad_coefficients, pmtrec_combine, register, task_row_grads,
+                                           touched_mask, uncertainty_loss)
+from fleetrec.algorithms.combiners.base import generator
+from fleetrec.simulator.config_loader import ConfigError, build
 
 PROPS = settings(max_examples=40, deadline=None)
 
@@ -54,7 +54,7 @@ def test_configs_are_frozen_with_valid_checks_and_load_from_yaml_dicts():
 
 
 def test_algorithms_combiners_do_not_import_ray_or_mlflow():
-    code = ("import sys, algorithms.combiners, algorithms.ranking;"
+    code = ("import sys, fleetrec.algorithms.combiners, fleetrec.algorithms.ranking;"
             "assert 'ray' not in sys.modules and 'mlflow' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from simulator.cli import main
-from simulator.config import ExperimentConfig, from_dict, load
-from simulator.config_loader import ConfigError, apply_overrides, flatten, to_dict
+from fleetrec.simulator.cli import main
+from fleetrec.simulator.config import ExperimentConfig, from_dict, load
+from fleetrec.simulator.config_loader import ConfigError, apply_overrides, flatten, to_dict
 
 
 @pytest.mark.parametrize("data, message", [
@@ -77,11 +77,11 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):
 def test_console_script_exit_code_and_help(tmp_path):
     p = tmp_path / "exp.yaml"
     p.write_text("federation:\n  clients_per_round: many\n")
-    r = subprocess.run([sys.executable, "-m", "simulator.cli", "run", str(p)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "fleetrec.simulator.cli", "run", str(p)], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert "federation.clients_per_round: got 'many', expected an integer" in r.stderr
-    h = subprocess.run([sys.executable, "-m", "simulator.cli", "--help"], capture_output=True, text=True)
+    h = subprocess.run([sys.executable, "-m", "fleetrec.simulator.cli", "--help"], capture_output=True, text=True)
     assert h.returncode == 0
     for verb in ("run", "ui"):
         assert any(line.strip().startswith(verb + " ") for line in h.stdout.splitlines())
@@ -98,7 +98,7 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
 
 def test_every_verb_in_help_dispatches():
     """Each verb listed by --help reaches its handler (its own --help exits 0)."""
-    from simulator.cli import VERBS
+    from fleetrec.simulator.cli import VERBS
     for verb in VERBS:
-        r = subprocess.run([sys.executable, "-m", "simulator.cli", verb, "--help"], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "fleetrec.simulator.cli", verb, "--help"], capture_output=True, text=True)
         assert r.returncode == 0, (verb, r.stderr[-300:])

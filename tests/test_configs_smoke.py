@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from simulator.config import load
-from simulator.config_loader import flatten, read_yaml
-from simulator.run import run
+from fleetrec.simulator.config import load
+from fleetrec.simulator.config_loader import flatten, read_yaml
+from fleetrec.simulator.run import run
 
 FOLDER = Path(__file__).resolve().parents[1] / "configs"
 ALL = sorted(FOLDER.glob("*.yaml"))
@@ -91,9 +91,9 @@ def test_flag_variant_trains_and_evaluates_one_round_in_process(path):
     import numpy as np
     import torch
 
-    from algorithms import make_algorithm
-    from simulator.cohort import DataView
-    from simulator.config import make_setup
+    from fleetrec.algorithms import make_algorithm
+    from fleetrec.simulator.cohort import DataView
+    from fleetrec.simulator.config import make_setup
     cfg = load(path, _tiny(path))
     ds = cfg.data.build(cfg.seed)
     algo = make_algorithm(cfg.algorithm, make_setup(cfg, ds))

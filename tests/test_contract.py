@@ -14,12 +14,12 @@ import math
 import pytest
 import torch
 
-from algorithms import ALGORITHMS, make_algorithm
-from algorithms.protocol import CENTRAL_DP, POINTWISE, RANKING, AlgorithmBase
-from simulator import checkpoint
-from simulator.config import from_dict, make_setup
-from simulator.config_loader import ConfigError, apply_overrides
-from simulator.run import Callback, run
+from fleetrec.algorithms import ALGORITHMS, make_algorithm
+from fleetrec.algorithms.protocol import CENTRAL_DP, POINTWISE, RANKING, AlgorithmBase
+from fleetrec.simulator import checkpoint
+from fleetrec.simulator.config import from_dict, make_setup
+from fleetrec.simulator.config_loader import ConfigError, apply_overrides
+from fleetrec.simulator.run import Callback, run
 
 ROUNDS = 4
 CASES = [pytest.param(name, ex, id=f"{name}-{ex}")

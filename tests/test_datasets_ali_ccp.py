@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datasets import SOURCES, real
-from datasets.ali_ccp import COLUMNS, DENSE, SPARSE, AliCcpConfig
-from datasets.describe import main as data_main
-from datasets.federated import TEST, TRAIN, VAL, DataError
+from fleetrec.datasets import SOURCES, real
+from fleetrec.datasets.ali_ccp import COLUMNS, DENSE, SPARSE, AliCcpConfig
+from fleetrec.simulator.data_cli import main as data_main
+from fleetrec.datasets.federated import TEST, TRAIN, VAL, DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_ali_ccp = pytest.mark.skipif(not (SHARED_DATA / "ali-ccp" / "ali_ccp_multidomain_train_sample.csv").is_file(),
@@ -38,8 +38,8 @@ def write_ali_ccp(root: Path, sizes=(30, 10, 12), prefix: str = "ali_ccp_", suff
 
 
 def test_registered_and_config_checked():
-    from simulator.config_loader import ConfigError, build
-    from datasets.sources import DataConfig
+    from fleetrec.simulator.config_loader import ConfigError, build
+    from fleetrec.datasets.sources import DataConfig
     assert SOURCES["ali_ccp"] is AliCcpConfig
     cfg = build(DataConfig, {"name": "ali_ccp", "variant": "multidomain", "scenario": True, "tasks": ["ctcvr"]}, "data")
     assert isinstance(cfg, AliCcpConfig) and cfg.variant == "multidomain" and cfg.tasks == ("ctcvr",)

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datasets import SOURCES
-from datasets import real
-from datasets.amazon import (AmazonConfig, AmazonOfficeProductsConfig, AmazonVideoGamesConfig,
-                             amazon_item_categories, amazon_item_pairs)
-from datasets.describe import main as data_main
-from datasets.federated import TEST, TRAIN, VAL, DataError
+from fleetrec.datasets import SOURCES
+from fleetrec.datasets import real
+from fleetrec.datasets.amazon import (AmazonConfig, AmazonOfficeProductsConfig, AmazonVideoGamesConfig,
+                                      amazon_item_categories, amazon_item_pairs)
+from fleetrec.simulator.data_cli import main as data_main
+from fleetrec.datasets.federated import TEST, TRAIN, VAL, DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_video = pytest.mark.skipif(not (SHARED_DATA / "amazon-video-games" / "Video.txt.gz").is_file(),
@@ -79,8 +79,8 @@ def cache(tmp_path_factory) -> str:
 
 # ------------------------------------------------------------------------------------------ registry / config
 def test_amazon_sources_are_registered_and_checked():
-    from datasets.sources import DataConfig
-    from simulator.config_loader import ConfigError, build
+    from fleetrec.datasets.sources import DataConfig
+    from fleetrec.simulator.config_loader import ConfigError, build
     for name in ("amazon", "amazon_video_games", "amazon_office_products"):
         assert name in SOURCES
     cfg = build(DataConfig, {"name": "amazon_video_games", "max_clients": 10}, "data")

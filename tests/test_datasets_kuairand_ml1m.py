@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datasets import SOURCES
-from datasets.describe import main as data_main
-from datasets.federated import TEST, TRAIN, VAL, DataError
-from datasets.kuairand import (FEDPA_USER_FEATURES, USER_DISCRETE, VIDEO_DISCRETE, KuaiRandConfig, fedpa_bins,
-                               fedpa_open_users)
-from datasets.real import MovieLens1MConfig
+from fleetrec.datasets import SOURCES
+from fleetrec.simulator.data_cli import main as data_main
+from fleetrec.datasets.federated import TEST, TRAIN, VAL, DataError
+from fleetrec.datasets.kuairand import (FEDPA_USER_FEATURES, USER_DISCRETE, VIDEO_DISCRETE, KuaiRandConfig, fedpa_bins,
+                                        fedpa_open_users)
+from fleetrec.datasets.real import MovieLens1MConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_kuairand = pytest.mark.skipif(not (SHARED_DATA / "kuairand" / "user_features_pure.csv.gz").is_file(),
@@ -209,8 +209,8 @@ def test_kuairand_malformed(tmp_path):
     (tmp_path / "no_logs").mkdir()
     with pytest.raises(DataError, match=r"log_standard_4_08_to_4_21_pure\.csv: file not found"):
         KuaiRandConfig(path=str(tmp_path / "no_logs"), features_path=str(root), cache=False).build(0)
-    from datasets.sources import DataConfig
-    from simulator.config_loader import ConfigError, build
+    from fleetrec.datasets.sources import DataConfig
+    from fleetrec.simulator.config_loader import ConfigError, build
     with pytest.raises(ConfigError, match="data.users"):
         build(DataConfig, {"name": "kuairand", "users": "everyone"}, "data")
     with pytest.raises(ConfigError, match="data.tasks"):

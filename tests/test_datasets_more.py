@@ -9,13 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datasets import SOURCES
-from datasets import real
-from datasets.aliexpress import CATEGORICAL as AE_CAT, COLUMNS as AE_COLUMNS, NUMERIC as AE_NUM, AliExpressConfig
-from datasets.census_income import CATEGORICAL as CI_CAT, NUMERIC as CI_NUM, CensusIncomeConfig
-from datasets.describe import describe, main as data_main
-from datasets.federated import TEST, TRAIN, VAL, DataError
-from datasets.tenrec import TenrecConfig
+from fleetrec.datasets import SOURCES
+from fleetrec.datasets import real
+from fleetrec.datasets.aliexpress import CATEGORICAL as AE_CAT, COLUMNS as AE_COLUMNS, NUMERIC as AE_NUM, AliExpressConfig
+from fleetrec.datasets.census_income import CATEGORICAL as CI_CAT, NUMERIC as CI_NUM, CensusIncomeConfig
+from fleetrec.datasets.describe import describe
+from fleetrec.simulator.data_cli import main as data_main
+from fleetrec.datasets.federated import TEST, TRAIN, VAL, DataError
+from fleetrec.datasets.tenrec import TenrecConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_aliexpress = pytest.mark.skipif(not (SHARED_DATA / "aliexpress" / "aliexpress_US_train_sample.csv").is_file(),
@@ -97,8 +98,8 @@ def _splits_ok(ds):
 
 # ------------------------------------------------------------------------------------------ registry
 def test_sources_are_registered_and_configs_checked():
-    from simulator.config_loader import ConfigError, build
-    from datasets.sources import DataConfig
+    from fleetrec.simulator.config_loader import ConfigError, build
+    from fleetrec.datasets.sources import DataConfig
     for name in ("aliexpress", "tenrec", "census_income"):
         assert name in SOURCES
     cfg = build(DataConfig, {"name": "aliexpress", "countries": ["nl", "ES"], "tasks": ["ctr"]}, "data")
@@ -306,7 +307,7 @@ def test_data_cli_describe_new_sources(tmp_path, capsys):
 @pytest.mark.skipif(not (SHARED_DATA / "kuairand" / "user_features_pure.csv.gz").is_file(),
                     reason="shared KuaiRand tables are absent")
 def test_kuairand_feature_tables():
-    from datasets.kuairand import USER_DISCRETE, VIDEO_DISCRETE, load_user_features, load_video_features
+    from fleetrec.datasets.kuairand import USER_DISCRETE, VIDEO_DISCRETE, load_user_features, load_video_features
     users = load_user_features()
     assert len(users.ids) == 27_285 and set(users.codes) == set(USER_DISCRETE)
     for c, v in users.codes.items():
@@ -319,7 +320,7 @@ def test_kuairand_feature_tables():
 
 
 def test_kuairand_malformed_table(tmp_path):
-    from datasets.kuairand import load_video_features
+    from fleetrec.datasets.kuairand import load_video_features
     pd.DataFrame({"video_id": [0, 1], "video_type": ["NORMAL", "AD"]}).to_csv(
         tmp_path / "video_features_basic_pure.csv.gz", index=False, compression="gzip")
     with pytest.raises(DataError, match=r"video_features_basic_pure\.csv\.gz: missing column 'upload_dt'"):

@@ -11,12 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datasets import SOURCES
-from datasets import partition as P
-from datasets import real
-from datasets.describe import describe, main as data_main
-from datasets.federated import TEST, TRAIN, VAL, DataError
-from datasets.real import CiaoConfig, EpinionsConfig, FilmTrustConfig, MovieLens100kConfig
+from fleetrec.datasets import SOURCES
+from fleetrec.datasets import partition as P
+from fleetrec.datasets import real
+from fleetrec.datasets.describe import describe
+from fleetrec.simulator.data_cli import main as data_main
+from fleetrec.datasets.federated import TEST, TRAIN, VAL, DataError
+from fleetrec.datasets.real import CiaoConfig, EpinionsConfig, FilmTrustConfig, MovieLens100kConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "epinions" / "ratings.csv.gz").is_file(),
@@ -42,8 +43,8 @@ def test_real_sources_are_registered():
 
 
 def test_config_loader_builds_and_checks_real_sources():
-    from simulator.config_loader import ConfigError, build
-    from datasets.sources import DataConfig
+    from fleetrec.simulator.config_loader import ConfigError, build
+    from fleetrec.datasets.sources import DataConfig
     cfg = build(DataConfig, {"name": "epinions", "max_clients": 10, "negatives_per_positive": 2}, "data")
     assert isinstance(cfg, EpinionsConfig) and cfg.max_clients == 10
     with pytest.raises(ConfigError, match="data.split"):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from simulator.coordinator import sample_cohort, split_by_owner
-from simulator.run import run
+from fleetrec.simulator.coordinator import sample_cohort
+from fleetrec.simulator.placement import Placement
+from fleetrec.simulator.run import run
 
 
 def _metrics(result):
@@ -77,14 +78,37 @@ def test_prime_number_of_clients_routes_to_owners(ray_session, tiny_cfg):
         ray.kill(coord)
 
 
-def test_split_by_owner_partitions_cohort():
+def test_placement_partitions_the_cohort_and_slots_every_client_once():
     cohort = sample_cohort(seed=3, rnd=5, num_clients=101, k=40)
-    parts = split_by_owner(cohort, 7)
-    assert sorted(np.concatenate(parts).tolist()) == cohort.tolist()
-    for w, p in enumerate(parts):
-        assert np.all(p % 7 == w)
+    rows = np.random.default_rng(0).integers(1, 50, size=101)
+    for policy in ("modulo", "balanced"):
+        place = Placement.build(policy, 7, rows)
+        parts = place.split(cohort)
+        assert sorted(np.concatenate(parts).tolist()) == cohort.tolist()
+        for w, p in enumerate(parts):
+            assert np.all(place.owner(p) == w)
+            slots = place.slots(place.owned(w), w)
+            assert slots.tolist() == list(range(len(place.owned(w))))      # dense slots, in id order
+        with pytest.raises(ValueError, match="does not own"):
+            place.slots(place.owned(1)[:1], 0)
+    modulo = Placement.build("modulo", 7, rows)
+    assert all(np.all(p % 7 == w) for w, p in enumerate(modulo.split(cohort)))
     assert np.array_equal(cohort, sample_cohort(3, 5, 101, 40))          # seeded
     assert not np.array_equal(cohort, sample_cohort(3, 6, 101, 40))      # differs by round
+
+
+def test_balanced_placement_evens_out_unequal_scenarios():
+    rows = np.array([300, 200, 120])                  # SCENARIO_EXAMPLE's scenarios on 2 workers
+    assert Placement.build("modulo", 2, rows).rows_per_worker(rows).tolist() == [420, 200]
+    assert Placement.build("balanced", 2, rows).rows_per_worker(rows).tolist() == [300, 320]
+    big = np.random.default_rng(1).integers(1, 1000, size=5000)
+    loads = Placement.build("balanced", 4, big).rows_per_worker(big)
+    assert loads.max() - loads.min() <= big.max()      # greedy (largest first) is within one client
+
+
+def test_results_do_not_depend_on_the_placement_policy(ray_session, tiny_cfg, reference_run):
+    balanced = run(tiny_cfg(**{"resources.workers": 3, "resources.placement_policy": "balanced"}))
+    _assert_same_run(reference_run, balanced)
 
 
 def test_personal_state_persists_and_stays_in_worker(ray_session, tiny_cfg):
@@ -96,8 +120,8 @@ def test_personal_state_persists_and_stays_in_worker(ray_session, tiny_cfg):
         r1 = set(sample_cohort(cfg.seed, 1, 37, 10).tolist())
         trained, untouched = sorted(r0 | r1), sorted(set(range(37)) - r0 - r1)
         state = ray.get(coord.personal_state.remote(trained + untouched))
-        from algorithms import make_algorithm
-        from algorithms.protocol import Setup
+        from fleetrec.algorithms import make_algorithm
+        from fleetrec.algorithms.protocol import Setup
         ds = cfg.data.build(cfg.seed)
         algo = make_algorithm(cfg.algorithm, Setup(ds.schema, ds.num_clients, cfg.seed, cfg.train, cfg.model))
         init = algo.init_personal(torch.arange(37))["user_emb"]
@@ -117,9 +141,9 @@ def test_round_two_continues_from_round_one_state(ray_session, tiny_cfg):
     """Client 0's embedding after round 1 is exactly round-1 training started from its
     round-0 embedding (kept by its worker) and the round-0 global model."""
     import ray
-    from algorithms import make_algorithm
-    from algorithms.protocol import Setup
-    from simulator.cohort import DataView
+    from fleetrec.algorithms import make_algorithm
+    from fleetrec.algorithms.protocol import Setup
+    from fleetrec.simulator.cohort import DataView
 
     def personal_after(rounds):
         res, coord = run(tiny_cfg(**{"rounds": rounds, "federation.clients_per_round": 37}), keep_actors=True)

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from algorithms import aggregate, make_algorithm
-from algorithms.protocol import Accumulator, Setup
-from simulator.cohort import DataView
+from fleetrec.algorithms import aggregate, make_algorithm
+from fleetrec.algorithms.protocol import Accumulator, Setup
+from fleetrec.simulator.cohort import DataView
 from tests.conftest import tiny_config
 
 
@@ -132,14 +132,14 @@ def test_traffic_counts_only_shared_tensors():
 
 
 def test_registry_refuses_a_taken_name():
-    import algorithms
+    from fleetrec import algorithms
     with pytest.raises(ValueError, match="already registered"):
         algorithms.register("fedavg", object)
     assert algorithms.ALGORITHMS["fedavg"].__name__ == "FedAvg"
 
 
 def _one_round(algo, ds, cfg, clients):
-    from simulator.cohort import DataView
+    from fleetrec.simulator.cohort import DataView
     state = algo.init_server()
     batch = DataView(ds).batch(clients, 0, epochs=cfg.train.local_epochs, seed=cfg.seed, rnd=0)
     plan = algo.configure_train(0, state, torch.from_numpy(clients))
@@ -148,7 +148,7 @@ def _one_round(algo, ds, cfg, clients):
 
 
 def test_central_dp_with_no_clipping_and_tiny_noise_is_uniform_fedavg():
-    from simulator.config import make_setup
+    from fleetrec.simulator.config import make_setup
     clients = np.arange(12)
     plain_cfg = tiny_config("algorithm.weighting=uniform", "federation.clients_per_round=12")
     dp_cfg = tiny_config("algorithm.weighting=uniform", "federation.clients_per_round=12", "privacy.enabled=true",
@@ -164,7 +164,7 @@ def test_central_dp_with_no_clipping_and_tiny_noise_is_uniform_fedavg():
 
 def test_central_dp_clips_and_reports_the_accountants_epsilon():
     from opacus.accountants import RDPAccountant
-    from simulator.config import make_setup
+    from fleetrec.simulator.config import make_setup
     cfg = tiny_config("federation.clients_per_round=10", "privacy.enabled=true", "privacy.clip=0.01",
                       "privacy.noise_multiplier=1.3", "train.lr=1.0")
     ds = cfg.data.build(cfg.seed)
@@ -182,7 +182,7 @@ def test_central_dp_clips_and_reports_the_accountants_epsilon():
 
 
 def test_local_vocab_recodes_every_client_onto_its_own_rows():
-    from algorithms import sparse_rows
+    from fleetrec.algorithms import sparse_rows
     ids = torch.tensor([[7, 3, 7, 9], [2, 2, 2, 2], [5, 1, 8, 0]])
     vocab, rec = sparse_rows.local_vocab(ids)
     assert vocab.shape == (3, 4)
@@ -200,7 +200,7 @@ def test_local_vocab_recodes_every_client_onto_its_own_rows():
 
 @pytest.mark.parametrize("dp", [False, True])
 def test_sparse_rows_aggregate_equals_dense(dp):
-    from simulator.config import make_setup
+    from fleetrec.simulator.config import make_setup
     extra = ["privacy.enabled=true", "privacy.clip=0.05", "privacy.noise_multiplier=0.5"] if dp else []
     clients = np.arange(0, 30, 2)
     out = {}

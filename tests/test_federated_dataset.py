@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from algorithms import rng
-from datasets.federated import CategoricalField, DataError, DatasetSchema, FederatedDataset
-from datasets.synthetic import SyntheticPerUserConfig
+from fleetrec.algorithms import rng
+from fleetrec.datasets.federated import CategoricalField, DataError, DatasetSchema, FederatedDataset
+from fleetrec.datasets.synthetic import SyntheticPerUserConfig
 
 SCHEMA = DatasetSchema(categorical=(CategoricalField("item", 5),), numeric=("price",), tasks=("click",),
                        client_categorical=(CategoricalField("age", 3),))
@@ -54,8 +54,12 @@ def test_synthetic_generator_is_seeded_and_reports_bayes_auc():
     cfg = SyntheticPerUserConfig(num_clients=50, num_items=30)
     a, b, c = cfg.build(1), cfg.build(1), cfg.build(2)
     assert a.table.equals(b.table) and not a.table.equals(c.table)
-    bayes = a.meta["bayes_auc"]
-    assert set(bayes) == {"train", "val", "test"} and all(0.5 < v < 1.0 for v in bayes.values())
+    from fleetrec.simulator.ceiling import ceiling
+    bayes = ceiling(a)["bayes_auc"]               # from the true probabilities the generator keeps
+    assert set(bayes) == {"train", "val", "test", "click/train", "click/val", "click/test"}
+    assert all(0.5 < v < 1.0 for v in bayes.values())
+    import dataclasses
+    assert ceiling(dataclasses.replace(a, table=a.table.drop_columns(["_oracle_click"]))) == {}   # no truth, no ceiling
     n = a.offsets[1:] - a.offsets[:-1]
     assert n.min() >= cfg.rows_min and n.max() <= cfg.rows_max
     assert (a.rows_per_client(1) >= 1).all() and (a.rows_per_client(2) >= 1).all()

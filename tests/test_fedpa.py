@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from algorithms import make_algorithm
-from algorithms.fedpa import FedPA
-from algorithms.models.fedpa import FedPAModel, load_backbone, save_backbone
-from algorithms.protocol import Accumulator, Setup
-from simulator.cohort import DataView
-from simulator.config import from_dict, load
-from simulator.config_loader import ConfigError, apply_overrides
+from fleetrec.algorithms import make_algorithm
+from fleetrec.algorithms.fedpa import FedPA
+from fleetrec.algorithms.models.fedpa import FedPAModel, load_backbone, save_backbone
+from fleetrec.algorithms.protocol import Accumulator, Setup
+from fleetrec.datasets.federated import DataError
+from fleetrec.simulator.cohort import DataView
+from fleetrec.simulator.config import from_dict, load
+from fleetrec.simulator.config_loader import ConfigError, apply_overrides
 from tests.conftest import SHARED_DATA, tiny_overrides
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("fedpa_*.yaml"))
@@ -85,7 +86,7 @@ def test_group_mean_by_hand():
     k = "group.g0_group_0_b"                 # group_0 has 4 values; clients here hold 0, 0, 2
     acc = Accumulator()
     vals = torch.stack([torch.full(state[k].shape[1:], v) for v in (1.0, 3.0, 5.0)])
-    from algorithms import aggregate
+    from fleetrec.algorithms import aggregate
     aggregate.fold_grouped(acc, {k: vals}, torch.ones(3, dtype=torch.float64), torch.tensor([0, 0, 2]), 4, "group_0")
     new, _ = algo.aggregate_train(0, {kk: v for kk, v in state.items()}, acc)
     assert torch.allclose(new[k][0], torch.full_like(new[k][0], 2.0))
@@ -209,7 +210,7 @@ def test_upload_floats_on_the_spec_shapes_match_its_count(tmp_path):
     floats per client per round, against 10,209 for FedAvg of the user side (user tables, MLP,
     output layer). The adaptive gate alone is over 20% of that, so no configuration that uploads
     the gate can send 80% less."""
-    from datasets.federated import CategoricalField, DatasetSchema
+    from fleetrec.datasets.federated import CategoricalField, DatasetSchema
     schema = DatasetSchema(categorical=tuple(CategoricalField(k, v) for k, v in KUAIRAND_ITEM.items()), numeric=(),
                            tasks=("click",),
                            client_categorical=tuple(CategoricalField(k, v) for k, v in KUAIRAND_USER.items()))
@@ -271,7 +272,7 @@ def test_upload_floats_on_the_shipped_configs(tmp_path, dataset):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_fedpa_configs_load(path):
-    from simulator.config_loader import read_yaml
+    from fleetrec.simulator.config_loader import read_yaml
     sized = (read_yaml(path).get("data") or {}).get("name") != "synthetic_per_user"   # it has num_clients instead
     cfg = load(path, ["model.backbone=", "data.max_clients=23" if sized else "data.num_clients=23"])
     assert cfg.model.name == "fedpa" and cfg.algorithm.name == "fedpa"
@@ -284,8 +285,10 @@ def test_missing_backbone_is_a_one_line_config_error():
 
 
 def test_pretrain_then_federate_private_clients(ray_session, tmp_path):
-    from simulator.pretrain import federated_dataset, open_clients, pretrain
-    from simulator.run import run
+    from fleetrec.datasets.partition import open_clients
+    from fleetrec.simulator.pretrain import pretrain
+    from fleetrec.simulator.run import federated_dataset
+    from fleetrec.simulator.run import run
     out = tmp_path / "stage1.pt"
     cfg = _cfg("model.pretrain.epochs=2", "model.pretrain.open_fraction=0.3", "rounds=2")
     path = pretrain(cfg, out)
@@ -397,7 +400,7 @@ def test_stage2_loads_the_backbone_by_mlflow_run_id(tmp_path, monkeypatch):
     """`fleetrec pretrain` with MLflow on logs the backbone and prints its runs:/ URI; a config that
     names that URI as model.backbone gets the same tensors (fetched once into the cache); a wrong
     run id or artifact name is one ConfigError naming model.backbone."""
-    from simulator.pretrain import main as pretrain_main
+    from fleetrec.simulator.pretrain import main as pretrain_main
     monkeypatch.chdir(tmp_path)                  # the cache and MLflow's artifact root live in the cwd
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking = ["tracking.mlflow=true", f"tracking.tracking_uri={uri}", "tracking.experiment=t"]
@@ -430,7 +433,7 @@ def test_baseline_configs_change_the_same_keys_on_every_dataset(dataset):
     """Each configs/fedpa_<dataset>_<method>.yaml differs from its dataset's FedPA config in exactly
     the keys (and values) that the MovieLens one differs from fedpa_movielens.yaml: the baselines
     and ablations mean the same thing on every dataset. The KuaiRand ones load like the others."""
-    from simulator.config_loader import flatten, read_yaml
+    from fleetrec.simulator.config_loader import flatten, read_yaml
     folder = Path(__file__).resolve().parents[1] / "configs"
 
     def delta(stem: str, suffix: str) -> dict:
@@ -449,8 +452,9 @@ def test_kuairand_open_users_are_fedpas_division(ray_session, tmp_path):
     """configs/fedpa_kuairand.yaml on a tiny folder in the official layout: stage 1 trains on the
     users the data flags `open` (FedPA's division by user_active_degree, not a hash fraction), the
     backbone has the paper's input width (8 x (23 + 6)), and stage 2 federates exactly the others."""
-    from simulator.pretrain import federated_dataset, load_for_pretrain, pretrain
-    from simulator.run import run
+    from fleetrec.simulator.pretrain import load_for_pretrain, pretrain
+    from fleetrec.simulator.run import federated_dataset
+    from fleetrec.simulator.run import run
     from tests.test_datasets_kuairand_ml1m import write_feature_tables, write_logs
     root = write_feature_tables(write_logs(tmp_path / "kr", 30, 40, rows=(600, 150)), 30, 40, stats=True)
     bb = tmp_path / "bb.pt"
@@ -469,7 +473,7 @@ def test_kuairand_open_users_are_fedpas_division(ray_session, tmp_path):
     assert ds.num_clients == int((flag == 0).sum()) and (ds.client_attr("open") == 0).all()
     result = run(stage2, dataset=ds)
     assert result.best["val/clients"] == ds.num_clients and result.info["bytes_up_per_client"] == 4 * 4493
-    with pytest.raises(ConfigError, match="open_attribute: the data has no client attribute 'nope'"):
+    with pytest.raises(DataError, match="open_attribute: the data has no client attribute 'nope'"):
         pretrain(load("configs/fedpa_kuairand.yaml", [*common, "model.backbone=",
                                                        "model.pretrain.open_attribute=nope"]), tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()

@@ -9,23 +9,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from algorithms import ALGORITHMS, make_algorithm
-from algorithms.fedprox import FedProx
-from simulator.cohort import DataView
-from simulator.config import make_setup
+from fleetrec.algorithms import ALGORITHMS, make_algorithm
+from fleetrec.algorithms.fedprox import FedProx
+from fleetrec.simulator.cohort import DataView
+from fleetrec.simulator.config import make_setup
 from tests.test_contract import example_config
 
 SOURCE = Path(__file__).resolve().parents[1] / "algorithms" / "fedprox.py"
-INIT = Path(__file__).resolve().parents[1] / "algorithms" / "__init__.py"
+PROTOCOL = Path(__file__).resolve().parents[1] / "algorithms" / "protocol.py"
 
 
 def test_the_example_is_one_short_file_on_the_public_protocol_registered_in_one_line():
     text = SOURCE.read_text()
     assert len(text.splitlines()) <= 120
     imported = {n.module for n in ast.walk(ast.parse(text)) if isinstance(n, ast.ImportFrom)}
-    assert not any(m.startswith(("simulator", "ray", "mlflow")) for m in imported), imported
+    assert not any(m.startswith(("fleetrec.simulator", "ray", "mlflow")) for m in imported), imported
     assert ALGORITHMS["fedprox"] is FedProx
-    assert sum('register("fedprox", FedProx)' in line for line in INIT.read_text().splitlines()) == 1
+    assert sum('"fedprox": _A + "fedprox:FedProx"' in line for line in PROTOCOL.read_text().splitlines()) == 1
 
 
 def _one_round(name: str, *extra: str):

@@ -9,7 +9,7 @@ import sklearn.metrics as skm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from algorithms.metrics import (
+from fleetrec.algorithms.metrics import (
     gauc,
     log_loss,
     per_client_auc,

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from algorithms import pfmsm_math as pm
-from algorithms.models.mtl import (MMoE, PLE, MMoEConfig, PLEConfig, SharedBottom, SharedBottomConfig,
-                                   InputLayer)
-from datasets.federated import CategoricalField, DatasetSchema
+from fleetrec.algorithms import pfmsm_math as pm
+from fleetrec.algorithms.models.mtl import (MMoE, PLE, MMoEConfig, PLEConfig, SharedBottom, SharedBottomConfig,
+                                            InputLayer)
+from fleetrec.datasets.federated import CategoricalField, DatasetSchema
 
 SCHEMA = DatasetSchema(categorical=(CategoricalField("item", 11), CategoricalField("cat", 5)),
                        numeric=("n0", "n1", "n2"), tasks=("ctr", "ctcvr"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from simulator.config_loader import ConfigError
+from fleetrec.simulator.config_loader import ConfigError
 
 SCRIPT = Path(__file__).resolve().parent / "multinode_cluster.py"
 

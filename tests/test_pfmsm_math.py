@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from algorithms import pfmsm_math as pm
+from fleetrec.algorithms import pfmsm_math as pm
 
 
 # ------------------------------------------------------------------ conflict coordination

@@ -3,10 +3,10 @@ import opacus.accountants as opacus_accountants
 import pytest
 import torch
 
-from algorithms import privacy as P
-from algorithms.aggregate import fold_weighted
-from algorithms.protocol import Accumulator
-from simulator import config_loader as loader
+from fleetrec.algorithms import privacy as P
+from fleetrec.algorithms.aggregate import fold_weighted
+from fleetrec.algorithms.protocol import Accumulator
+from fleetrec.simulator import config_loader as loader
 
 
 # ---------------------------------------------------------------------------- accountant

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from algorithms.ranking import full_ranking, topk_items
+from fleetrec.algorithms.ranking import full_ranking, topk_items
 
 
 def tiny_problem(seed=0, U=11, I=29, d=4):

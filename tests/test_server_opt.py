@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from algorithms import make_algorithm, server_opt
-from algorithms.server_opt import ServerOptimizerConfig
-from simulator.config import make_setup
-from simulator.config_loader import ConfigError
+from fleetrec.algorithms import make_algorithm, server_opt
+from fleetrec.algorithms.server_opt import ServerOptimizerConfig
+from fleetrec.simulator.config import make_setup
+from fleetrec.simulator.config_loader import ConfigError
 from tests.test_contract import example_config
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simulator.config_loader import ConfigError, build
-from simulator.run import run
-from simulator.system import SystemConfig, SystemModel
+from fleetrec.simulator.config_loader import ConfigError, build
+from fleetrec.simulator.run import run
+from fleetrec.simulator.system import SystemConfig, SystemModel
 
 
 def _model(**kw):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from simulator.run import run
-from simulator.tracking import MlflowLogger, ProgressBar
+from fleetrec.simulator.run import run
+from fleetrec.simulator.tracking import MlflowLogger, ProgressBar
 
 
 def test_mlflow_run_has_per_round_metrics(ray_session, tiny_cfg, tmp_path):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simulator.config_loader import ConfigError, read_yaml
-from simulator.tune import NoSchedulerConfig, load_sweep, tune_sweep
+from fleetrec.simulator.config_loader import ConfigError, read_yaml
+from fleetrec.simulator.tune import NoSchedulerConfig, load_sweep, tune_sweep
 from tests.conftest import tiny_overrides
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
@@ -97,7 +97,7 @@ def test_resources_per_trial_come_from_the_base_config(tmp_path):
 
 
 def test_cli_tune_help_and_check(capsys):
-    from simulator.cli import main
+    from fleetrec.simulator.cli import main
     with pytest.raises(SystemExit):
         main(["tune", "--help"])
     assert "--resume" in capsys.readouterr().out
@@ -169,7 +169,7 @@ def test_trial_coordinator_and_workers_are_in_the_trial_placement_group(ray_sess
         return pg.id.hex() if pg else None
 
     def probe(config):
-        from simulator.run import run
+        from fleetrec.simulator.run import run
         _, coord = run(tiny_config(rounds=1), keep_actors=True)
         coord_pg = ray.get(coord.__ray_call__.remote(lambda self: pg_id()))
         worker_pgs = ray.get(coord.__ray_call__.remote(

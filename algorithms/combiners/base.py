@@ -20,21 +20,35 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from algorithms import rng
+from fleetrec.algorithms import rng
+from fleetrec.datasets.registry import Registry, TaggedUnion
 
-# rng streams owned by combiners (kept far from the simulator's streams in algorithms/rng.py)
-RLW_STREAM, PCGRAD_STREAM = 101, 102
+
+_C = "fleetrec.algorithms.combiners."
+# The one registry of combiners (`register` adds one). Built-ins are imported on first use.
+COMBINERS: Registry[type] = Registry("combiner", {
+    **{name: _C + f"weighting:{cls}" for name, cls in
+       [("equal", "Equal"), ("uncertainty", "Uncertainty"), ("dwa", "DWA"), ("rlw", "RLW"), ("gradnorm", "GradNorm")]},
+    **{name: _C + f"surgery:{cls}" for name, cls in
+       [("pcgrad", "PCGrad"), ("mgda", "MGDA"), ("cagrad", "CAGrad"), ("nashmtl", "NashMTL")]},
+    "pmtrec": _C + "pmtrec:PMTRec",
+}, config_of=lambda combiner: combiner.Config)
+
+
+def register(name: str, combiner: type) -> type:
+    return COMBINERS.register(name, combiner)
+
+
+def make_combiner(config: "CombinerConfig", num_tasks: int, seed: int = 0) -> "Combiner":
+    return COMBINERS[config.name](num_tasks, config, seed)
 
 
 @dataclass(frozen=True)
-class CombinerConfig:
+class CombinerConfig(TaggedUnion):
     """Base of a YAML `combiner:` block; `name` picks the combiner from `COMBINERS`."""
     name: str = "equal"
 
-    @classmethod
-    def VARIANTS(cls) -> dict[str, type]:
-        from algorithms.combiners import COMBINERS
-        return {name: comb.Config for name, comb in COMBINERS.items()}
+    REGISTRY: ClassVar[Registry] = COMBINERS
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from algorithms.combiners.base import CombineInput, Combined, Combiner, CombinerConfig
+from fleetrec.algorithms.combiners.base import CombineInput, Combined, Combiner, CombinerConfig
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from algorithms.combiners.base import (PCGRAD_STREAM, CombineInput, Combined, Combiner, CombinerConfig,
-                                       apply_weights, dtype_of, flat, generator, gram)
+from fleetrec.algorithms import rng
+from fleetrec.algorithms.combiners.base import (CombineInput, Combined, Combiner, CombinerConfig,
+                                                apply_weights, dtype_of, flat, generator, gram)
 
 
 def _need_grads(inp: CombineInput, name: str) -> torch.Tensor:
@@ -59,7 +60,7 @@ class PCGrad(Combiner):
 
     def combine(self, inp: CombineInput) -> Combined:
         g = flat(_need_grads(inp, "pcgrad"))
-        C = pcgrad_coefficients(g, generator(self.seed, PCGRAD_STREAM, inp.step))
+        C = pcgrad_coefficients(g, generator(self.seed, rng.PCGRAD, inp.step))
         return _weights_result(C.mean(dim=0).numpy(), inp)
 
 

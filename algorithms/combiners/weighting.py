@@ -11,8 +11,9 @@ from typing import ClassVar
 
 import torch
 
-from algorithms.combiners.base import (RLW_STREAM, CombineInput, Combined, Combiner, CombinerConfig,
-                                       apply_weights, dtype_of, flat, generator)
+from fleetrec.algorithms import rng
+from fleetrec.algorithms.combiners.base import (CombineInput, Combined, Combiner, CombinerConfig,
+                                                apply_weights, dtype_of, flat, generator)
 
 
 # ------------------------------------------------------------------------------------ equal
@@ -161,7 +162,7 @@ class RLW(Combiner):
     Config = RLWConfig
 
     def combine(self, inp: CombineInput) -> Combined:
-        z = torch.randn(self.num_tasks, generator=generator(self.seed, RLW_STREAM, inp.step))
+        z = torch.randn(self.num_tasks, generator=generator(self.seed, rng.RLW, inp.step))
         return apply_weights(torch.softmax(z, dim=0).to(dtype_of(inp)), inp)
 
 

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.models import ModelConfig
-from algorithms.models.base import RoleModule
-from algorithms.protocol import FROZEN, PRIVATE, SHARED, Tensors
-from datasets.federated import DatasetSchema
+from fleetrec.algorithms.models.base import ModelConfig, RoleModule
+from fleetrec.algorithms.protocol import FROZEN, PRIVATE, SHARED, Tensors
+from fleetrec.datasets.federated import DatasetSchema
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,7 @@ class AdapterModelConfig(ModelConfig):
 
 
 class AdapterModel(RoleModule):
+    Config = AdapterModelConfig
     def __init__(self, cfg: AdapterModelConfig, schema: DatasetSchema):
         super().__init__()
         z = np.load(cfg.backbone)

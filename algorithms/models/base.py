@@ -6,15 +6,51 @@ returns none, one without shared embedding tables trained as row subsets lists n
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
-from algorithms.protocol import Tensors
+from fleetrec.algorithms.protocol import Tensors
+from fleetrec.datasets.registry import Registry, TaggedUnion
+
+
+def _check_model(name: str, model: type) -> None:
+    if not (isinstance(model, type) and issubclass(model, RoleModule)):
+        raise TypeError(f"model {name!r}: {model!r} must subclass fleetrec.algorithms.models.RoleModule")
+    if model.Config.name != name:
+        raise ValueError(f"model {name!r}: its Config's default name is {model.Config.name!r}")
+
+
+_M = "fleetrec.algorithms.models."
+# The one registry of models: name -> RoleModule subclass, built as `cls(config, schema)`.
+MODELS: Registry[type] = Registry("model", {
+    "per_user": _M + "per_user:PerUserModel",
+    "adapter": _M + "adapter:AdapterModel",
+    "fedpa": _M + "fedpa:FedPAModel",
+    "shared_bottom": _M + "mtl:SharedBottom",
+    "mmoe": _M + "mtl:MMoE",
+    "ple": _M + "mtl:PLE",
+}, config_of=lambda model: model.Config, check=_check_model)
+
+
+@dataclass(frozen=True)
+class ModelConfig(TaggedUnion):
+    """Base of the YAML `model:` block; `name` picks the model from `MODELS`."""
+    name: str = "per_user"
+
+    REGISTRY: ClassVar[Registry] = MODELS
+
+    def pretrained_clients(self, ds) -> np.ndarray | None:
+        """Clients a pre-trained part of the model has already seen (FedPA's open clients), which a
+        federated run holds out of its dataset; None (the default) holds out nobody."""
+        return None
 
 
 class RoleModule(nn.Module, metaclass=ABCMeta):
+    Config: ClassVar[type]                    # its ModelConfig subclass (the YAML `model:` block)
     MULTI_TASK: ClassVar[bool] = False        # one output per task with template roles (algorithms/models/mtl.py)
 
     def __init__(self):

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.models import ModelConfig
-from algorithms.models.base import RoleModule
-from algorithms.protocol import FROZEN, GROUP, PRIVATE, SHARED, Tensors
-from datasets.federated import DatasetSchema
+from fleetrec.algorithms.models.base import ModelConfig, RoleModule
+from fleetrec.algorithms.protocol import FROZEN, GROUP, PRIVATE, SHARED, Tensors
+from fleetrec.datasets.federated import DataError, DatasetSchema, FederatedDataset
+from fleetrec.datasets.partition import open_clients
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,38 @@ class FedPAModelConfig(ModelConfig):
                     "`fleetrec pretrain CONFIG` or set model.backbone= (random init, tests only)")
         return None
 
+    def pretrained_clients(self, ds: FederatedDataset) -> np.ndarray | None:
+        """The open clients the backbone file was pre-trained on (its meta names the draw), which
+        stage 2 holds out of the federation; None without a backbone or open clients."""
+        if not self.backbone:
+            return None
+        _, meta = load_backbone(self.backbone)
+        if not meta.get("open_clients"):
+            return None
+        if meta["total_clients"] != ds.num_clients:
+            raise DataError(f"model.backbone: pre-trained on a dataset of {meta['total_clients']} clients, this "
+                            f"data config builds {ds.num_clients}; pre-train with the same data config")
+        return select_open(ds, meta["open_fraction"], meta["seed"], meta.get("open_attribute", ""))
+
     @property
     def scale(self) -> float:
         return self.lora_alpha / self.rank
+
+
+def select_open(ds: FederatedDataset, fraction: float, seed: int, attribute: str = "") -> np.ndarray:
+    """Stage 1's open clients: those whose 0/1 client attribute `attribute` is 1, or (attribute "")
+    `open_clients(C, fraction, seed)` (fleetrec.datasets.partition)."""
+    if not attribute:
+        return open_clients(ds.num_clients, fraction, seed)
+    names = [f.name for f in ds.schema.client_categorical]
+    if attribute not in names:
+        raise DataError(f"model.pretrain.open_attribute: the data has no client attribute {attribute!r}; "
+                          f"expected one of {', '.join(names) or '(none)'} or '' (open_fraction)")
+    flag = np.asarray(ds.client_attr(attribute))
+    if not np.isin(flag, (0, 1)).all():
+        raise DataError(f"model.pretrain.open_attribute: client attribute {attribute!r} has values other than 0/1; "
+                          "expected 1 = open, 0 = private")
+    return np.flatnonzero(flag == 1).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------- backbone files
@@ -125,6 +154,7 @@ def load_backbone(path: str | Path) -> tuple[Tensors, dict]:
 
 
 class FedPAModel(RoleModule):
+    Config = FedPAModelConfig
     def __init__(self, cfg: FedPAModelConfig, schema: DatasetSchema):
         super().__init__()
         self.cfg = cfg

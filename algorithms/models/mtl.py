@@ -5,7 +5,7 @@ Input layer: each categorical field embedded to d_e, numeric fields projected li
 all concatenated to x in R^{(F+1) d_e}. Experts and towers are MLPs of Linear -> BatchNorm1d ->
 ReLU -> Dropout blocks. Module names carry the template: `global_experts`, `task_experts.<t>`,
 `scenario_experts`, `bottom`, `towers.<t>`, `gates`, `embed`; BatchNorm modules are named `bn<i>`
-so that `pfmsm_math.bn_tensor` can tell them apart by name.
+so that `template.bn_tensor` can tell them apart by name.
 """
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from algorithms.models import ModelConfig
-from algorithms.models.base import RoleModule
-from algorithms.pfmsm_math import template_roles
-from algorithms.protocol import Tensors
-from datasets.federated import DatasetSchema
+from fleetrec.algorithms.models.base import ModelConfig, RoleModule
+from fleetrec.algorithms.models.template import template_roles
+from fleetrec.algorithms.protocol import Tensors
+from fleetrec.datasets.federated import DatasetSchema
 
 
 class InputLayer(nn.Module):
@@ -100,6 +99,7 @@ class SharedBottomConfig(ModelConfig):
 
 
 class SharedBottom(_MTLBase):
+    Config = SharedBottomConfig
     def __init__(self, cfg: SharedBottomConfig, schema: DatasetSchema):
         super().__init__(cfg, schema)
         self.bottom = mlp(self.embed.out_dim, cfg.bottom, cfg.dropout)
@@ -131,6 +131,7 @@ class MMoEConfig(ModelConfig):
 
 class MMoE(_MTLBase):
     """Gate t mixes K_g global + K_t experts of task t + K_s scenario experts. K_t = K_s = 0 is plain MMoE."""
+    Config = MMoEConfig
 
     def __init__(self, cfg: MMoEConfig, schema: DatasetSchema):
         super().__init__(cfg, schema)
@@ -206,6 +207,7 @@ class CGCLevel(nn.Module):
 
 
 class PLE(_MTLBase):
+    Config = PLEConfig
     def __init__(self, cfg: PLEConfig, schema: DatasetSchema):
         super().__init__(cfg, schema)
         if not cfg.levels:
@@ -224,7 +226,3 @@ class PLE(_MTLBase):
         for level in self.levels:
             task_h, shared_h = level(task_h, shared_h)               # T × (B, H_l), (B, H_l)
         return self._heads(task_h)                                   # (B, T)
-
-
-MODELS = {"shared_bottom": (SharedBottomConfig, SharedBottom), "mmoe": (MMoEConfig, MMoE),
-          "ple": (PLEConfig, PLE)}

@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.models import ModelConfig
-from algorithms.models.base import RoleModule
-from algorithms.protocol import FROZEN, PRIVATE, SHARED, Tensors
-from datasets.federated import DatasetSchema
+from fleetrec.algorithms.models.base import ModelConfig, RoleModule
+from fleetrec.algorithms.protocol import FROZEN, PRIVATE, SHARED, Tensors
+from fleetrec.datasets.federated import DatasetSchema
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,7 @@ class PerUserModelConfig(ModelConfig):
 
 
 class PerUserModel(RoleModule):
+    Config = PerUserModelConfig
     def __init__(self, cfg: PerUserModelConfig, schema: DatasetSchema):
         super().__init__()
         d = cfg.dim

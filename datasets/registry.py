@@ -1,0 +1,108 @@
+"""Named registries and tagged-union configs: the one mechanism behind every `name:` key in a YAML.
+
+This module sits at the bottom of the package (it imports nothing of fleetrec), so data sources,
+models, combiners, algorithms and the simulator all use the same registry:
+
+- `Registry(kind, builtins={name: "module:attr"})`: built-in entries are imported on first use,
+  so looking up one algorithm does not import every other one (nor SciPy, nor Ray).
+  `register(name, obj)` adds a plug-in and refuses a taken name; `registry[name]` fails with a
+  message that lists what is registered.
+- `TaggedUnion`: base of a config dataclass whose `name` field picks the concrete dataclass from
+  a registry (`REGISTRY`); the config loader dispatches on it.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, ClassVar, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownName(KeyError):
+    """A name that no entry of a registry has; the message lists the registered names."""
+
+    def __str__(self) -> str:        # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class Registry(Generic[T]):
+    """name -> entry, with lazily imported built-ins and a per-registry check of new entries.
+
+    `config_of(entry)` gives the config dataclass an entry is configured by (the entry itself for
+    data sources, `entry.Config` for algorithms, models and combiners); `check(name, entry)` raises
+    when an entry does not meet the registry's contract.
+    """
+
+    def __init__(self, kind: str, builtins: dict[str, str] | None = None, *,
+                 config_of: Callable[[T], type] | None = None,
+                 check: Callable[[str, T], None] | None = None):
+        self.kind = kind
+        self._pending: dict[str, str] = dict(builtins or {})
+        self._entries: dict[str, T] = {}
+        self._config_of = config_of or (lambda entry: entry)
+        self._check = check
+
+    def register(self, name: str, entry: T) -> T:
+        if name in self._entries or name in self._pending:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        if self._check is not None:
+            self._check(name, entry)
+        self._entries[name] = entry
+        return entry
+
+    def _load(self, name: str) -> T:
+        module, _, attr = self._pending[name].partition(":")
+        entry = getattr(importlib.import_module(module), attr)
+        if self._check is not None:
+            self._check(name, entry)
+        self._entries[name] = entry
+        del self._pending[name]
+        return entry
+
+    def _load_all(self) -> None:
+        for name in list(self._pending):
+            if name in self._pending:          # loading one module may register others
+                self._load(name)
+
+    def __getitem__(self, name: str) -> T:
+        if name in self._entries:
+            return self._entries[name]
+        if name in self._pending:
+            return self._load(name)
+        raise UnknownName(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries or name in self._pending
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries) + len(self._pending)
+
+    def names(self) -> list[str]:
+        return sorted([*self._entries, *self._pending])
+
+    def items(self) -> list[tuple[str, T]]:
+        self._load_all()
+        return sorted(self._entries.items())
+
+    def config(self, name: str) -> type:
+        return self._config_of(self[name])
+
+    def configs(self) -> dict[str, type]:
+        """name -> config dataclass of every entry (the variants of a tagged-union config)."""
+        return {name: self._config_of(entry) for name, entry in self.items()}
+
+
+class TaggedUnion:
+    """Base of a config dataclass whose `name` field picks the concrete dataclass from `REGISTRY`.
+
+    The YAML block `{name: mmoe, experts: 4}` under a field typed `ModelConfig` is built as the
+    config dataclass registered under `mmoe`; an unknown name is refused with the list of names.
+    """
+    REGISTRY: ClassVar[Registry]
+
+    @classmethod
+    def variants(cls) -> dict[str, type]:
+        return cls.REGISTRY.configs()

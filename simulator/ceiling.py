@@ -1,0 +1,48 @@
+"""What a perfect model scores on generated data, measured with the engine's own metric code.
+
+Synthetic sources keep their ground truth in the dataset (datasets/federated.py): the true
+probability of every label (`_oracle_<task>` columns) or the true user / item factors (side
+tables `oracle_user_factors`, `oracle_item_factors`). A run reports the Bayes-optimal AUC, or the
+Recall / NDCG@K of ranking by the true factors, beside its own metrics; real data has no ceiling.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fleetrec.algorithms.metrics import pooled_auc
+from fleetrec.algorithms.ranking import full_ranking
+from fleetrec.datasets.federated import ORACLE_FACTORS, SPLIT, SPLIT_NAMES, TEST, VAL, FederatedDataset, oracle_column
+
+
+def ceiling(ds: FederatedDataset, ks: tuple[int, ...] = (20, 40)) -> dict[str, dict[str, float]]:
+    """{"bayes_auc": {"<task>/<split>": auc, "<split>": mean over tasks}} for data with oracle
+    probabilities, {"oracle_ranking": {"<split>/recall@K": ...}} for data with true factors, else {}."""
+    out = {}
+    names = set(ds.table.column_names)
+    tasks = [t for t in ds.schema.tasks if oracle_column(t) in names]
+    if tasks:
+        split = ds.column(SPLIT)
+        auc = {f"{t}/{SPLIT_NAMES[s]}": pooled_auc(ds.column(oracle_column(t))[split == s], ds.column(t)[split == s])
+               for t in tasks for s in range(len(SPLIT_NAMES))}
+        for s in SPLIT_NAMES:
+            auc[s] = float(np.mean([auc[f"{t}/{s}"] for t in tasks]))
+        out["bayes_auc"] = auc
+    if all(name in ds.side for name in ORACLE_FACTORS):
+        out["oracle_ranking"] = _oracle_ranking(ds, ks)
+    return out
+
+
+def _oracle_ranking(ds: FederatedDataset, ks: tuple[int, ...]) -> dict[str, float]:
+    """Recall@K / NDCG@K on the validation and test splits when items are ranked by the true
+    preferences u·q (earlier splits' items masked, as in evaluation)."""
+    ue, ie = (torch.from_numpy(np.stack([c.to_numpy() for c in ds.side[name].columns], 1)).double()
+              for name in ORACLE_FACTORS)
+    user, item, split = ds.column("user"), ds.column("item"), ds.column(SPLIT)
+    out = {}
+    for s in (VAL, TEST):
+        test = torch.from_numpy(np.stack([user[split == s], item[split == s]]).astype(np.int64))
+        known = split < s
+        exclude = torch.from_numpy(np.stack([user[known], item[known]]).astype(np.int64))
+        out.update({f"{SPLIT_NAMES[s]}/{k}": v for k, v in full_ranking(ue, ie, test, exclude, tuple(ks)).means().items()})
+    return out
