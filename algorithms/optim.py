@@ -44,3 +44,18 @@ class CohortOptimizer:
                 new = p - cfg.lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
             out[k] = torch.where(a, new, p)
         return out
+
+
+def adam_rows(param: torch.Tensor, m: torch.Tensor, v: torch.Tensor, rows, grad: torch.Tensor, step,
+              lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """In-place (lazy) Adam on some rows of a table: only the rows a batch touched move, and
+    only their moments decay. `step` is the 1-based step count, a scalar or one per row."""
+    b1, b2 = betas
+    m[rows] = b1 * m[rows] + (1 - b1) * grad
+    v[rows] = b2 * v[rows] + (1 - b2) * grad * grad
+    step = torch.as_tensor(step, dtype=grad.dtype)
+    if step.dim():
+        step = step.reshape(-1, *([1] * (grad.dim() - 1)))
+    mhat = m[rows] / (1 - b1 ** step)
+    vhat = v[rows] / (1 - b2 ** step)
+    param[rows] = param[rows] - lr * mhat / (vhat.sqrt() + eps)

@@ -55,14 +55,6 @@ class LocalTrainConfig:
                               "optimizer": ("sgd", "adam"), "weight_decay": ">=0"}
 
 
-def _check_algorithm(name: str, algorithm: type) -> None:
-    if not (isinstance(algorithm, type) and issubclass(algorithm, AlgorithmBase)):
-        raise TypeError(f"algorithm {name!r}: {algorithm!r} must subclass "
-                        "fleetrec.algorithms.protocol.AlgorithmBase")
-    if algorithm.Config.name != name:
-        raise ValueError(f"algorithm {name!r}: its Config's default name is {algorithm.Config.name!r}")
-
-
 _A = "fleetrec.algorithms."
 # The one registry of algorithms (`register` adds a plug-in). Built-ins are imported on first use.
 ALGORITHMS: Registry[type] = Registry("algorithm", {
@@ -70,7 +62,7 @@ ALGORITHMS: Registry[type] = Registry("algorithm", {
     "fedprox": _A + "fedprox:FedProx",
     "fedpa": _A + "fedpa:FedPA",
     "pmtrec": _A + "pmtrec:PMTRecMF",
-    "fedavg_mf": _A + "pmtrec:FedAvgMF",
+    "fedavg_mf": _A + "fedavg_mf:FedAvgMF",
     "scenario_local": _A + "scenario:ScenarioLocal",
     "scenario_centralized": _A + "scenario:ScenarioCentralized",
     "scenario_fedavg": _A + "scenario:ScenarioFedAvg",
@@ -79,7 +71,7 @@ ALGORITHMS: Registry[type] = Registry("algorithm", {
     "scenario_fedper": _A + "scenario:ScenarioFedPer",
     "scenario_ditto": _A + "scenario:ScenarioDitto",
     "pf_msmtrec": _A + "pfmsm:PFMSMTrec",
-}, config_of=lambda algorithm: algorithm.Config, check=_check_algorithm)
+}, config_of=lambda algorithm: algorithm.Config, base=lambda: AlgorithmBase)
 
 
 @dataclass(frozen=True)

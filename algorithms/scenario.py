@@ -1,5 +1,8 @@
 """Scenario clients: few clients (business scenarios), each with many rows, and a multi-task model.
 
+Length: one client loop and the seven baselines that are variants of it (a few lines each); kept
+together so that every variant reads as a difference from the loop above it.
+
 Shared machinery of PF-MSMTrec (`algorithms/pfmsm.py`) and its baselines: local-only,
 centralized on pooled data, FedAvg, FedProx, FedBN, FedPer and Ditto over the MTL models of
 `algorithms/models/mtl.py` (Shared-Bottom, MMoE, PLE; `model.name`).

@@ -67,7 +67,7 @@ def step_cost(reps: int = 5) -> dict:
         times = []
         for _ in range(reps):
             t = time.perf_counter()
-            algo._train_central(plan, batch)
+            algo.trainer.train(plan, batch, {})
             times.append(time.perf_counter() - t)
         steps = -(-int(batch.n_rows[0]) // cfg.train.batch_size)
         out[name] = {"s_per_epoch": statistics.median(times), "steps_per_epoch": steps,

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from fleetrec.datasets.federated import TEST, TRAIN, VAL, DataError
-from fleetrec.datasets.real import _numeric, _read_csv
+from fleetrec.datasets.io import numeric_column, read_csv
 from fleetrec.datasets.tabular import FILE_SPLIT, TabularConfig, check_tasks, labels01
 
 LABELS = ("click", "purchase")
@@ -81,14 +81,14 @@ class AliCcpConfig(TabularConfig):
     def parse(self, root: Path) -> pd.DataFrame:
         parts = []
         for p, (_, fs) in zip(self.source_files(root), SPLIT_FILES):
-            raw = _read_csv(p, COLUMNS)
+            raw = read_csv(p, COLUMNS)
             part = {FILE_SPLIT: np.full(len(raw), fs, np.int64)}
             for c in LABELS:
                 part[c] = labels01(raw, c, p)
             for c in SPARSE:
-                part[c] = _numeric(raw, c, p, integer=True, lo=0)
+                part[c] = numeric_column(raw, c, p, integer=True, lo=0)
             for c in DENSE:
-                part[c] = _numeric(raw, c, p, integer=False)
+                part[c] = numeric_column(raw, c, p, integer=False)
             parts.append(pd.DataFrame(part))
         return pd.concat(parts, ignore_index=True)
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from fleetrec.datasets.federated import TEST, TRAIN, DataError
-from fleetrec.datasets.real import _read_csv, _numeric
+from fleetrec.datasets.io import numeric_column, read_csv
 from fleetrec.datasets.tabular import FILE_SPLIT, TabularConfig, check_tasks, labels01
 
 CATEGORICAL = tuple(f"categorical_{i}" for i in range(1, 17))
@@ -93,12 +93,12 @@ class AliExpressConfig(TabularConfig):
         parts = []
         for i in range(0, len(files), 2):
             for p, fs in ((files[i], TRAIN), (files[i + 1], TEST)):
-                raw = _read_csv(p, COLUMNS)
+                raw = read_csv(p, COLUMNS)
                 part = {"scenario": np.full(len(raw), i // 2, np.int64), FILE_SPLIT: np.full(len(raw), fs, np.int64)}
                 for c in CATEGORICAL:
-                    part[c] = _numeric(raw, c, p, integer=True, lo=0)
+                    part[c] = numeric_column(raw, c, p, integer=True, lo=0)
                 for c in NUMERIC:
-                    part[c] = _numeric(raw, c, p, integer=False)
+                    part[c] = numeric_column(raw, c, p, integer=False)
                 for c in LABELS:
                     part[c] = labels01(raw, c, p)
                 parts.append(pd.DataFrame(part))

@@ -1,5 +1,7 @@
 """Amazon review data as per-user rating / implicit-feedback sources, plus the item-item graph of the metadata.
 
+Length: three layouts of one source that share their parsers, checks and cache.
+
 Three layouts (one registered source each):
 
 * `amazon` -- the official release layout (2018, Ni, Li & McAuley; the 2014 McAuley layout is read too) in one
@@ -35,8 +37,9 @@ import pandas as pd
 from fleetrec.datasets.federated import DataError
 import pyarrow as pa
 
-from fleetrec.datasets.real import (PARSE_VERSION, RatingsConfig, _atomic_write_parquet, _numeric, _read_csv, cached_frame,
-                                    content_cache_path, select_rows)
+from fleetrec.datasets.io import (PARSE_VERSION, atomic_write_parquet, cached_frame, content_cache_path, numeric_column,
+                                  read_csv)
+from fleetrec.datasets.real import RatingsConfig, select_rows
 
 PAIR_KINDS = ("also_view", "also_buy")
 UNKNOWN_CATEGORY = "<unknown>"
@@ -122,7 +125,7 @@ class _AmazonBase(RatingsConfig):
         rows, pairs = self.parse_all(root)
         if self.cache:
             try:
-                _atomic_write_parquet(pa.Table.from_pandas(pairs, preserve_index=False),
+                atomic_write_parquet(pa.Table.from_pandas(pairs, preserve_index=False),
                                       self._key(root, self.FOLDER + "-pairs"))
             except OSError:
                 pass    # an unwritable cache dir only costs a re-parse
@@ -228,17 +231,17 @@ class AmazonConfig(_AmazonBase):
     def parse_all(self, root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         p, kind, meta_path = self.files(root)
         if kind == "ratings":
-            raw = _read_csv(p, ("item", "user", "rating", "timestamp"), header=False, dtype={0: str, 1: str})
+            raw = read_csv(p, ("item", "user", "rating", "timestamp"), header=False, dtype={0: str, 1: str})
             users, asins = raw["user"].astype(str).str.strip(), raw["item"].astype(str).str.strip()
-            rating = _numeric(raw, "rating", p, integer=False, lo=1, hi=5, header=False)
-            time = _numeric(raw, "timestamp", p, integer=True, lo=0, header=False)
+            rating = numeric_column(raw, "rating", p, integer=False, lo=1, hi=5, header=False)
+            time = numeric_column(raw, "timestamp", p, integer=True, lo=0, header=False)
         else:
             cols = ("reviewerID", "asin", "overall", "unixReviewTime")
             recs = [(r["reviewerID"], r["asin"], r["overall"], r["unixReviewTime"]) for _, r in _json_lines(p, cols)]
             raw = pd.DataFrame(recs, columns=list(cols))
             users, asins = raw["reviewerID"].astype(str), raw["asin"].astype(str)
-            rating = _numeric(raw, "overall", p, integer=False, lo=1, hi=5)
-            time = _numeric(raw, "unixReviewTime", p, integer=True, lo=0)
+            rating = numeric_column(raw, "overall", p, integer=False, lo=1, hi=5)
+            time = numeric_column(raw, "unixReviewTime", p, integer=True, lo=0)
         user_code, _ = pd.factorize(users.to_numpy(), sort=True)
         item_code, item_asins = pd.factorize(asins.to_numpy(), sort=True)
         asin_index = pd.Index(item_asins)
@@ -299,15 +302,15 @@ class AmazonVideoGamesConfig(_AmazonImplicit):
 
     def parse_all(self, root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         p = root / "Video.txt.gz"
-        raw = _read_csv(p, ("user_id", "item_id"), sep=" ", header=False)
-        user = _numeric(raw, "user_id", p, integer=True, lo=1, header=False)
+        raw = read_csv(p, ("user_id", "item_id"), sep=" ", header=False)
+        user = numeric_column(raw, "user_id", p, integer=True, lo=1, header=False)
         starts = np.r_[0, np.flatnonzero(np.diff(user) != 0) + 1]
         again = pd.Series(user[starts]).duplicated().to_numpy()
         if again.any():
             i = int(starts[np.flatnonzero(again)[0]])
             raise DataError(f"{p}: column 'user_id' must be contiguous per user (a user's lines together, "
                             f"in time order), found user {user[i]} again at line {i + 1}")
-        rows = pd.DataFrame({"user": user, "item": _numeric(raw, "item_id", p, integer=True, lo=1, header=False),
+        rows = pd.DataFrame({"user": user, "item": numeric_column(raw, "item_id", p, integer=True, lo=1, header=False),
                              "rating": np.ones(len(raw)), "time": np.arange(len(raw), dtype=np.int64)})
         return rows, _empty_pairs()
 
@@ -337,8 +340,8 @@ class AmazonOfficeProductsConfig(_AmazonImplicit):
         offset = 0
         for f in self.FILES[:2]:
             p = root / f
-            raw = _read_csv(p, ("user_id", "history_item_ids", "item_id"))
-            target = _numeric(raw, "item_id", p, integer=True, lo=0)
+            raw = read_csv(p, ("user_id", "history_item_ids", "item_id"))
+            target = numeric_column(raw, "item_id", p, integer=True, lo=0)
             hist = raw["history_item_ids"].fillna("").astype(str).str.split()
             lens = hist.str.len().to_numpy()
             flat = np.concatenate([np.asarray(h, dtype=object) for h in hist]) if lens.sum() else np.zeros(0, object)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fleetrec.datasets.federated import DataError
-from fleetrec.datasets.real import _numeric, _read_csv
+from fleetrec.datasets.io import numeric_column, read_csv
 from fleetrec.datasets.tabular import TabularConfig, check_tasks
 
 NUMERIC = ("age", "det_ind_code", "det_occ_code", "wage_per_hour", "capital_gains", "capital_losses",
@@ -63,7 +63,7 @@ class CensusIncomeConfig(TabularConfig):
 
     def parse(self, root: Path) -> pd.DataFrame:
         p = root / self.FILE
-        raw = _read_csv(p, (*NUMERIC, *CATEGORICAL, INCOME))
+        raw = read_csv(p, (*NUMERIC, *CATEGORICAL, INCOME))
         out = {}
         inc = raw[INCOME].astype(str).str.strip().map(INCOME_VALUES)
         if inc.isna().any():
@@ -72,7 +72,7 @@ class CensusIncomeConfig(TabularConfig):
                             f"found {raw[INCOME].iloc[i]!r} at line {i + 2}")
         out[INCOME] = inc.to_numpy().astype(np.int64)
         for c in NUMERIC:
-            out[c] = _numeric(raw, c, p, integer=False)
+            out[c] = numeric_column(raw, c, p, integer=False)
         for c in CATEGORICAL:
             out[c] = raw[c].fillna("?").astype(str).str.strip().to_numpy()
         return pd.DataFrame(out)

@@ -293,13 +293,14 @@ class MFEpinionsConfig(_MFRealConfig):
     name: str = "mf_epinions"
 
     def read(self) -> dict:
-        from fleetrec.datasets.real import EpinionsConfig, _read_csv, _numeric
+        from fleetrec.datasets.io import numeric_column, read_csv
+        from fleetrec.datasets.real import EpinionsConfig
         src = EpinionsConfig(path=self.path, cache_dir=self.cache_dir, cache=self.cache)
         df = src.load_frame()
         trust_path = Path(src.root()) / "trust.csv.gz"
-        raw = _read_csv(trust_path, ("truster_id", "trustee_id"))
-        trust = np.stack([_numeric(raw, "truster_id", trust_path, integer=True, lo=0),
-                          _numeric(raw, "trustee_id", trust_path, integer=True, lo=0)]).astype(np.int64)
+        raw = read_csv(trust_path, ("truster_id", "trustee_id"))
+        trust = np.stack([numeric_column(raw, "truster_id", trust_path, integer=True, lo=0),
+                          numeric_column(raw, "trustee_id", trust_path, integer=True, lo=0)]).astype(np.int64)
         return {"df": df, "trust": trust, "item_category_per_row": df["category"].to_numpy(), "item_pairs": None}
 
 

@@ -26,8 +26,9 @@ import pandas as pd
 from fleetrec.datasets.federated import (CLIENT, SPLIT, SPLIT_NAMES, TEST, VAL, CategoricalField, DataError,
                                          DatasetSchema, FederatedDataset)
 from fleetrec.datasets.partition import by_column, chronological_split, quantile_buckets, rows_at_least, subsample_clients
-from fleetrec.datasets.real import (ACTIVITY_BUCKETS, PARSE_VERSION, REPO_ROOT, SHARED_DATA, _numeric, _read_csv,
-                                    cached_frame, content_cache_path)
+from fleetrec.datasets.io import (PARSE_VERSION, REPO_ROOT, SHARED_DATA, cached_frame, content_cache_path, numeric_column,
+                                  read_csv)
+from fleetrec.datasets.real import ACTIVITY_BUCKETS
 from fleetrec.datasets.sources import DataConfig
 from fleetrec.datasets.tabular import check_tasks, labels01
 
@@ -55,8 +56,8 @@ class FeatureTable:
 
 
 def _table(path: Path, id_col: str, columns: tuple[str, ...], first_tag: bool = True) -> FeatureTable:
-    raw = _read_csv(path, (id_col, *columns))
-    ids = _numeric(raw, id_col, path, integer=True, lo=0)
+    raw = read_csv(path, (id_col, *columns))
+    ids = numeric_column(raw, id_col, path, integer=True, lo=0)
     if len(np.unique(ids)) != len(ids):
         raise DataError(f"{path}: column '{id_col}' must hold unique ids, found repeats")
     codes, vocab = {}, {}
@@ -211,10 +212,10 @@ class KuaiRandConfig(DataConfig):
     def parse(self, files: list[Path]) -> pd.DataFrame:
         parts = []
         for p in files:
-            raw = _read_csv(p, ("user_id", "video_id", "time_ms", *self.tasks))
-            part = {"user": _numeric(raw, "user_id", p, integer=True, lo=0),
-                    "item": _numeric(raw, "video_id", p, integer=True, lo=0),
-                    "time": _numeric(raw, "time_ms", p, integer=True, lo=0)}
+            raw = read_csv(p, ("user_id", "video_id", "time_ms", *self.tasks))
+            part = {"user": numeric_column(raw, "user_id", p, integer=True, lo=0),
+                    "item": numeric_column(raw, "video_id", p, integer=True, lo=0),
+                    "time": numeric_column(raw, "time_ms", p, integer=True, lo=0)}
             for t in self.tasks:
                 part[t] = labels01(raw, t, p)
             parts.append(pd.DataFrame(part))
@@ -246,7 +247,7 @@ class KuaiRandConfig(DataConfig):
         # FedPA: concatenate the logs, sort by (user, time)
         df = df.iloc[np.lexsort((df["time"].to_numpy(), df["user"].to_numpy()))].reset_index(drop=True)
 
-        raw_degree = _read_csv(ufile, ("user_id", "user_active_degree"))
+        raw_degree = read_csv(ufile, ("user_id", "user_active_degree"))
         open_flag = fedpa_open_users(raw_degree["user_id"].to_numpy(), raw_degree["user_active_degree"].to_numpy(),
                                      self.open_degrees, self.open_ratio, self.other_open_ratio, self.open_seed)
         open_of = pd.Series(open_flag, index=raw_degree["user_id"].to_numpy())
@@ -305,8 +306,8 @@ class KuaiRandConfig(DataConfig):
         stats = FEDPA_VIDEO_STATISTICS if self.video_statistics is None else tuple(self.video_statistics)
         if not stats:
             return {}
-        raw = _read_csv(p, ("video_id", *stats))
-        ids = _numeric(raw, "video_id", p, integer=True, lo=0)
+        raw = read_csv(p, ("video_id", *stats))
+        ids = numeric_column(raw, "video_id", p, integer=True, lo=0)
         row = pd.Index(ids).get_indexer(video_ids)
         out = {}
         for c in stats:

@@ -26,35 +26,43 @@ class UnknownName(KeyError):
 
 
 class Registry(Generic[T]):
-    """name -> entry, with lazily imported built-ins and a per-registry check of new entries.
+    """name -> entry, with lazily imported built-ins and the registry's contract checked on entry.
 
     `config_of(entry)` gives the config dataclass an entry is configured by (the entry itself for
-    data sources, `entry.Config` for algorithms, models and combiners); `check(name, entry)` raises
-    when an entry does not meet the registry's contract.
+    data sources, `entry.Config` for algorithms, models and combiners). With `base` (a class, or a
+    function returning it, for a base defined after the registry), an entry must be a subclass
+    of it whose config's default `name` is the name it is registered under.
     """
 
     def __init__(self, kind: str, builtins: dict[str, str] | None = None, *,
-                 config_of: Callable[[T], type] | None = None,
-                 check: Callable[[str, T], None] | None = None):
+                 config_of: Callable[[T], type] | None = None, base: type | Callable[[], type] | None = None):
         self.kind = kind
         self._pending: dict[str, str] = dict(builtins or {})
         self._entries: dict[str, T] = {}
         self._config_of = config_of or (lambda entry: entry)
-        self._check = check
+        self._base = base
+
+    def _check(self, name: str, entry: T) -> None:
+        if self._base is None:
+            return
+        base = self._base if isinstance(self._base, type) else self._base()
+        if not (isinstance(entry, type) and issubclass(entry, base)):
+            raise TypeError(f"{self.kind} {name!r}: {entry!r} must subclass {base.__module__}.{base.__qualname__}")
+        default = getattr(self._config_of(entry), "name", name)
+        if default != name:
+            raise ValueError(f"{self.kind} {name!r}: its config's default name is {default!r}")
 
     def register(self, name: str, entry: T) -> T:
         if name in self._entries or name in self._pending:
             raise ValueError(f"{self.kind} {name!r} is already registered")
-        if self._check is not None:
-            self._check(name, entry)
+        self._check(name, entry)
         self._entries[name] = entry
         return entry
 
     def _load(self, name: str) -> T:
         module, _, attr = self._pending[name].partition(":")
         entry = getattr(importlib.import_module(module), attr)
-        if self._check is not None:
-            self._check(name, entry)
+        self._check(name, entry)
         self._entries[name] = entry
         del self._pending[name]
         return entry

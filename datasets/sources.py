@@ -13,8 +13,8 @@ _D = "fleetrec.datasets."
 SOURCES: Registry[type] = Registry("data source", {
     "synthetic_per_user": _D + "synthetic:SyntheticPerUserConfig",
     "synthetic_multi_scenario": _D + "synthetic_scenario:SyntheticMultiScenarioConfig",
-    "movielens_100k": _D + "real:MovieLens100kConfig",
-    "movielens_1m": _D + "real:MovieLens1MConfig",
+    "movielens_100k": _D + "movielens:MovieLens100kConfig",
+    "movielens_1m": _D + "movielens:MovieLens1MConfig",
     "epinions": _D + "real:EpinionsConfig",
     "ciao": _D + "real:CiaoConfig",
     "filmtrust": _D + "real:FilmTrustConfig",
@@ -30,7 +30,7 @@ SOURCES: Registry[type] = Registry("data source", {
     "mf_epinions": _D + "graphs:MFEpinionsConfig",
     "mf_ciao": _D + "graphs:MFCiaoConfig",
     "mf_amazon": _D + "graphs:MFAmazonConfig",
-})
+}, base=lambda: DataConfig)
 
 
 def register_source(name: str, config_cls: type) -> type:

@@ -26,7 +26,8 @@ import pandas as pd
 from fleetrec.datasets.federated import (CLIENT, SPLIT, SPLIT_NAMES, TEST, TRAIN, VAL, CategoricalField, DataError,
                                          DatasetSchema, FederatedDataset)
 from fleetrec.datasets.partition import _rank_within, by_column, random_split
-from fleetrec.datasets.real import RatingsConfig, _numeric, cached_frame, content_cache_path
+from fleetrec.datasets.io import cached_frame, content_cache_path, numeric_column
+from fleetrec.datasets.real import RatingsConfig
 from fleetrec.datasets.sources import DataConfig
 
 TABULAR_PARSE_VERSION = 1
@@ -35,7 +36,7 @@ FILE_SPLIT = "file_split"      # frame column: 0 = official train file, 2 = offi
 
 def labels01(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
     """A 0/1 label column as int64; DataError naming file, column and line otherwise."""
-    return _numeric(df, col, path, integer=True, lo=0, hi=1)
+    return numeric_column(df, col, path, integer=True, lo=0, hi=1)
 
 
 def check_tasks(tasks: tuple[str, ...], allowed: tuple[str, ...]) -> str | None:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from fleetrec.datasets.federated import DataError
-from fleetrec.datasets.real import _numeric, _read_csv
+from fleetrec.datasets.io import numeric_column, read_csv
 from fleetrec.datasets.tabular import TabularConfig, check_tasks, labels01
 
 LABELS = ("click", "follow", "like", "share")
@@ -81,10 +81,10 @@ class TenrecConfig(TabularConfig):
     def parse(self, root: Path) -> pd.DataFrame:
         parts = []
         for i, p in enumerate(self.source_files(root)):
-            raw = _read_csv(p, (*self.features, *self.tasks))
+            raw = read_csv(p, (*self.features, *self.tasks))
             part = {"scenario": np.full(len(raw), i, np.int64)}
             for c in self.features:
-                part[c] = _numeric(raw, c, p, integer=True, lo=0)
+                part[c] = numeric_column(raw, c, p, integer=True, lo=0)
             for c in self.tasks:
                 part[c] = labels01(raw, c, p)
             parts.append(pd.DataFrame(part))

@@ -80,7 +80,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from fleetrec.simulator.tune import SweepInterrupted, describe, load_sweep, report, tune_sweep
+    from fleetrec.simulator.tune import SweepInterrupted, tune_sweep
+    from fleetrec.simulator.tune_report import describe, report
+    from fleetrec.simulator.tune_space import load_sweep
     sweep = load_sweep(args.space, args.overrides, name=args.name, storage_path=args.storage_path)
     print(describe(sweep), file=sys.stderr)
     if args.check:

@@ -10,6 +10,7 @@ import ctypes
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 import ray
@@ -73,7 +74,9 @@ class Worker:
         device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
         self.setup = Setup(**{**setup.__dict__, "device": device})
         # after a crash Ray re-runs __init__: state is fresh until `restore` brings it back
-        self.stale = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():        # Ray 2.60's property reads its own deprecated `actor_id`
+            warnings.filterwarnings("ignore", message="This API is deprecated and may be removed")
+            self.stale = ray.get_runtime_context().was_current_actor_reconstructed
         self.index, self.placement = index, placement
         self.data = DataView(dataset)
         # columns are views of the object store's buffers, not copies (read-only memory)

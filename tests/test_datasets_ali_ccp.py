@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fleetrec.datasets import SOURCES, real
+from fleetrec.datasets import SOURCES
+from fleetrec.datasets import io as dio
 from fleetrec.datasets.ali_ccp import COLUMNS, DENSE, SPARSE, AliCcpConfig
 from fleetrec.simulator.data_cli import main as data_main
 from fleetrec.datasets.federated import TEST, TRAIN, VAL, DataError
@@ -124,10 +125,10 @@ def test_cache_hit_and_key(tmp_path):
     root = write_ali_ccp(tmp_path / "d")
     cache = tmp_path / "c"
     cfg = AliCcpConfig(path=str(root), cache_dir=str(cache))
-    before = real.PARSE_COUNT["parses"]
+    before = dio.PARSE_COUNT["parses"]
     a = cfg.build(0)
     b = AliCcpConfig(path=str(root), cache_dir=str(cache), scenario=True, tasks=("ctcvr",)).build(0)
-    assert real.PARSE_COUNT["parses"] == before + 1          # build options reuse the parsed frame
+    assert dio.PARSE_COUNT["parses"] == before + 1          # build options reuse the parsed frame
     assert len(list(cache.glob("ali-ccp-*.parquet"))) == 1 and not list(cache.glob("*.tmp"))
     assert b.num_clients == 2 and a.table.equals(cfg.build(0).table)
     # changed raw bytes -> a new cache entry and a new parse
@@ -136,7 +137,7 @@ def test_cache_hit_and_key(tmp_path):
     df.loc[0, "D853"] = 0.5
     df.to_csv(p, index=False)
     cfg.build(0)
-    assert real.PARSE_COUNT["parses"] == before + 2 and len(list(cache.glob("ali-ccp-*.parquet"))) == 2
+    assert dio.PARSE_COUNT["parses"] == before + 2 and len(list(cache.glob("ali-ccp-*.parquet"))) == 2
 
 
 # ------------------------------------------------------------------------------------------ malformed input

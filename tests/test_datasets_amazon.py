@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fleetrec.datasets import SOURCES
-from fleetrec.datasets import real
+from fleetrec.datasets import io as dio
 from fleetrec.datasets.amazon import (AmazonConfig, AmazonOfficeProductsConfig, AmazonVideoGamesConfig,
                                       amazon_item_categories, amazon_item_pairs)
 from fleetrec.simulator.data_cli import main as data_main
@@ -184,7 +184,7 @@ def test_official_2014_metadata_layout(tmp_path):
 def test_official_cache_hit_skips_parsing(tmp_path, monkeypatch):
     root = write_official(tmp_path / "amz")
     cfg = AmazonConfig(path=str(root), cache_dir=str(tmp_path / "c"))
-    before = real.PARSE_COUNT["parses"]
+    before = dio.PARSE_COUNT["parses"]
     first = cfg.build(0)
     assert len(list((tmp_path / "c").glob("*.parquet"))) == 2          # rows + pairs
 
@@ -192,7 +192,7 @@ def test_official_cache_hit_skips_parsing(tmp_path, monkeypatch):
         raise AssertionError("parsed again despite a cache entry")
     monkeypatch.setattr(AmazonConfig, "parse_all", boom)
     assert cfg.build(0).table.equals(first.table) and len(amazon_item_pairs(cfg)) > 0
-    assert real.PARSE_COUNT["parses"] == before + 1                     # one parse filled both entries
+    assert dio.PARSE_COUNT["parses"] == before + 1                     # one parse filled both entries
 
 
 @pytest.mark.parametrize("mutate, column, what", [

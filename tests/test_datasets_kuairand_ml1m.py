@@ -13,7 +13,7 @@ from fleetrec.simulator.data_cli import main as data_main
 from fleetrec.datasets.federated import TEST, TRAIN, VAL, DataError
 from fleetrec.datasets.kuairand import (FEDPA_USER_FEATURES, USER_DISCRETE, VIDEO_DISCRETE, KuaiRandConfig, fedpa_bins,
                                         fedpa_open_users)
-from fleetrec.datasets.real import MovieLens1MConfig
+from fleetrec.datasets.movielens import MovieLens1MConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_kuairand = pytest.mark.skipif(not (SHARED_DATA / "kuairand" / "user_features_pure.csv.gz").is_file(),

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fleetrec.datasets import SOURCES
-from fleetrec.datasets import real
+from fleetrec.datasets import io as dio
 from fleetrec.datasets.aliexpress import CATEGORICAL as AE_CAT, COLUMNS as AE_COLUMNS, NUMERIC as AE_NUM, AliExpressConfig
 from fleetrec.datasets.census_income import CATEGORICAL as CI_CAT, NUMERIC as CI_NUM, CensusIncomeConfig
 from fleetrec.datasets.describe import describe
@@ -169,10 +169,10 @@ def test_aliexpress_multi_country_assembly(tmp_path, cache):
 def test_aliexpress_cache_hit_and_missing_files(tmp_path, cache):
     root = write_aliexpress(tmp_path / "ae", {"NL": (12, 4)})
     cfg = AliExpressConfig(path=str(root), cache_dir=str(tmp_path / "c"))
-    before = real.PARSE_COUNT["parses"]
+    before = dio.PARSE_COUNT["parses"]
     a = cfg.build(0)
     b = cfg.build(0)
-    assert real.PARSE_COUNT["parses"] == before + 1 and a.table.equals(b.table)
+    assert dio.PARSE_COUNT["parses"] == before + 1 and a.table.equals(b.table)
     assert len(list((tmp_path / "c").glob("aliexpress-*.parquet"))) == 1
     with pytest.raises(DataError, match="'ES'"):
         AliExpressConfig(path=str(root), countries=("ES",), cache=False).build(0)

@@ -12,12 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from fleetrec.datasets import SOURCES
+from fleetrec.datasets import io as dio
 from fleetrec.datasets import partition as P
-from fleetrec.datasets import real
 from fleetrec.datasets.describe import describe
 from fleetrec.simulator.data_cli import main as data_main
 from fleetrec.datasets.federated import TEST, TRAIN, VAL, DataError
-from fleetrec.datasets.real import CiaoConfig, EpinionsConfig, FilmTrustConfig, MovieLens100kConfig
+from fleetrec.datasets.movielens import MovieLens100kConfig
+from fleetrec.datasets.real import CiaoConfig, EpinionsConfig, FilmTrustConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "epinions" / "ratings.csv.gz").is_file(),
@@ -158,9 +159,9 @@ def _good_rows(users=6, per_user=6) -> str:
 def test_cache_hit_skips_parsing(tmp_path, monkeypatch):
     _tiny_epinions(tmp_path / "ep", _good_rows())
     cfg = EpinionsConfig(path=str(tmp_path / "ep"), cache_dir=str(tmp_path / "c"))
-    before = real.PARSE_COUNT["parses"]
+    before = dio.PARSE_COUNT["parses"]
     first = cfg.build(0)
-    assert real.PARSE_COUNT["parses"] == before + 1
+    assert dio.PARSE_COUNT["parses"] == before + 1
     assert len(list((tmp_path / "c").glob("*.parquet"))) == 1
 
     def boom(self, root):
@@ -170,7 +171,7 @@ def test_cache_hit_skips_parsing(tmp_path, monkeypatch):
     assert second.table.equals(first.table)
     # other build options reuse the same parsed cache entry
     EpinionsConfig(path=str(tmp_path / "ep"), cache_dir=str(tmp_path / "c"), negatives_per_positive=1).build(0)
-    assert real.PARSE_COUNT["parses"] == before + 1
+    assert dio.PARSE_COUNT["parses"] == before + 1
 
 
 def test_cache_key_hashes_bytes_not_size(tmp_path):

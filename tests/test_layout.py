@@ -174,3 +174,16 @@ def test_random_stream_ids_are_distinct():
     assert len(streams) >= 15
     assert len(set(streams.values())) == len(streams), streams
     assert all(0 < v < 7000 for v in streams.values())     # the data generators' seeds are 7000-9999
+
+
+def test_no_long_file_without_a_stated_reason():
+    """A module over 360 lines says at its top why it is one file (a `Length:` line in its docstring)."""
+    long = []
+    for top in LAYERS:
+        for path in (ROOT / top).rglob("*.py"):
+            text = path.read_text()
+            n = len(text.splitlines())
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            if n > 360 and not any(line.startswith("Length:") for line in doc.splitlines()):
+                long.append(f"{path.relative_to(ROOT)} ({n} lines)")
+    assert not long, long

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from fleetrec.algorithms.combiners import RowBatch, gather_rows, pmtrec_combine, task_row_grads, touched_mask
-from fleetrec.algorithms.pmtrec import FedAvgMF, PMTRecMF
+from fleetrec.algorithms.fedavg_mf import FedAvgMF
+from fleetrec.algorithms.mf_tasks import CentralRows
+from fleetrec.algorithms.pmtrec import PMTRecMF
 from fleetrec.datasets.graphs import MFSyntheticConfig, build_mf, kcore, to_federated
 from fleetrec.simulator.cohort import DataView
 from fleetrec.simulator.config import from_dict, load, make_setup
@@ -39,7 +41,7 @@ def _main_batch(algo, ds, n=24, seed=3):
     u, i = dv.categorical["user"][rows], dv.categorical["item"][rows]
     r = dv.numeric[rows, 0]
     j = torch.randint(algo.num_items, (n,), generator=g)
-    return u, i, j, r, algo._aux_ids(u, i, g)
+    return u, i, j, r, algo.trainer.sample(u, i, g)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -121,17 +123,17 @@ def test_row_gradients_equal_dense_autograd_on_the_whole_tables():
     algo, ds = _algo(cfg)
     s = algo.init_server()
     u, i, j, r, aux = _main_batch(algo, ds)
-    users, items = algo._task_ids(u, i, j, aux)
+    users, items = algo.trainer.task_ids(u, i, j, aux)
     head = {k: s[k].clone().requires_grad_(True) for k in ("W", "b")}
     Pr, Qr = gather_rows(s["P"], *users), gather_rows(s["Q"], *items)
-    losses = algo._losses(Pr, Qr, head, u, i, j, r, aux)
+    losses = algo.trainer.losses(CentralRows(Pr, Qr, head, u, i, j, r, aux))
     Gp, Gq = task_row_grads(losses, Pr.emb), task_row_grads(losses, Qr.emb)
     # reference: the same losses on leaf copies of the full tables, dense gradients
     P = s["P"].clone().requires_grad_(True)
     Q = s["Q"].clone().requires_grad_(True)
     full_p = RowBatch(rows=torch.arange(P.shape[0]), emb=P)
     full_q = RowBatch(rows=torch.arange(Q.shape[0]), emb=Q)
-    ref = algo._losses(full_p, full_q, head, u, i, j, r, aux)
+    ref = algo.trainer.losses(CentralRows(full_p, full_q, head, u, i, j, r, aux))
     assert len(ref) == len(cfg.algorithm.tasks) == 6
     for t, loss in enumerate(ref):
         gP, gQ = (torch.zeros_like(x) if g is None else g
@@ -158,15 +160,15 @@ def test_huge_alpha_after_epoch_zero_trains_exactly_like_single_task_mf():
     (a, ds), (b, _) = _algo(multi), _algo(single)
     u, i, _, r, _ = _main_batch(a, ds)
     sa, sb = a.init_server(), b.init_server()
-    la = a._central_step(sa, u, i, r, epoch=3)
-    b._central_step(sb, u, i, r, epoch=3)
+    la = a.trainer.step(sa, u, i, r, epoch=3)
+    b.trainer.step(sb, u, i, r, epoch=3)
     torch.testing.assert_close(sa["P"], sb["P"], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(sa["Q"], sb["Q"], rtol=1e-5, atol=1e-7)
     assert math.isfinite(la["train/rating_loss"])
     # at epoch 0 there is no focusing yet: the auxiliary tasks move the rows
     sa, sb = a.init_server(), b.init_server()
-    a._central_step(sa, u, i, r, epoch=0)
-    b._central_step(sb, u, i, r, epoch=0)
+    a.trainer.step(sa, u, i, r, epoch=0)
+    b.trainer.step(sb, u, i, r, epoch=0)
     assert (sa["P"] - sb["P"]).abs().max() > 1e-4
 
 
@@ -180,14 +182,14 @@ def test_infinite_tau_with_raw_combination_is_equal_weighting_on_shared_rows():
     (a, ds), (b, _) = _algo(flat), _algo(eq)
     s = a.init_server()
     u, i, j, r, aux = _main_batch(a, ds)
-    users, items = a._task_ids(u, i, j, aux)
+    users, items = a.trainer.task_ids(u, i, j, aux)
     Pr, Qr = gather_rows(s["P"], *users), gather_rows(s["Q"], *items)
-    losses = a._losses(Pr, Qr, {}, u, i, j, r, aux)
+    losses = a.trainer.losses(CentralRows(Pr, Qr, {}, u, i, j, r, aux))
     Gp, Gq = task_row_grads(losses, Pr.emb), task_row_grads(losses, Qr.emb)
     tp, tq = touched_mask(Pr.rows, users), touched_mask(Qr.rows, items)
     L = torch.stack([x.detach() for x in losses])
-    gp_a, gq_a = a._combine(L, Gp, Gq, tp, tq, epoch=2, step=1)
-    gp_b, gq_b = b._combine(L, Gp, Gq, tp, tq, epoch=2, step=1)
+    gp_a, gq_a = a.combine(L, Gp, Gq, tp, tq, epoch=2, step=1)
+    gp_b, gq_b = b.combine(L, Gp, Gq, tp, tq, epoch=2, step=1)
     torch.testing.assert_close(gp_a, gp_b, rtol=1e-5, atol=1e-8)          # every task touches every user row
     all3 = tq.all(0)
     assert all3.any() and not all3.all()                                   # negatives are touched by bpr alone
@@ -223,12 +225,12 @@ def test_federated_item_rows_from_per_task_sums_equal_the_per_row_rule_on_the_po
     Q = state["Q"].clone().requires_grad_(True)
     p = personal["p"].clone().requires_grad_(True)
     head = {k: state[k].clone().requires_grad_(True) for k in ("W", "b")}
-    losses, per_client, i, j = algo._client_losses(p, RowBatch(torch.arange(Q.shape[0]), Q), head, batch, 4)
+    losses, per_client, i, j = algo.trainer.client_losses(p, RowBatch(torch.arange(Q.shape[0]), Q), head, batch, 4)
     G = torch.stack([torch.autograd.grad(x, Q, retain_graph=True)[0] for x in losses]) / len(ids)
     touched = torch.stack([acc.sums[f"nq/{t}"] for t in range(len(losses))]) > 0
     rows = torch.nonzero(touched.any(0)).flatten()
     g_ref, _ = pmtrec_combine(G[:, rows], 4, cfg.algorithm.combiner, touched[:, rows])
-    g_srv = algo.combine_item_rows(G, touched, per_client.sum(1) / len(ids), 4)
+    g_srv = algo.trainer.combine_item_rows(G, touched, per_client.sum(1) / len(ids), 4)
     torch.testing.assert_close(g_srv[rows], g_ref, rtol=1e-4, atol=1e-7)
     # and the server moved exactly the touched rows
     moved = (new["Q"] - state["Q"]).abs().sum(1) > 0
@@ -252,7 +254,7 @@ def test_fedavg_mf_local_item_copies_are_deduplicated_per_client():
     # one SGD step: the summed deltas are -lr × the summed per-client gradients at the global Q
     Q = state["Q"].clone().requires_grad_(True)
     p = personal["p"].clone()
-    i, j = batch.categorical["item"], algo._negatives(batch, 0)
+    i, j = batch.categorical["item"], algo.negatives(batch, 0)
     m = batch.mask
     x = (p[:, None, :] * (Q[i] - Q[j])).sum(-1)
     reg = cfg.algorithm.reg

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from fleetrec.simulator.config_loader import ConfigError, read_yaml
-from fleetrec.simulator.tune import NoSchedulerConfig, load_sweep, tune_sweep
+from fleetrec.simulator.tune import tune_sweep
+from fleetrec.simulator.tune_space import NoSchedulerConfig, load_sweep
 from tests.conftest import tiny_overrides
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"

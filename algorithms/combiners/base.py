@@ -32,7 +32,7 @@ COMBINERS: Registry[type] = Registry("combiner", {
     **{name: _C + f"surgery:{cls}" for name, cls in
        [("pcgrad", "PCGrad"), ("mgda", "MGDA"), ("cagrad", "CAGrad"), ("nashmtl", "NashMTL")]},
     "pmtrec": _C + "pmtrec:PMTRec",
-}, config_of=lambda combiner: combiner.Config)
+}, config_of=lambda combiner: combiner.Config, base=lambda: Combiner)
 
 
 def register(name: str, combiner: type) -> type:

@@ -17,13 +17,6 @@ from fleetrec.algorithms.protocol import Tensors
 from fleetrec.datasets.registry import Registry, TaggedUnion
 
 
-def _check_model(name: str, model: type) -> None:
-    if not (isinstance(model, type) and issubclass(model, RoleModule)):
-        raise TypeError(f"model {name!r}: {model!r} must subclass fleetrec.algorithms.models.RoleModule")
-    if model.Config.name != name:
-        raise ValueError(f"model {name!r}: its Config's default name is {model.Config.name!r}")
-
-
 _M = "fleetrec.algorithms.models."
 # The one registry of models: name -> RoleModule subclass, built as `cls(config, schema)`.
 MODELS: Registry[type] = Registry("model", {
@@ -33,7 +26,7 @@ MODELS: Registry[type] = Registry("model", {
     "shared_bottom": _M + "mtl:SharedBottom",
     "mmoe": _M + "mtl:MMoE",
     "ple": _M + "mtl:PLE",
-}, config_of=lambda model: model.Config, check=_check_model)
+}, config_of=lambda model: model.Config, base=lambda: RoleModule)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,114 @@
+"""FedAvg on BPR-MF, the federated baseline of PMTRec (client = user).
+
+Each client runs `train.local_epochs` full-batch local steps (SGD, or Adam reset every round) on
+its own row p_u (private state) and on local copies of the item rows it touches (deduplicated per
+client); the server adds `server_lr` × the mean of the item-row deltas, over the clients that
+touched a row (`item_average: touched`) or over the whole cohort (`cohort`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from fleetrec.algorithms import rng
+from fleetrec.algorithms.mf import MF_EXAMPLE, MFAlgorithm
+from fleetrec.algorithms.protocol import Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup, Tensors, TrainPlan
+
+
+@dataclass(frozen=True)
+class FedAvgMFConfig(AlgorithmConfig):
+    name: str = "fedavg_mf"
+    dim: int = 32
+    init_std: float = 0.1
+    reg: float = 1e-4
+    server_lr: float = 1.0             # Q += server_lr · (mean delta)
+    item_average: str = "touched"      # touched: mean over the clients that touched the row | cohort: over all
+    ks: tuple[int, ...] = (20, 40)
+
+    CHECKS: ClassVar[dict] = {"dim": ">=1", "init_std": ">0", "reg": ">=0", "server_lr": ">0",
+                              "item_average": ("touched", "cohort")}
+
+    def data_layout(self) -> str:
+        return "federated"
+
+    def ranking_ks(self) -> tuple[int, ...]:
+        return tuple(self.ks)
+
+
+class FedAvgMF(MFAlgorithm):
+    Config = FedAvgMFConfig
+    READS_SIDE_TABLES = False          # BPR on the interactions only
+    EXAMPLES = {"federated": {**MF_EXAMPLE, "data.layout": "federated", "train.lr": 0.1}}
+
+    def __init__(self, config: FedAvgMFConfig, setup: Setup):
+        super().__init__(config, setup, centralized=False)
+
+    def init_server(self) -> Tensors:
+        return {"Q": self.init_table(self.num_items, rng.MF_INIT_ITEMS)}
+
+    def init_personal(self, client_ids: torch.Tensor) -> Tensors:
+        return {"p": self.init_user_rows(client_ids)}
+
+    def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan:
+        return TrainPlan(round=rnd, params={"Q": state["Q"]})
+
+    def traffic(self) -> tuple[int, int]:
+        n = self.num_items * self.config.dim * 4
+        return n, n
+
+    def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
+        c, tr = self.config, self.setup.train
+        K, L = batch.mask.shape
+        m = batch.mask
+        nrow = m.sum(1).clamp_min(1)
+        i, j = batch.categorical["item"], self.negatives(batch, plan.round)
+        ids = torch.cat([i, j], 1)                                                   # (K, 2L)
+        real2 = torch.cat([m, m], 1) > 0
+        ids_k = torch.where(real2, ids, torch.full_like(ids, self.num_items))      # padding -> a sentinel id
+        srt, perm = ids_k.sort(dim=1)
+        first = torch.ones_like(srt, dtype=torch.bool)
+        first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+        slot_sorted = first.long().cumsum(1) - 1                                     # (K, 2L) local slot per sorted pos
+        slot = torch.empty_like(slot_sorted).scatter_(1, perm, slot_sorted)          # local slot per position
+        Qpad = torch.cat([plan.params["Q"], torch.zeros(1, c.dim)])
+        q0 = torch.zeros(K, 2 * L, c.dim)
+        q0.scatter_(1, slot_sorted[..., None].expand(-1, -1, c.dim), Qpad[srt])      # local copies (by slot)
+        q = q0.clone().requires_grad_(True)
+        p = personal["p"].clone().requires_grad_(True)
+        opt = torch.optim.Adam([p, q], lr=tr.lr) if tr.optimizer == "adam" else torch.optim.SGD([p, q], lr=tr.lr)
+        si, sj = slot[:, :L], slot[:, L:]
+        loss_val = 0.0
+        for _ in range(tr.local_epochs):
+            qi = q.gather(1, si[..., None].expand(-1, -1, c.dim))
+            qj = q.gather(1, sj[..., None].expand(-1, -1, c.dim))
+            x = (p[:, None, :] * (qi - qj)).sum(-1)
+            per = ((-F.logsigmoid(x) + c.reg * (qi.pow(2).sum(-1) + qj.pow(2).sum(-1))) * m).sum(1) / nrow \
+                + c.reg * p.pow(2).sum(-1)
+            opt.zero_grad()
+            per.sum().backward()
+            opt.step()
+            loss_val = float(per.detach().sum())
+        delta = (q.detach() - q0)                                                   # (K, 2L, d) by slot
+        keep = first & (srt < self.num_items)                                        # one slot per (client, item)
+        items = srt[keep]
+        acc = Accumulator(weight=float(K), clients=K, stats={"train/bpr_loss": loss_val})
+        dsum = torch.zeros(self.num_items, c.dim, dtype=torch.float64)
+        dsum.index_add_(0, items, delta.gather(1, slot_sorted[..., None].expand(-1, -1, c.dim))[keep].double())
+        cnt = torch.zeros(self.num_items, dtype=torch.float64)
+        cnt.index_add_(0, items, torch.ones(len(items), dtype=torch.float64))
+        acc.sums = {"dQ": dsum, "nQ": cnt}
+        new_p = p.detach()
+        return CohortUpdate(personal={**personal, "p": new_p}, acc=acc)
+
+
+    def aggregate_train(self, rnd: int, state: Tensors, acc: Accumulator) -> tuple[Tensors, dict]:
+        if acc.weight <= 0:
+            return state, {}
+        new = dict(state)
+        denom = acc.sums["nQ"].clamp_min(1)[:, None] if self.config.item_average == "touched" else acc.weight
+        new["Q"] = state["Q"] + self.config.server_lr * (acc.sums["dQ"] / denom).float()
+        loss = acc.stats.get("train/bpr_loss", 0.0) / acc.weight
+        return new, {"train/bpr_loss": loss, "train_loss": loss, "clients_trained": acc.clients}

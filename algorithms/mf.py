@@ -1,0 +1,138 @@
+"""The matrix-factorization core shared by PMTRec (pmtrec.py) and FedAvg-MF (fedavg_mf.py).
+
+Model: user table P (|U|, d), item table Q (|I|, d), score p_u · q_i. Two layouts, fixed by
+`data.layout` (the data source's `layout`): centralized (one client holds every user; P is server
+state) or federated (client = user; the user's row p_u is its private state, Q is shared).
+
+Evaluation: full-ranking Recall@K / NDCG@K (algorithms/ranking.py) with the training items
+masked (training and validation items for the test split): `evaluate_cohort` returns a
+RankingPartial of per-user sums.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fleetrec.algorithms import rng
+from fleetrec.algorithms.evaluation import RankingPartial, ranking_metrics
+from fleetrec.algorithms.protocol import RANKING, AlgorithmBase, CohortBatch, Setup, Tensors
+from fleetrec.algorithms.ranking import full_ranking
+from fleetrec.datasets.federated import TRAIN, VAL
+
+MF_EXAMPLE = {"data.name": "mf_synthetic", "data.num_users": 40, "data.num_items": 30, "data.rows_per_user": 8,
+              "data.num_categories": 4, "eval.metric": "recall@20", "federation.clients_per_round": 20,
+              "resources.workers": 2, "resources.cpus_per_worker": 0.5}   # a tiny run (registry-wide tests)
+
+
+def generator(seed: int, stream: int, step: int) -> torch.Generator:
+    """A torch.Generator whose state is a pure function of (seed, stream, step)."""
+    return torch.Generator().manual_seed(int(rng.hash_u64(seed, stream, step)) & ((1 << 63) - 1))
+
+
+def csr(table, a: str, b: str, n: int):
+    """(indptr, dst) of the edges a -> b of a side table over n nodes; None for no edges."""
+    if table is None or table.num_rows == 0:
+        return None
+    src = np.asarray(table.column(a).to_numpy(), np.int64)
+    dst = np.asarray(table.column(b).to_numpy(), np.int64)
+    order = np.argsort(src, kind="stable")
+    indptr = np.zeros(n + 1, np.int64)
+    indptr[1:] = np.cumsum(np.bincount(src, minlength=n))
+    return torch.from_numpy(indptr), torch.from_numpy(dst[order])
+
+
+def ranking_sums(user_emb: torch.Tensor, item_emb: torch.Tensor, test: torch.Tensor, exclude: torch.Tensor,
+                 ks: tuple[int, ...]) -> dict[str, float]:
+    if test.shape[1] == 0:
+        return {"users": 0}
+    res = full_ranking(user_emb, item_emb, test, exclude, ks)
+    out = {f"recall@{k}": float(res.recall[k].sum()) for k in ks}
+    out.update({f"ndcg@{k}": float(res.ndcg[k].sum()) for k in ks})
+    out["users"] = int(res.users.numel())
+    return out
+
+
+class MFAlgorithm(AlgorithmBase):
+    """Both halves' common parts: the MF schema check, the layout, the side tables, initial rows,
+    negatives, and ranking evaluation. `self.centralized` is the layout."""
+    EVALUATION = RANKING
+    READS_SIDE_TABLES = True
+
+    def __init__(self, config, setup: Setup, centralized: bool):
+        self.config, self.setup, self.centralized = config, setup, centralized
+        schema = setup.schema
+        names = {f.name for f in schema.categorical}
+        if not {"user", "item"} <= names or "rating" not in schema.numeric:
+            raise ValueError(f"algorithm.name={config.name!r} needs MF data (categorical user and item, numeric "
+                             "rating): use data.name mf_synthetic, mf_epinions, mf_ciao or mf_amazon")
+        self.num_users, self.num_items = schema.vocab("user"), schema.vocab("item")
+        if centralized and setup.num_clients != 1:
+            raise ValueError("algorithm.mode=centralized needs data.layout=centralized (one client holds every user)")
+        if not centralized and setup.num_clients != self.num_users:
+            raise ValueError("algorithm.mode=federated needs data.layout=federated (client = user)")
+        self.num_categories = schema.vocab("item_category") - 1 if "item_category" in names else 0
+        self.side = None
+        self.item_category = self.trust = self.pairs = None
+
+    def attach_data(self, dataset) -> None:
+        side = dataset.side
+        cat = side["item_category"].column("category").to_numpy() if "item_category" in side else None
+        self.item_category = torch.from_numpy(np.array(cat, dtype=np.int64)) if cat is not None else None
+        self.trust = csr(side.get("trust"), "src", "dst", self.num_users)
+        self.pairs = csr(side.get("item_pairs"), "a", "b", self.num_items)
+        self.side = side
+
+    def _check_attached(self) -> None:
+        if self.side is None:
+            raise RuntimeError(f"{self.config.name}: the worker did not attach the dataset (attach_data)")
+
+    def init_table(self, rows: int, stream: int) -> torch.Tensor:
+        return rng.normal_tensor((self.config.dim,), self.setup.seed, stream, 0, np.arange(rows, dtype=np.uint64),
+                                 std=self.config.init_std)
+
+    def init_user_rows(self, client_ids: torch.Tensor) -> torch.Tensor:
+        """(K, d) initial rows p_u of the federated layout's clients (the same draws as row u of P)."""
+        d = self.config.dim
+        if not len(client_ids):
+            return torch.zeros(0, d)
+        ids = client_ids.numpy().astype(np.uint64)
+        return rng.normal_tensor((d,), self.setup.seed, rng.MF_INIT_USERS, 0, ids, std=self.config.init_std)
+
+    def negatives(self, batch: CohortBatch, rnd: int) -> torch.Tensor:
+        """(K, L) one uniform negative item per row of every client of the cohort, drawn by (round, client, row)."""
+        K, L = batch.mask.shape
+        u = rng.uniform(self.setup.seed, rng.MF_NEGATIVES, rnd, batch.client_ids.numpy()[:, None].astype(np.uint64),
+                        np.arange(L, dtype=np.uint64)[None, :])
+        return torch.from_numpy(np.minimum((u * self.num_items).astype(np.int64), self.num_items - 1))
+
+    # ---- evaluation
+    def _users(self, state: Tensors, personal: Tensors) -> torch.Tensor:
+        return state["P"] if self.centralized else personal["p"]
+
+    def _pairs(self, b: CohortBatch) -> torch.Tensor:
+        """(2, N) (user row of `_users`, item) of the real rows of a batch."""
+        real = b.mask > 0
+        if self.centralized:
+            return torch.stack([b.categorical["user"][real], b.categorical["item"][real]])
+        rowpos = torch.arange(b.size)[:, None].expand_as(real)
+        return torch.stack([rowpos[real], b.categorical["item"][real]])
+
+    def score_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
+        """Pointwise scores σ(p_u·q_i) of the rows (for inspection; the engine evaluates by ranking)."""
+        q = state["Q"][batch.categorical["item"]]
+        if self.centralized:
+            p = state["P"][batch.categorical["user"]]
+        else:
+            p = personal["p"][:, None, :].expand(-1, batch.mask.shape[1], -1)
+        return torch.sigmoid((p * q).sum(-1, keepdim=True))
+
+    def evaluate_cohort(self, state: Tensors, batches, personal: Tensors, split: int) -> RankingPartial:
+        """Sums over this cohort's users of Recall@K / NDCG@K on `split` and how many were ranked,
+        with the training items (and, for test, the validation items) masked."""
+        test = self._pairs(batches[split])
+        exclude = torch.cat([self._pairs(batches[s]) for s in (TRAIN, VAL) if s < split], dim=1)
+        sums = ranking_sums(self._users(state, personal), state["Q"], test, exclude, tuple(self.config.ks))
+        return RankingPartial(sums, int(sums.pop("users")))
+
+    def aggregate_evaluate(self, prefix: str, partial: RankingPartial) -> dict[str, float]:
+        return ranking_metrics(prefix, partial)

@@ -1,0 +1,289 @@
+"""The sweep YAML (`fleetrec tune SPACE`): its schema, the loader and the checks that run before any
+trial (every `space` path exists in the base config; the end points of every distribution build a
+valid config). See simulator/tune.py for the sweep itself."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import yaml
+
+from fleetrec.datasets.registry import Registry, TaggedUnion
+from fleetrec.simulator.config import ExperimentConfig, from_dict
+from fleetrec.simulator.config_loader import ConfigError, apply_overrides, build, read_yaml, to_dict
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SWEEP_STATE = "fleetrec_sweep.json"          # in the experiment dir: parent run id, for --resume
+KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
+
+
+# ------------------------------------------------------------------------------ the YAML schema
+@dataclass(frozen=True)
+class DimConfig:
+    """One searched parameter: exactly one of the keys below."""
+    choice: tuple[Any, ...] | None = None          # sample one of the values
+    grid: tuple[Any, ...] | None = None            # every value (crossed with the other grids)
+    uniform: tuple[float, float] | None = None     # [lo, hi]
+    loguniform: tuple[float, float] | None = None  # [lo, hi], lo > 0
+    randint: tuple[int, int] | None = None         # integers in [lo, hi) (hi excluded, as in Tune)
+    quniform: tuple[float, float, float] | None = None   # [lo, hi, q]: uniform rounded to multiples of q
+
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) is not None)
+
+    def validate(self) -> str | None:
+        set_ = [k for k in KINDS if getattr(self, k) is not None]
+        if len(set_) != 1:
+            return ("expected exactly one of " + ", ".join(KINDS)
+                    + (f", got {', '.join(set_)}" if set_ else ", got none"))
+        k, v = set_[0], getattr(self, set_[0])
+        if k in ("choice", "grid"):
+            return None if len(v) else f"{k}: expected at least one value"
+        if not v[0] < v[1]:
+            return f"{k}: expected lo < hi, got {list(v)}"
+        if k == "loguniform" and v[0] <= 0:
+            return f"{k}: expected lo > 0, got {v[0]}"
+        if k == "quniform" and v[2] <= 0:
+            return f"{k}: expected q > 0, got {v[2]}"
+        return None
+
+    def tune_domain(self, grid: bool = False):
+        from ray import tune
+        k, v = self.kind(), getattr(self, self.kind())
+        if k == "grid" or (k == "choice" and grid):
+            return tune.grid_search(list(v))
+        if k == "choice":
+            return tune.choice(list(v))
+        return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint,
+                "quniform": tune.quniform}[k](*v)
+
+    def end_points(self) -> list:
+        """Values a trial may get at the edges of the domain (all of them for choice/grid)."""
+        k, v = self.kind(), getattr(self, self.kind())
+        if k in ("choice", "grid"):
+            return list(v)
+        if k == "randint":
+            return [v[0], v[1] - 1]
+        if k == "quniform":
+            lo, hi, q = v
+            return [to_python(round(lo / q) * q), to_python(round(hi / q) * q)]
+        return [float(v[0]), float(v[1])]
+
+
+SCHEDULERS: Registry[type] = Registry("scheduler")     # name -> its config dataclass
+
+
+@dataclass(frozen=True)
+class SchedulerConfig(TaggedUnion):
+    name: str = "asha"
+
+    REGISTRY: ClassVar[Registry] = SCHEDULERS
+
+
+@dataclass(frozen=True)
+class AshaConfig(SchedulerConfig):
+    name: str = "asha"
+    max_t: int | None = None           # rounds; null = the base config's rounds
+    grace_period: int = 1              # rounds every trial runs before it can be stopped
+    reduction_factor: float = 2.0      # keep the top 1/reduction_factor at every rung
+
+    CHECKS: ClassVar[dict] = {"max_t": ">=1", "grace_period": ">=1", "reduction_factor": ">1"}
+
+
+@dataclass(frozen=True)
+class NoSchedulerConfig(SchedulerConfig):
+    name: str = "none"
+
+
+SCHEDULERS.register("asha", AshaConfig)
+SCHEDULERS.register("none", NoSchedulerConfig)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str | None = None            # sweep (Tune experiment) name; null = the YAML file's stem
+    base: str = "configs/quickstart.yaml"   # experiment config: relative to this YAML, else to the repo root
+    overrides: tuple[str, ...] = ()    # key.path=value applied to the base config
+    metric: str = "val/auc"            # a round-record key: val/auc, val/gauc, val/logloss, train/train_loss
+    mode: str = "max"
+    num_samples: int = 8               # trials (with grid dims: repeats of the whole grid)
+    search_alg: str = "random"         # random | grid | optuna | hyperopt (the last two when installed)
+    seed: int | None = 0               # seed of the search algorithm; null = unseeded
+    scheduler: SchedulerConfig = field(default_factory=AshaConfig)
+    max_concurrent_trials: int | None = None   # null = as many as the placement groups fit
+    max_failures: int = 0              # retries of a failed trial
+    trial_cpu: float = 0.0             # CPU of the bundle holding the trial loop and the coordinator
+    storage_path: str = "tune_results" # Tune results go to <storage_path>/<name> (made absolute)
+    tracking_uri: str | None = None    # MLflow store; null = the base config's (made absolute)
+    experiment: str | None = None      # MLflow experiment; null = the base config's
+    space: Any = None                  # dotted config path -> {choice|grid|uniform|loguniform|randint|quniform: ...}
+
+    CHECKS: ClassVar[dict] = {"mode": ("max", "min"), "num_samples": ">=1",
+                              "search_alg": ("random", "grid", "optuna", "hyperopt"),
+                              "max_concurrent_trials": ">=1", "max_failures": ">=0", "trial_cpu": ">=0"}
+
+    def validate(self) -> str | None:
+        if not self.metric.startswith(("val/", "train/")):
+            return f"metric: got {self.metric!r}, expected a val/... or train/... round metric (e.g. val/auc)"
+        return None
+
+
+@dataclass
+class Sweep:
+    """A validated sweep: the YAML, the resolved base config data and the parsed space."""
+    cfg: SweepConfig
+    source: Path
+    name: str
+    base_path: Path
+    base_data: dict                    # base YAML + sweep overrides + CLI overrides + tracking settings
+    base_cfg: ExperimentConfig
+    space: dict[str, DimConfig]
+    storage_path: Path
+    tracking_uri: str
+    experiment: str
+
+    @property
+    def exp_dir(self) -> Path:
+        return self.storage_path / self.name
+
+    def bundles(self) -> list[dict]:
+        r = self.base_cfg.resources
+        worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
+        return [{"CPU": self.cfg.trial_cpu}] + [dict(worker) for _ in range(r.workers)]
+
+    def trial_data(self, values: dict) -> dict:
+        data = _deepcopy(self.base_data)
+        for path, v in values.items():
+            set_dotted(data, path, v)
+        return data
+
+    def trial_config(self, values: dict, source: str = "trial") -> ExperimentConfig:
+        return from_dict(self.trial_data(values), source)
+
+
+def to_python(v):
+    """numpy scalars (what Tune samples) -> Python scalars, so the loader type-checks them."""
+    if isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.ndim == 0):
+        return v.item()
+    return v
+
+
+def _deepcopy(d):
+    return yaml.safe_load(yaml.safe_dump(d)) if d else {}
+
+
+def set_dotted(data: dict, path: str, value) -> None:
+    node = data
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def _resolve_base(base: str, source: Path) -> Path:
+    for cand in (source.parent / base, REPO_ROOT / base, Path(base)):
+        if cand.is_file():
+            return cand.resolve()
+    raise ConfigError(f"{source}: base: config file {base!r} not found (relative to {source.parent} or {REPO_ROOT})")
+
+
+def _abs_sqlite(uri: str, cwd: Path) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/relative.db; trials run in other processes."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((cwd / uri[len(prefix):]).resolve())
+    if "://" not in uri:                               # a plain folder (file store)
+        return str((cwd / uri).resolve())
+    return uri
+
+
+def load_sweep(path: str | Path, overrides: list[str] = (), name: str | None = None,
+               storage_path: str | None = None) -> Sweep:
+    """Read and validate a search-space YAML. `overrides` apply to the base config after the
+    YAML's own overrides (e.g. tiny data for a smoke test)."""
+    source = Path(path)
+    raw = read_yaml(source)
+    sched = raw.get("scheduler", "asha")
+    if sched is None or isinstance(sched, str):            # `scheduler: none` / `scheduler: asha`
+        raw = {**raw, "scheduler": {"name": "none" if sched is None else sched}}
+    try:
+        sc: SweepConfig = build(SweepConfig, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if not isinstance(sc.space, dict) or not sc.space:
+        raise ConfigError(f"{source}: space: expected a mapping of dotted config paths to distributions")
+    space: dict[str, DimConfig] = {}
+    for key, dim in sc.space.items():
+        try:
+            space[str(key)] = build(DimConfig, dim, f"space.{key}")
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    kinds = {k: d.kind() for k, d in space.items()}
+    if sc.search_alg == "grid":
+        bad = [k for k, kind in kinds.items() if kind not in ("grid", "choice")]
+        if bad:
+            raise ConfigError(f"{source}: space.{bad[0]}: search_alg grid needs grid or choice values, got {kinds[bad[0]]}")
+    if sc.search_alg in ("optuna", "hyperopt"):
+        bad = [k for k, kind in kinds.items() if kind == "grid"]
+        if bad:
+            raise ConfigError(f"{source}: space.{bad[0]}: grid values need search_alg random or grid")
+        check_searcher_installed(sc.search_alg, source)
+
+    base_path = _resolve_base(sc.base, source)
+    cwd = Path.cwd()
+    data = read_yaml(base_path)
+    try:
+        data = apply_overrides(data, list(sc.overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: overrides: {e}") from None
+    try:
+        data = apply_overrides(data, list(overrides))
+    except ConfigError as e:
+        raise ConfigError(f"command line: {e}") from None
+    base_cfg = from_dict(data, f"{source}: base {sc.base}")
+    tracking_uri = _abs_sqlite(sc.tracking_uri or base_cfg.tracking.tracking_uri, cwd)
+    experiment = sc.experiment or base_cfg.tracking.experiment
+    data = apply_overrides(data, [])
+    set_dotted(data, "tracking.tracking_uri", tracking_uri)
+    set_dotted(data, "tracking.experiment", experiment)
+    set_dotted(data, "tracking.progress", False)
+    base_cfg = from_dict(data, f"{source}: base {sc.base}")
+
+    tree = to_dict(base_cfg)
+    for key in space:
+        node, parts = tree, key.split(".")
+        for i, p in enumerate(parts):
+            if not isinstance(node, dict) or p not in node:
+                where = ".".join(parts[:i]) or "the top level"
+                have = ", ".join(sorted(node)) if isinstance(node, dict) else "no keys"
+                raise ConfigError(f"{source}: space.{key}: not a key of the base config {sc.base} "
+                                  f"({where} has {have})")
+            node = node[p]
+    sweep = Sweep(cfg=sc, source=source.resolve(), name=name or sc.name or source.stem, base_path=base_path,
+                  base_data=data, base_cfg=base_cfg, space=space,
+                  storage_path=Path(storage_path or sc.storage_path).expanduser().resolve(),
+                  tracking_uri=tracking_uri, experiment=experiment)
+    # every end point of every dimension must build a valid config (the others stay at the base values)
+    for key, dim in space.items():
+        for v in dim.end_points():
+            try:
+                sweep.trial_config({key: v}, "trial")
+            except ConfigError as e:
+                raise ConfigError(f"{source}: space.{key}: value {v!r} gives a bad config: "
+                                  f"{str(e).removeprefix('trial: ')}") from None
+    if isinstance(sc.scheduler, AshaConfig) and sc.scheduler.max_t and sc.scheduler.max_t > base_cfg.rounds:
+        raise ConfigError(f"{source}: scheduler.max_t: got {sc.scheduler.max_t}, expected <= rounds "
+                          f"of the base config ({base_cfg.rounds})")
+    return sweep
+
+
+def check_searcher_installed(name: str, source) -> None:
+    mod = {"optuna": "optuna", "hyperopt": "hyperopt"}[name]
+    try:
+        __import__(mod)
+    except ImportError:
+        raise ConfigError(f"{source}: search_alg: {name} needs the {mod} package (pip install {mod}); "
+                          "use random or grid") from None
