@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. rounds=5 train.lr=0.05")
     r.add_argument("--resume", metavar="DIR", default=None,
                    help="continue the run checkpointed in DIR (its config; overrides such as rounds=N apply)")
+    r.add_argument("--dashboard", action="store_true",
+                   help="start Ray's dashboard with the local cluster and print its URL (= resources.dashboard=true)")
     d = sub.add_parser("data", help=VERBS["data"], description=VERBS["data"], add_help=False)
     d.add_argument("args", nargs=argparse.REMAINDER)
     t = sub.add_parser("tune", help=VERBS["tune"],
@@ -62,6 +64,8 @@ def cmd_run(args) -> int:
     from fleetrec.simulator.config import from_dict, load
     from fleetrec.simulator.config_loader import apply_overrides
     path, overrides = _split_config(args.config, args.overrides)
+    if args.dashboard:
+        overrides = [*overrides, "resources.dashboard=true"]
     resume = None
     if args.resume:
         from fleetrec.simulator import checkpoint

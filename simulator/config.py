@@ -43,6 +43,7 @@ class ResourcesConfig:
     max_restarts: int = 3              # Ray restarts of a crashed worker (restored from the last checkpoint)
     placement: str = "default"         # worker actors: Ray's default placement, or "spread" over the nodes
     placement_policy: str = "modulo"   # clients -> workers: modulo (id % workers) | balanced (greedy by train rows)
+    dashboard: bool = False            # local runs: start Ray's dashboard and print its URL (watch the actors)
 
     CHECKS: ClassVar[dict] = {"workers": ">=1", "cpus_per_worker": ">0", "gpus_per_worker": ">=0",
                               "max_restarts": ">=0", "placement": ("default", "spread"),

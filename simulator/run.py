@@ -7,6 +7,7 @@ callbacks (progress bar, MLflow, early stop). Best-validation selection happens 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -51,8 +52,11 @@ class Callback:
 
 def ensure_ray(cfg: ExperimentConfig) -> None:
     if not ray.is_initialized():
-        ray.init(address=cfg.resources.address, include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+        ctx = ray.init(address=cfg.resources.address, include_dashboard=cfg.resources.dashboard, log_to_driver=True,
+                       configure_logging=False)
+        url = getattr(ctx, "dashboard_url", None)
+        if cfg.resources.dashboard and url:
+            print(f"Ray dashboard: http://{url} (actors: Coordinator, Worker)", file=sys.stderr)
 
 
 def _better(a: float, b: float | None, mode: str) -> bool:

@@ -1,7 +1,20 @@
-"""Driver-side callbacks: progress bar + summary table, and the MLflow run of an experiment."""
+"""Driver-side callbacks: progress bar + summary table, and the MLflow run of an experiment.
+
+An MLflow run is made to be compared with others: it is named `<algorithm>·<dataset>·seed<k>`
+(or `tracking.run_name`), tagged `algorithm`, `dataset`, `model`, `seed`, `config`, `git_commit`
+(and `sweep` in a sweep), carries a one-line description and its dataset as an MLflow input
+(name, digest of the data config, clients, rows); params are the config's active blocks with
+floats rounded to 6 significant digits. Per-round counters of the simulation (seconds, client
+updates/s, MB up / down, the system model's online / sampled / dropped clients) are metrics
+under `round/` and `sim/`, plotted per round; MLflow's own `system/` prefix is left to real
+hardware metrics.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -17,8 +30,73 @@ def mlflow_name(key: str) -> str:
     return key.replace("@", "_at_")
 
 
-_SYSTEM = ("train_seconds", "eval_seconds", "client_updates_per_s", "bytes_up", "bytes_down", "clients_up",
-           "cohort")
+_ROUND = ("train_seconds", "eval_seconds", "client_updates_per_s", "clients_up", "cohort")   # -> round/<key>
+_BYTES = ("bytes_up", "bytes_down")                                                       # -> round/mb_up, mb_down
+
+
+def mlflow_metric(key: str, value: float) -> tuple[str, float]:
+    """A round-record entry as the MLflow metric it is logged as."""
+    if key in _ROUND:
+        return f"round/{key}", value
+    if key in _BYTES:
+        return f"round/mb_{key[len('bytes_'):]}", value / 1e6
+    if key.startswith("system/"):                  # the simulated system model's counters
+        return mlflow_name("sim/" + key[len("system/"):]), value
+    return mlflow_name(key), value
+
+
+def git_commit() -> str:
+    """The commit of the fleetrec checkout that runs (`+dirty` with uncommitted changes), or `unknown`."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_name(cfg: ExperimentConfig, dataset: str) -> str:
+    return cfg.tracking.run_name or f"{cfg.algorithm.name}·{dataset}·seed{cfg.seed}"
+
+
+def run_tags(cfg: ExperimentConfig, info: dict) -> dict[str, str]:
+    dataset = info.get("dataset", cfg.data.name)
+    return {"algorithm": cfg.algorithm.name, "dataset": dataset, "model": cfg.model.name, "seed": str(cfg.seed),
+            "config": cfg.name, "git_commit": git_commit(),
+            "mlflow.note.content": (f"{cfg.algorithm.name} on {dataset} ({info.get('num_clients')} clients, "
+                                    f"{info.get('num_rows')} rows), model {cfg.model.name}, {cfg.rounds} rounds of "
+                                    f"{cfg.federation.clients_per_round} clients, seed {cfg.seed}; config {cfg.name}")}
+
+
+def active_params(cfg: ExperimentConfig) -> dict[str, str]:
+    """The flattened config without the keys of switched-off blocks (their on/off key stays),
+    floats rounded to 6 significant digits."""
+    off = [p for p, on in (("privacy.", cfg.privacy.enabled), ("system.", cfg.system.active),
+                           ("checkpoint.", bool(cfg.checkpoint.every))) if not on]
+    keep = {"privacy.enabled", "system.availability", "checkpoint.every"}
+    out = {}
+    for k, v in flatten(to_dict(cfg)).items():
+        if any(k.startswith(p) for p in off) and k not in keep:
+            continue
+        out[k] = (f"{v:.6g}" if isinstance(v, float) else str(v))[:500]
+    return out
+
+
+def log_dataset(cfg: ExperimentConfig, info: dict) -> None:
+    """The dataset as an MLflow input: its name, a digest of what builds it (data config + seed),
+    and its size."""
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    spec = json.dumps({"data": to_dict(cfg.data), "seed": cfg.seed}, sort_keys=True, default=str)
+    ds = MetaDataset(source=CodeDatasetSource({"data_config": spec}), name=str(info.get("dataset", cfg.data.name)),
+                     digest=hashlib.sha256(spec.encode()).hexdigest()[:16])
+    mlflow.log_input(ds, context="training", tags={"clients": str(info.get("num_clients")),
+                                                   "rows": str(info.get("num_rows"))})
 
 
 def _fmt(v) -> str:
@@ -107,18 +185,18 @@ class MlflowLogger(Callback):
             mlflow.start_run(run_id=self.run_id)
             mlflow.set_tag("fleetrec.resumed_from_round", str(info.get("resumed_from_round")))
             return
-        run = mlflow.start_run(run_name=t.run_name or cfg.name, nested=self.parent is not None,
-                               parent_run_id=self.parent)
+        run = mlflow.start_run(run_name=run_name(cfg, info.get("dataset", cfg.data.name)),
+                               nested=self.parent is not None, parent_run_id=self.parent, tags=run_tags(cfg, info))
         self.run_id = run.info.run_id
-        params = {k: str(v)[:500] for k, v in flatten(to_dict(cfg)).items()}
-        mlflow.log_params(params)
+        mlflow.log_params(active_params(cfg))
+        log_dataset(cfg, info)
         bayes = info.get("ceiling", {}).get("bayes_auc", {})
         mlflow.log_params({f"data.bayes_auc.{k}": f"{v:.6f}" for k, v in bayes.items()})
         oracle = info.get("ceiling", {}).get("oracle_ranking", {})
         mlflow.log_params({f"data.oracle.{k.replace('@', '_at_')}": f"{v:.6f}" for k, v in oracle.items()})
-        mlflow.log_metrics({"system/startup_seconds": info["startup_seconds"],
-                            "system/bytes_up_per_client": info["bytes_up_per_client"],
-                            "system/bytes_down_per_client": info["bytes_down_per_client"]}, step=0)
+        mlflow.log_metrics({"run/startup_seconds": info["startup_seconds"],
+                            "run/mb_up_per_client": info["bytes_up_per_client"] / 1e6,
+                            "run/mb_down_per_client": info["bytes_down_per_client"] / 1e6}, step=0)
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / "config.yaml"
             p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -135,7 +213,8 @@ class MlflowLogger(Callback):
         for k, v in record.items():
             if k == "round" or not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
                 continue
-            m[mlflow_name(f"system/{k}" if k in _SYSTEM else k)] = float(v)
+            name, value = mlflow_metric(k, float(v))
+            m[name] = value
         mlflow.log_metrics(m, step=record["round"])
 
     def on_end(self, result: RunResult) -> None:

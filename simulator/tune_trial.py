@@ -43,9 +43,15 @@ class TrialTags(Callback):
         import mlflow
         from ray import tune
         ctx = tune.get_context()
-        mlflow.set_tags({"tune.sweep": self.sweep, "tune.trial_id": ctx.get_trial_id(),
+        mlflow.set_tags({"sweep": self.sweep, "tune.sweep": self.sweep, "tune.trial_id": ctx.get_trial_id(),
                          "tune.trial_name": ctx.get_trial_name(), "tune.sampled": json.dumps(self.values)})
         mlflow.log_params({f"sampled.{k}": str(v)[:500] for k, v in self.values.items()})
+
+
+def trial_label(values: dict) -> str:
+    """`lr=0.05·server_lr=0.2`: the sampled values by the last part of their dotted path."""
+    short = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    return "·".join(f"{k.rsplit('.', 1)[-1]}={short(v)}" for k, v in values.items())
 
 
 def trial(config: dict, sweep: Sweep, parent_run_id: str | None, cwd: str) -> None:
@@ -57,7 +63,7 @@ def trial(config: dict, sweep: Sweep, parent_run_id: str | None, cwd: str) -> No
     values = {k: to_python(v) for k, v in config.items()}
     name = tune.get_context().get_trial_name()
     data = sweep.trial_data(values)
-    set_dotted(data, "tracking.run_name", name)
+    set_dotted(data, "tracking.run_name", trial_label(values) or name)    # the run says what was sampled
     cfg = from_dict(data, f"trial {name}")
     cbs: list[Callback] = []
     if cfg.tracking.mlflow:

@@ -21,11 +21,24 @@ def test_mlflow_run_has_per_round_metrics(ray_session, tiny_cfg, tmp_path):
     assert r.data.params["train.lr"] == str(cfg.train.lr)
     assert r.data.params["algorithm.name"] == "fedavg"
     assert "data.bayes_auc.test" in r.data.params
-    for key in ("val/auc", "test/gauc", "train/train_loss", "system/train_seconds",
-                "system/client_updates_per_s", "system/bytes_up"):
+    for key in ("val/auc", "test/gauc", "train/train_loss", "round/train_seconds",
+                "round/client_updates_per_s", "round/mb_up"):
         hist = client.get_metric_history(result.run_id, key)
         assert [m.step for m in hist] == [0, 1, 2], key
     assert client.get_metric_history(result.run_id, "val/auc")[-1].value == result.records[-1]["val/auc"]
+    assert client.get_metric_history(result.run_id, "round/mb_up")[-1].value == result.records[-1]["bytes_up"] / 1e6
+    assert not any(k.startswith("system/") for k in r.data.metrics)      # MLflow's hardware prefix stays free
+    # made for comparison: a name and tags that say what the run is, its dataset as an input
+    assert r.info.run_name == f"fedavg·synthetic_per_user·seed{cfg.seed}"
+    tags = r.data.tags
+    assert (tags["algorithm"], tags["dataset"], tags["model"], tags["seed"]) == ("fedavg", "synthetic_per_user",
+                                                                                  "per_user", str(cfg.seed))
+    assert len(tags["git_commit"]) >= 40 or tags["git_commit"] == "unknown"
+    assert tags["mlflow.note.content"].startswith("fedavg on synthetic_per_user (37 clients")
+    (inp,) = r.inputs.dataset_inputs
+    assert inp.dataset.name == "synthetic_per_user" and {t.key: t.value for t in inp.tags}["clients"] == "37"
+    # switched-off blocks leave their on/off key only
+    assert r.data.params["privacy.enabled"] == "False" and "privacy.noise_multiplier" not in r.data.params
     arts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "learning_curve.png"} <= arts
     text = out.getvalue()
