@@ -56,7 +56,8 @@ RANKING_METRIC = re.compile(r"(recall|ndcg)@([1-9][0-9]*)")
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 1                     # evaluate every k rounds (and after the last round)
-    metric: str = "auc"                # validation metric that selects the best round
+    metric: str = "auc"                # validation metric that selects the best round: auc | gauc | logloss,
+                                       # per task (click/auc) or over scenarios (scenario_mean/auc), or recall@K / ndcg@K
     mode: str = "max"
     clients: int = 0                   # evaluate a fixed seeded sample of this many clients; 0 = all
 
@@ -64,9 +65,12 @@ class EvalConfig:
     POINTWISE: ClassVar[tuple] = ("auc", "gauc", "logloss")
 
     def validate(self) -> str | None:
-        if self.metric not in self.POINTWISE and not RANKING_METRIC.fullmatch(self.metric):
-            return (f"eval.metric: got {self.metric!r}, expected one of {', '.join(self.POINTWISE)} "
-                    "or a ranking metric recall@K / ndcg@K (algorithms that rank)")
+        last = self.metric.rsplit("/", 1)[-1]
+        scoped = "/" in self.metric and all(re.fullmatch(r"[A-Za-z0-9_]+", p) for p in self.metric.split("/")[:-1])
+        if not ((last in self.POINTWISE and ("/" not in self.metric or scoped))
+                or RANKING_METRIC.fullmatch(self.metric)):
+            return (f"eval.metric: got {self.metric!r}, expected one of {', '.join(self.POINTWISE)} (also per task, "
+                    "click/auc, or over scenarios, scenario_mean/auc) or a ranking metric recall@K / ndcg@K")
         return None
 
 

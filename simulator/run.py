@@ -7,6 +7,7 @@ callbacks (progress bar, MLflow, early stop). Best-validation selection happens 
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from fleetrec.datasets.federated import FederatedDataset
 from fleetrec.datasets.partition import subset_clients
 from fleetrec.simulator.ceiling import ceiling
 from fleetrec.simulator.config import ExperimentConfig
+from fleetrec.simulator.config_loader import ConfigError
 
 
 @dataclass
@@ -141,6 +143,10 @@ class _Loop:
         self.records.append(rec)
         self.next_round = rec["round"] + 1
         stop = False
+        if self.metric not in rec and any(k.startswith("val/") for k in rec):   # an evaluation without it
+            have = sorted(k[len("val/"):] for k in rec if k.startswith("val/") and not re.match(r"val/s\d+/", k))
+            raise ConfigError(f"eval.metric: got {self.cfg.eval.metric!r}, but this run's validation has no "
+                              f"{self.metric}; expected one of {', '.join(have)}")
         if self.metric in rec:
             if _better(rec[self.metric], self.best_val, self.cfg.eval.mode):
                 self.best, self.best_val, self.stale = rec, rec[self.metric], 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import subprocess
 import sys
 import tempfile
@@ -145,9 +146,30 @@ class ProgressBar(Callback):
         print(summary_table(result), file=self.stream)
 
 
+_PER_SCENARIO = re.compile(r"^(val|test)/s\d+/")
+
+
+def _headline(key: str) -> int:
+    """Sort rank of a metric in the summary: scenario means and ranking metrics lead."""
+    name = key.split("/", 1)[1]
+    if name.startswith("scenario_mean/"):
+        return 0
+    if name.startswith(("recall@", "ndcg@")):
+        return 1
+    return 2
+
+
 def summary_table(result: RunResult) -> str:
-    rows = [("best round (validation)", _fmt(result.best_round))]
-    rows += [(k, _fmt(v)) for k, v in result.summary().items() if k != "best_round"]
+    """The best round (counted from 1, like the progress bar) and its metrics, headline ones first;
+    per-scenario values are counted, not listed (they are in MLflow and `RunResult.best`)."""
+    best = result.best_round
+    rows = [("best round (validation)", _fmt(None if best is None else best + 1))]
+    metrics = {k: v for k, v in result.summary().items() if k != "best_round"}
+    per_scenario = [k for k in metrics if _PER_SCENARIO.match(k)]
+    shown = sorted((k for k in metrics if k not in per_scenario), key=lambda k: (_headline(k), k))
+    rows += [(k, _fmt(metrics[k])) for k in shown]
+    if per_scenario:
+        rows.append(("per-scenario values", f"{len(per_scenario)} (in MLflow)"))
     recs = result.records
     if recs:
         secs = [r["train_seconds"] for r in recs]

@@ -102,3 +102,16 @@ def test_every_verb_in_help_dispatches():
     for verb in VERBS:
         r = subprocess.run([sys.executable, "-m", "fleetrec.simulator.cli", verb, "--help"], capture_output=True, text=True)
         assert r.returncode == 0, (verb, r.stderr[-300:])
+
+
+def test_eval_metric_accepts_scoped_names_and_a_missing_one_stops_at_the_first_evaluation(ray_session, tiny_cfg):
+    from fleetrec.simulator.run import run
+    for ok in ("auc", "click/auc", "scenario_mean/auc", "scenario_mean/click/logloss"):
+        tiny_cfg(**{"eval.metric": ok})
+    for bad in ("auk", "scenario mean/auc", "/auc", "click/"):
+        with pytest.raises(ConfigError, match="eval.metric"):
+            tiny_cfg(**{"eval.metric": bad})
+    # per-user data has no scenario means: the run says so instead of never choosing a best round
+    with pytest.raises(ConfigError, match=r"eval.metric: got 'scenario_mean/auc'.*no val/scenario_mean/auc; "
+                                          r"expected one of .*\bauc\b"):
+        run(tiny_cfg(**{"eval.metric": "scenario_mean/auc", "rounds": 1}))

@@ -109,3 +109,14 @@ def test_flag_variant_trains_and_evaluates_one_round_in_process(path):
     splits = {s: view.batch(ids, s) for s in (0, 1, 2)}
     metrics = algo.aggregate_evaluate("val", algo.evaluate_cohort(state, splits, {**personal, **update.personal}, 1))
     assert metrics and all(k.startswith("val/") for k in metrics)
+
+
+def test_every_shipped_config_tracks_to_mlflow_unless_it_says_why():
+    """A config that turns MLflow off carries the reason on that line (a YAML comment)."""
+    silent = []
+    for path in ALL:
+        if read_yaml(path).get("tracking", {}).get("mlflow", True) is False:
+            line = next(l for l in path.read_text().splitlines() if "mlflow" in l and "false" in l)
+            if "#" not in line:
+                silent.append(path.name)
+    assert not silent, silent
