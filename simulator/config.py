@@ -49,6 +49,12 @@ class ResourcesConfig:
                               "max_restarts": ">=0", "placement": ("default", "spread"),
                               "placement_policy": POLICIES}
 
+    def validate(self) -> str | None:
+        if self.gpus_per_worker > 1 and not float(self.gpus_per_worker).is_integer():
+            return (f"resources.gpus_per_worker: got {self.gpus_per_worker:g}, expected a fraction up to 1 or a whole "
+                    "number of GPUs (Ray places no fractions above 1)")
+        return None
+
 
 RANKING_METRIC = re.compile(r"(recall|ndcg)@([1-9][0-9]*)")
 

@@ -10,6 +10,7 @@ Rules every config dataclass follows:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -22,6 +23,36 @@ from fleetrec.datasets.registry import TaggedUnion
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses duplicate keys (YAML would keep the last one silently) and aliases
+    (`*name`: a few hundred bytes of nested aliases expand into gigabytes)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (*name) are not supported; "
+                                              "write the values out", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _mapping_without_duplicates(loader, node):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (also on line {seen[key]})",
+                                                    key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def yaml_value(text: str):
+    """YAML text -> Python value, with the strict loader (no duplicate keys, no aliases)."""
+    return yaml.load(text, Loader=_StrictLoader)
 
 
 class ConfigError(ValueError):
@@ -100,6 +131,8 @@ def _convert(value, tp, path: str):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{path}: got {value!r}, expected a finite number")
             return float(value)
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             return float(value)          # YAML 1.1 reads 1e-5 (no dot) as a string
@@ -162,13 +195,15 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml_value(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{p}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if data is None:
-        return {}
+        raise ConfigError(f"{p}: the file is empty; expected a mapping of config keys (see configs/quickstart.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -182,7 +217,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml_value(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = out

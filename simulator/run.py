@@ -61,6 +61,19 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
             print(f"Ray dashboard: http://{url} (actors: Coordinator, Worker)", file=sys.stderr)
 
 
+def check_fits(cfg: ExperimentConfig, cluster: dict) -> None:
+    """A local cluster that cannot place every worker would wait forever: refuse in one line.
+    (A remote cluster may add nodes, so there the workers wait for them.)"""
+    if cfg.resources.address is not None or ray.util.get_current_placement_group() is not None:
+        return
+    res = cfg.resources
+    for key, per, name in (("CPU", res.cpus_per_worker, "cpus_per_worker"), ("GPU", res.gpus_per_worker, "gpus_per_worker")):
+        need, have = res.workers * per, cluster.get(key, 0.0)
+        if need > have + 1e-9:
+            raise ConfigError(f"resources.workers x resources.{name}: the workers need {need:g} {key}, this machine's "
+                              f"Ray cluster has {have:g}; lower resources.workers or resources.{name}")
+
+
 def _better(a: float, b: float | None, mode: str) -> bool:
     if math.isnan(a):
         return False
@@ -87,6 +100,7 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
     from fleetrec.simulator import checkpoint
     from fleetrec.simulator.coordinator import Coordinator
     ensure_ray(cfg)
+    check_fits(cfg, ray.cluster_resources())
     t0 = time.perf_counter()
     if dataset is None:
         dataset = federated_dataset(cfg)

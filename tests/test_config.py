@@ -115,3 +115,38 @@ def test_eval_metric_accepts_scoped_names_and_a_missing_one_stops_at_the_first_e
     with pytest.raises(ConfigError, match=r"eval.metric: got 'scenario_mean/auc'.*no val/scenario_mean/auc; "
                                           r"expected one of .*\bauc\b"):
         run(tiny_cfg(**{"eval.metric": "scenario_mean/auc", "rounds": 1}))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rounds: 3\nrounds: 4\n", "line 2: not valid YAML (duplicate key 'rounds' (also on line 1))"),
+    ("a: &x [1, 2]\nb: *x\n", "line 2: not valid YAML (anchors and aliases (*name) are not supported"),
+    ("", "the file is empty"),
+])
+def test_yaml_refuses_duplicate_keys_aliases_and_empty_files(tmp_path, text, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load(p)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_non_utf8_yaml_and_non_finite_floats_are_one_line_errors(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not UTF-8 text \(byte 9"):
+        load(p)
+    for bad in (".inf", "-.inf", ".nan"):
+        with pytest.raises(ConfigError, match=rf"train.lr: got {'nan' if 'nan' in bad else '-?inf'}, expected a finite number"):
+            load(None, [f"train.lr={bad}"])
+
+
+def test_resources_a_local_cluster_cannot_place_are_refused_before_any_actor(ray_session, tiny_cfg):
+    """Instead of waiting forever for a worker Ray cannot place."""
+    from fleetrec.simulator.run import run
+    with pytest.raises(ConfigError, match=r"resources.workers x resources.cpus_per_worker: the workers need 6 CPU, "
+                                          r"this machine's Ray cluster has 2"):
+        run(tiny_cfg(**{"resources.workers": 3, "resources.cpus_per_worker": 2}))
+    with pytest.raises(ConfigError, match=r"the workers need 0.5 GPU, this machine's Ray cluster has 0"):
+        run(tiny_cfg(**{"resources.gpus_per_worker": 0.25}))
+    with pytest.raises(ConfigError, match="resources.gpus_per_worker: got 1.5"):
+        tiny_cfg(**{"resources.gpus_per_worker": 1.5})
