@@ -1,9 +1,12 @@
 """Checkpoints: everything a run needs to continue, written atomically every k rounds.
 
-A checkpoint directory holds the resolved config (`config.yaml`), one folder per saved round
-(`round_000012/`: `server.pt` with the server state, `worker_<i>.pt` with worker i's shard
+A checkpoint directory holds one folder per saved round (`round_000012/`: `config.yaml`, the
+run's resolved config; `server.pt` with the server state, `worker_<i>.pt` with worker i's shard
 of personal state, `driver.json` with the round records, best-round tracking and callback
-state such as the MLflow run id) and `LATEST` naming the newest complete folder. A folder is
+state such as the MLflow run id) and `LATEST` naming the newest complete folder. The config
+travels with every checkpoint, so a folder can never pair one run's state with another's
+config; a new run refuses a folder that already holds checkpoints (`refuse_foreign`), and
+`--resume` refuses overrides that would change what the state means (`check_resume_overrides`). A folder is
 written under a temporary name and renamed when complete, so a crash mid-write leaves the
 previous checkpoint intact. Randomness is a pure function of (seed, round, client), so no
 generator state needs saving.
@@ -43,12 +46,11 @@ def save(directory: str | Path, rnd: int, cfg, server: dict, shards: list[dict],
     """Write the checkpoint of a completed round `rnd` and prune old ones."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    if not (d / "config.yaml").exists():
-        _atomic_write_text(d / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     final = d / f"round_{rnd:06d}"
     tmp = d / f".tmp_round_{rnd:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.save(server, tmp / "server.pt")
     for i, shard in enumerate(shards):
         torch.save(shard, tmp / f"worker_{i}.pt")
@@ -82,7 +84,8 @@ def load(directory: str | Path) -> Checkpoint:
         shards = [torch.load(p, weights_only=True)
                   for p in sorted(folder.glob("worker_*.pt"), key=lambda p: int(p.stem.split("_")[1]))]
         driver = json.loads((folder / "driver.json").read_text())
-        config = yaml.safe_load((d / "config.yaml").read_text())
+        own = folder / "config.yaml"                     # checkpoints before 2026-12 kept one at the top
+        config = yaml.safe_load((own if own.is_file() else d / "config.yaml").read_text())
     except (OSError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{folder}: unreadable checkpoint ({e})") from None
     return Checkpoint(round=driver["round"], server=server, shards=shards, driver=driver, config=config)
@@ -96,3 +99,29 @@ def load_shard(directory: str | Path, index: int) -> dict:
         return torch.load(folder / f"worker_{index}.pt", weights_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{folder}: unreadable shard of worker {index} ({e})") from None
+
+
+def refuse_foreign(directory: str | Path) -> None:
+    """A new run must not write into a folder that holds another run's checkpoints."""
+    d = Path(directory)
+    if (d / "LATEST").is_file():
+        raise ConfigError(f"checkpoint.dir: {d} already holds the checkpoints of a run (newest "
+                          f"{(d / 'LATEST').read_text().strip()}); continue it with --resume {d}, or set another "
+                          "checkpoint.dir")
+
+
+# what `--resume DIR key=value` may change: the length of the run, where it is logged and shown,
+# how often it is checkpointed, how Ray runs it (not how many workers hold the state)
+RESUME_SAFE = ("rounds", "early_stop_patience", "tracking.", "checkpoint.", "resources.address",
+               "resources.max_restarts", "resources.dashboard", "resources.placement")
+
+
+def check_resume_overrides(saved: dict, resumed: dict) -> None:
+    """Refuse a resume whose config differs from the checkpoint's in anything but RESUME_SAFE keys."""
+    from fleetrec.simulator.config_loader import flatten
+    a, b = flatten(saved), flatten(resumed)
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key) and not key.startswith(RESUME_SAFE):
+            raise ConfigError(f"--resume: {key} is {a.get(key)!r} in the checkpoint and {b.get(key)!r} now; a resumed "
+                              "run keeps its data, model, algorithm and workers (it may change rounds, tracking, "
+                              "checkpointing)")

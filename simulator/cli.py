@@ -62,7 +62,7 @@ def _split_config(config: str | None, overrides: list[str]) -> tuple[str | None,
 
 def cmd_run(args) -> int:
     from fleetrec.simulator.config import from_dict, load
-    from fleetrec.simulator.config_loader import apply_overrides
+    from fleetrec.simulator.config_loader import apply_overrides, to_dict
     path, overrides = _split_config(args.config, args.overrides)
     if args.dashboard:
         overrides = [*overrides, "resources.dashboard=true"]
@@ -75,6 +75,8 @@ def cmd_run(args) -> int:
         resume = checkpoint.load(args.resume)
         overrides = [f"checkpoint.dir={args.resume}", *overrides]   # keep checkpointing where it was
         cfg = from_dict(apply_overrides(resume.config, overrides), f"{args.resume}/config.yaml")
+        checkpoint.check_resume_overrides(to_dict(from_dict(resume.config, f"{args.resume}/config.yaml")),
+                                          to_dict(cfg))
     else:
         cfg = load(path, overrides)
     from fleetrec.simulator.run import run

@@ -17,6 +17,7 @@ import ray
 
 from fleetrec.datasets.federated import FederatedDataset
 from fleetrec.datasets.partition import subset_clients
+from fleetrec.simulator import checkpoint
 from fleetrec.simulator.ceiling import ceiling
 from fleetrec.simulator.config import ExperimentConfig
 from fleetrec.simulator.config_loader import ConfigError
@@ -97,8 +98,9 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
 
     `resume`: a `fleetrec.simulator.checkpoint.Checkpoint` to continue from (its round + 1 onwards).
     """
-    from fleetrec.simulator import checkpoint
     from fleetrec.simulator.coordinator import Coordinator
+    if resume is None and cfg.checkpoint.every:
+        checkpoint.refuse_foreign(cfg.checkpoint.dir)
     ensure_ray(cfg)
     check_fits(cfg, ray.cluster_resources())
     t0 = time.perf_counter()

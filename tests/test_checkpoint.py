@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fleetrec.simulator import checkpoint
-from fleetrec.simulator.config_loader import ConfigError
+from fleetrec.simulator.config_loader import ConfigError, apply_overrides
 from fleetrec.simulator.run import Callback, run
 from fleetrec.simulator.tracking import MlflowLogger
 from tests.test_contract import _KillWorker
@@ -76,3 +76,24 @@ def test_killed_worker_is_restored_and_results_are_unchanged(ray_session, tiny_c
 def test_worker_failure_without_checkpoints_is_a_clear_error(ray_session, tiny_cfg):
     with pytest.raises(Exception, match="set checkpoint.every > 0"):
         run(tiny_cfg(**{"rounds": 3}), [_KillWorker(0)])
+
+
+def test_checkpoints_are_bound_to_their_run(ray_session, tiny_cfg, tmp_path):
+    """A second run cannot write into a folder holding another run's checkpoints, every checkpoint
+    carries its own config, and --resume refuses overrides that change what the state means."""
+    from fleetrec.simulator.cli import main
+    d = tmp_path / "ck"
+    a = tiny_cfg(**{"rounds": 2, "checkpoint.every": 1, "checkpoint.dir": str(d)})
+    run(a)
+    assert (d / "round_000001" / "config.yaml").is_file() and not (d / "config.yaml").exists()
+    with pytest.raises(ConfigError, match=rf"checkpoint.dir: {d} already holds the checkpoints of a run "
+                                          rf"\(newest round_000001\); continue it with --resume"):
+        run(tiny_cfg(**{"rounds": 2, "checkpoint.every": 1, "checkpoint.dir": str(d), "train.lr": 0.05}))
+    ck = checkpoint.load(d)
+    assert ck.config["train"]["lr"] == a.train.lr                # the config of the run that wrote it
+    for bad, key in (("data.num_items=100", "data.num_items"), ("resources.workers=1", "resources.workers"),
+                     ("train.lr=0.05", "train.lr")):
+        with pytest.raises(ConfigError, match=rf"--resume: {key} is .* in the checkpoint and .* now"):
+            checkpoint.check_resume_overrides(ck.config, apply_overrides(ck.config, [bad]))
+    checkpoint.check_resume_overrides(ck.config, apply_overrides(ck.config, ["rounds=9", "tracking.progress=false"]))
+    assert main(["run", "--resume", str(d), "train.lr=0.05"]) == 2          # one line, exit 2, nothing run
