@@ -159,6 +159,11 @@ class _Loop:
         self.records.append(rec)
         self.next_round = rec["round"] + 1
         stop = False
+        dropped = rec.get("train/updates_dropped", 0)
+        if dropped and rec.get("train/clients_trained", 1) == 0:    # nothing left to train on: diverged
+            raise ConfigError(f"train.lr: in round {rec['round'] + 1} all {dropped} client updates were NaN or "
+                              f"inf and were dropped, so the model cannot train on; train.lr is "
+                              f"{self.cfg.train.lr:g} (a smaller one, or train.optimizer: adam, usually helps)")
         if self.metric not in rec and any(k.startswith("val/") for k in rec):   # an evaluation without it
             have = sorted(k[len("val/"):] for k in rec if k.startswith("val/") and not re.match(r"val/s\d+/", k))
             raise ConfigError(f"eval.metric: got {self.cfg.eval.metric!r}, but this run's validation has no "

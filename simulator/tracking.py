@@ -170,6 +170,9 @@ def summary_table(result: RunResult) -> str:
     rows += [(k, _fmt(metrics[k])) for k in shown]
     if per_scenario:
         rows.append(("per-scenario values", f"{len(per_scenario)} (in MLflow)"))
+    dropped = sum(r.get("train/updates_dropped", 0) for r in result.records)
+    if dropped:
+        rows.append(("client updates dropped (NaN / inf)", str(dropped)))
     recs = result.records
     if recs:
         secs = [r["train_seconds"] for r in recs]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 
 from fleetrec.simulator.config import from_dict
@@ -64,6 +65,9 @@ def trial(config: dict, sweep: Sweep, parent_run_id: str | None, cwd: str) -> No
     name = tune.get_context().get_trial_name()
     data = sweep.trial_data(values)
     set_dotted(data, "tracking.run_name", trial_label(values) or name)    # the run says what was sampled
+    ck = data.get("checkpoint") or {}
+    if ck.get("every"):                                  # each trial checkpoints into a folder of its own
+        set_dotted(data, "checkpoint.dir", str(Path(ck.get("dir", "checkpoints")) / name))
     cfg = from_dict(data, f"trial {name}")
     cbs: list[Callback] = []
     if cfg.tracking.mlflow:

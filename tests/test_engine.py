@@ -169,3 +169,9 @@ def test_central_dp_run_logs_epsilon_every_round(ray_session, tiny_cfg):
                           "rounds": 2, "algorithm.weighting": "uniform"}))
     eps = [r["privacy/epsilon"] for r in res.records]
     assert 0 < eps[0] < eps[1]
+
+
+def test_a_run_whose_every_update_diverges_stops_with_one_line(ray_session, tiny_cfg):
+    from fleetrec.simulator.config_loader import ConfigError
+    with pytest.raises(ConfigError, match=r"train.lr: in round 1 all \d+ client updates were NaN or inf"):
+        run(tiny_cfg(**{"train.lr": 1e30, "rounds": 2}))
