@@ -73,14 +73,25 @@ def numeric_column(df: pd.DataFrame, col: str, path: Path, *, integer: bool, lo:
         bad = np.flatnonzero(num.isna().to_numpy())
         if len(bad):
             i = int(bad[0])
-            raise DataError(f"{path}: column '{col}' must be {kind}, found {s.iloc[i]!r} at line {i + first_line}")
+            raise DataError(f"{path}: column '{col}' must be {kind}, found {str(s.iloc[i])!r} at line {i + first_line}")
         s = num
+    if integer and pd.api.types.is_integer_dtype(s):
+        big = np.flatnonzero(s.to_numpy() > np.iinfo(np.int64).max) if s.dtype == np.uint64 else []
+        if len(big):                       # would wrap around to a negative id
+            i = int(big[0])
+            raise DataError(f"{path}: column '{col}' must be an integer below 2^63, found {s.iloc[i]} at line "
+                            f"{i + first_line}")
+        exact = s.to_numpy(dtype=np.int64)
+    else:
+        exact = None
     v = s.to_numpy(dtype=np.float64)
-    if integer:
-        bad = np.flatnonzero(v != np.floor(v))
+    if integer and exact is None:
+        bad = np.flatnonzero((v != np.floor(v)) | (np.abs(v) >= 2.0 ** 53))
         if len(bad):
             i = int(bad[0])
-            raise DataError(f"{path}: column '{col}' must be {kind}, found {v[i]!r} at line {i + first_line}")
+            what = "too large to be read exactly" if v[i] == np.floor(v[i]) else "not a whole number"
+            raise DataError(f"{path}: column '{col}' must be {kind}, found {float(v[i])!r} at line {i + first_line} "
+                            f"({what})")
     if lo is not None or hi is not None:
         lo_ = -np.inf if lo is None else lo
         hi_ = np.inf if hi is None else hi
@@ -90,7 +101,9 @@ def numeric_column(df: pd.DataFrame, col: str, path: Path, *, integer: bool, lo:
             rng = f"[{lo:g}, {hi:g}]" if lo is not None and hi is not None else (f">= {lo:g}" if lo is not None else f"<= {hi:g}")
             val = int(v[i]) if integer else float(v[i])
             raise DataError(f"{path}: column '{col}' must be in {rng}, found {val} at line {i + first_line}")
-    return v.astype(np.int64) if integer else v
+    if not integer:
+        return v
+    return exact if exact is not None else v.astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------- cache

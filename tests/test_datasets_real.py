@@ -341,3 +341,13 @@ def test_data_cli_reads_experiment_yaml(tmp_path, capsys):
     assert data_main(["describe", str(cfg), "data.num_clients=9"]) == 0
     out = capsys.readouterr().out
     assert "9 clients" in out and "seed 4" in out
+
+
+def test_integer_ids_that_would_wrap_or_round_are_refused():
+    import pandas as pd
+    for vals, why in (([2 ** 63 + 5, 1], "below 2\\^63"), (["9223372036854775813", "1"], "below 2\\^63"),
+                      ([9007199254740993.0, 1.0], "too large to be read exactly"), ([1.5, 2.0], "not a whole number")):
+        with pytest.raises(DataError, match=rf"f.csv: column 'u' must be an integer.*{why}") as e:
+            dio.numeric_column(pd.DataFrame({"u": vals}), "u", Path("f.csv"), integer=True, lo=0)
+        assert "at line 2" in str(e.value)
+    assert dio.numeric_column(pd.DataFrame({"u": [2 ** 62, 3]}), "u", Path("f.csv"), integer=True).tolist() == [2 ** 62, 3]
