@@ -85,8 +85,13 @@ class TrackingConfig:
     mlflow: bool = True                # log the run to MLflow
     tracking_uri: str = "sqlite:///mlflow.db"   # default store in the working directory
     experiment: str = "fleetrec"
-    run_name: str | None = None        # null = the experiment name
+    run_name: str | None = None        # null = <algorithm>·<dataset>·seed<k>
     progress: bool = True              # progress bar per round
+
+    def validate(self) -> str | None:
+        if not self.experiment.strip():
+            return "tracking.experiment: got an empty name, expected the MLflow experiment to log to"
+        return None
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ class ExperimentConfig:
     privacy: CentralDPConfig = field(default_factory=CentralDPConfig)   # central DP on the aggregate
     system: SystemConfig = field(default_factory=SystemConfig)          # availability, stragglers, virtual clock
 
-    CHECKS: ClassVar[dict] = {"rounds": ">=1", "early_stop_patience": ">=0", "seed": ">=0"}
+    CHECKS: ClassVar[dict] = {"rounds": ">=1", "early_stop_patience": ">=0", "seed": "0..4294967295"}
 
     def validate(self) -> str | None:
         from fleetrec.algorithms import ALGORITHMS, algorithms_supporting

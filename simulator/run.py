@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,8 +54,23 @@ class Callback:
     def load_state_dict(self, state: dict) -> None: ...
 
 
+def check_address(address: str | None, timeout_s: float = 3.0) -> None:
+    """A Ray address `host:port` must answer: Ray itself retries an unreachable one for minutes."""
+    if address in (None, "auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"resources.address: got {address!r}, expected host:port, 'auto' or null (a local cluster)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"resources.address: nothing answers at {address} within {timeout_s:g} s ({e.strerror or e}); "
+                          "start the cluster (ray start --head) or use 'auto' / null") from None
+
+
 def ensure_ray(cfg: ExperimentConfig) -> None:
     if not ray.is_initialized():
+        check_address(cfg.resources.address)
         ctx = ray.init(address=cfg.resources.address, include_dashboard=cfg.resources.dashboard, log_to_driver=True,
                        configure_logging=False)
         url = getattr(ctx, "dashboard_url", None)

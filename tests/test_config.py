@@ -150,3 +150,16 @@ def test_resources_a_local_cluster_cannot_place_are_refused_before_any_actor(ray
         run(tiny_cfg(**{"resources.gpus_per_worker": 0.25}))
     with pytest.raises(ConfigError, match="resources.gpus_per_worker: got 1.5"):
         tiny_cfg(**{"resources.gpus_per_worker": 1.5})
+
+
+def test_values_that_used_to_crash_after_ray_started_are_refused_up_front(tiny_cfg):
+    from fleetrec.simulator.run import check_address
+    with pytest.raises(ConfigError, match=r"seed: got 123456789012345678901234, expected a value in \[0, 4.29497e\+09\]"):
+        tiny_cfg(seed=123456789012345678901234)
+    with pytest.raises(ConfigError, match="tracking.experiment: got an empty name"):
+        tiny_cfg(**{"tracking.experiment": ""})
+    with pytest.raises(ConfigError, match=r"resources.address: nothing answers at 127.0.0.1:9 within 1 s"):
+        check_address("127.0.0.1:9", timeout_s=1)
+    with pytest.raises(ConfigError, match="resources.address: got 'nonsense', expected host:port"):
+        check_address("nonsense")
+    check_address("auto")
