@@ -18,6 +18,7 @@ VERBS = {
     "data": "describe or prepare (cache) a dataset: fleetrec data describe|prepare|list NAME-OR-CONFIG",
     "pretrain": "stage 1 of FedPA: pre-train the backbone on the open users of CONFIG",
     "tune": "hyperparameter sweep with Ray Tune: fleetrec tune SPACE.yaml [key.path=value ...]",
+    "compare": "method x metric table over seeds from MLflow runs (mean ± std, paired tests): Markdown, CSV, PNG",
 }
 
 
@@ -46,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--check", action="store_true", help="validate the YAML and print the sweep; run nothing")
     pt = sub.add_parser("pretrain", help=VERBS["pretrain"], description=VERBS["pretrain"], add_help=False)
     pt.add_argument("args", nargs=argparse.REMAINDER)
+    c = sub.add_parser("compare", help=VERBS["compare"], description=VERBS["compare"])
+    c.add_argument("runs", nargs="*", help="run ids (default: every run of --experiment that matches --filter)")
+    c.add_argument("--experiment", default=None, help="MLflow experiment (default: fleetrec)")
+    c.add_argument("--filter", default="", help="MLflow search filter, e.g. \"tags.dataset = 'epinions'\"")
+    c.add_argument("--group-by", default="config", help="tag that makes a row: config (default), algorithm, model, ...")
+    c.add_argument("--metrics", nargs="+", default=[], help="metric names or patterns, e.g. 'best/test/*auc' "
+                   "(default: the headline ones)")
+    c.add_argument("--baseline", default=None, help="group the others are tested against (paired over seeds)")
+    c.add_argument("--out", default="compare", help="folder for compare.md / .csv / .png (default ./compare)")
+    c.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    c.add_argument("--log", action="store_true", help="also log the comparison as an MLflow run")
     u = sub.add_parser("ui", help=VERBS["ui"], description=VERBS["ui"])
     u.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
     u.add_argument("--port", type=int, default=5000)
@@ -82,6 +94,14 @@ def cmd_run(args) -> int:
     from fleetrec.simulator.run import run
     from fleetrec.simulator.tracking import default_callbacks
     run(cfg, default_callbacks(cfg), resume=resume)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from fleetrec.simulator.compare import compare
+    print(compare(args.tracking_uri, args.experiment, args.runs, args.filter, args.group_by, args.metrics,
+                  args.baseline, args.out, args.log))
+    print(f"written: {args.out}/compare.md, compare.csv, compare.png", file=sys.stderr)
     return 0
 
 
@@ -124,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     try:
-        return {"run": cmd_run, "ui": cmd_ui, "tune": cmd_tune}[args.verb](args)
+        return {"run": cmd_run, "ui": cmd_ui, "tune": cmd_tune, "compare": cmd_compare}[args.verb](args)
     except (ConfigError, DataError) as e:
         print(f"fleetrec: error: {e}", file=sys.stderr)
         return 2
