@@ -97,6 +97,7 @@ def _parent_run(sweep: Sweep, resume: bool) -> str | None:
     params = {"sweep.metric": sc.metric, "sweep.mode": sc.mode, "sweep.num_samples": sc.num_samples,
               "sweep.search_alg": sc.search_alg, "sweep.scheduler": json.dumps(to_dict(sc.scheduler)),
               "sweep.base": str(sweep.base_path), "sweep.overrides": json.dumps(list(sc.overrides)),
+              "sweep.cli_overrides": json.dumps(list(sweep.cli_overrides)), "sweep.rounds": sweep.base_cfg.rounds,
               "sweep.bundles": json.dumps(sweep.bundles()), "sweep.max_failures": sc.max_failures,
               "sweep.storage_path": str(sweep.exp_dir)}
     params.update({f"space.{k}": json.dumps({d.kind(): list(getattr(d, d.kind()))})

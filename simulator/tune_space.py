@@ -144,6 +144,7 @@ class Sweep:
     storage_path: Path
     tracking_uri: str
     experiment: str
+    cli_overrides: tuple[str, ...] = ()   # key=value given on the command line (after the YAML's overrides)
 
     @property
     def exp_dir(self) -> Path:
@@ -265,7 +266,7 @@ def load_sweep(path: str | Path, overrides: list[str] = (), name: str | None = N
     sweep = Sweep(cfg=sc, source=source.resolve(), name=name or sc.name or source.stem, base_path=base_path,
                   base_data=data, base_cfg=base_cfg, space=space,
                   storage_path=Path(storage_path or sc.storage_path).expanduser().resolve(),
-                  tracking_uri=tracking_uri, experiment=experiment)
+                  tracking_uri=tracking_uri, experiment=experiment, cli_overrides=tuple(overrides))
     # every end point of every dimension must build a valid config (the others stay at the base values)
     for key, dim in space.items():
         for v in dim.end_points():

@@ -141,8 +141,10 @@ def test_quickstart_sweep_asha_and_mlflow(ray_session, tmp_path):
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "val/auc")]
         assert steps == list(range(t["rounds_run"]))
         assert c.data.tags["tune.stopped_early"] == str(t["rounds_run"] < 4).lower()
+        assert c.data.tags["sweep"] == sweep.name and c.info.run_name.startswith("lr=")    # named by its sample
     p = client.get_run(res.parent_run_id)
     assert p.info.status == "FINISHED"
+    assert p.data.params["sweep.rounds"] == "4" and "rounds=4" in p.data.params["sweep.cli_overrides"]
     assert p.data.tags["tune.best_trial_id"] == res.best["trial_id"]
     assert p.data.metrics["best/val/auc"] == pytest.approx(res.best["best"])
     assert p.data.metrics["tune/trials"] == 8 and p.data.metrics["tune/stopped_early"] >= 1
