@@ -108,6 +108,15 @@ def federated_dataset(cfg: ExperimentConfig) -> FederatedDataset:
     return subset_clients(ds, np.setdiff1d(np.arange(ds.num_clients), seen))
 
 
+def _scenario_names(ds: FederatedDataset) -> list[str] | None:
+    """The name of each client of a scenario federation (its `label`, e.g. `category:3`, or `s<k>`)."""
+    if ds.schema.scenario is None:
+        return None
+    if "label" in ds.client_attrs.column_names:
+        return [str(x) for x in ds.client_attrs.column("label").to_pylist()]
+    return [f"s{c}" for c in range(ds.num_clients)]
+
+
 def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, keep_actors: bool = False,
         resume=None):
     """Run one experiment. Returns a RunResult (and the coordinator handle if keep_actors).
@@ -129,6 +138,7 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
         info = ray.get(coord.info.remote())
         info.update(dataset=ds.name, num_clients=ds.num_clients, num_rows=ds.num_rows, meta=ds.meta,
                     ceiling=ceiling(ds, cfg.algorithm.ranking_ks() or (20, 40)),
+                    scenario_names=_scenario_names(ds),
                     startup_seconds=time.perf_counter() - t0,
                     worker_handles=ray.get(coord.worker_handles.remote()))
         loop = _Loop(cfg, callbacks)

@@ -194,6 +194,7 @@ class MlflowLogger(Callback):
         self.cfg = cfg
         self.parent = parent_run_id
         self.run_id = None
+        self.scenario_names = None
 
     def state_dict(self) -> dict:
         return {"mlflow_run_id": self.run_id}
@@ -215,6 +216,9 @@ class MlflowLogger(Callback):
         self.run_id = run.info.run_id
         mlflow.log_params(active_params(cfg))
         log_dataset(cfg, info)
+        self.scenario_names = info.get("scenario_names")
+        if self.scenario_names:               # s<k> in metric names -> the scenario it is
+            mlflow.log_params({f"scenario.s{k}": name[:250] for k, name in enumerate(self.scenario_names[:200])})
         bayes = info.get("ceiling", {}).get("bayes_auc", {})
         mlflow.log_params({f"data.bayes_auc.{k}": f"{v:.6f}" for k, v in bayes.items()})
         oracle = info.get("ceiling", {}).get("oracle_ranking", {})
@@ -251,7 +255,51 @@ class MlflowLogger(Callback):
             png = Path(d) / "learning_curve.png"
             learning_curve(result.records, self.cfg.eval.metric, png)
             mlflow.log_artifact(str(png))
+        frame = scenario_frame(result.best, self.scenario_names)
+        if frame is not None:                 # scenario x task at the best round: a table and a figure
+            mlflow.log_table(data=frame, artifact_file="scenarios/best_round.json")
+            mlflow.log_figure(scenario_figure(frame), "scenarios/best_round_test_auc.png")
         mlflow.end_run()
+
+
+_SCENARIO_KEY = re.compile(r"^(val|test)/s(\d+)/([^/]+)/(auc|gauc|logloss)$")
+
+
+def scenario_frame(best: dict, names: list[str] | None):
+    """One row per (split, scenario) of the best round, one column per task metric; None without
+    per-scenario metrics."""
+    import pandas as pd
+    rows: dict[tuple, dict] = {}
+    for key, value in best.items():
+        m = _SCENARIO_KEY.match(key)
+        if m:
+            split, k, task, metric = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+            name = names[k] if names and k < len(names) else f"s{k}"
+            rows.setdefault((split, k, name), {})[f"{task}/{metric}"] = round(float(value), 6)
+    if not rows:
+        return None
+    return pd.DataFrame([{"split": s, "scenario": f"s{k}", "name": n, **v} for (s, k, n), v in sorted(rows.items())])
+
+
+def scenario_figure(frame):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    test = frame[frame["split"] == "test"]
+    cols = [c for c in test.columns if c.endswith("/auc")]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(test) * max(1, len(cols)) / 2), 3.6))
+    width = 0.8 / max(1, len(cols))
+    for j, c in enumerate(cols):
+        ax.bar([i + j * width for i in range(len(test))], test[c], width=width, label=c)
+    ax.set_xticks([i + width * (len(cols) - 1) / 2 for i in range(len(test))], list(test["name"]), rotation=30,
+                  ha="right", fontsize=8)
+    lo = float(test[cols].min().min()) if cols else 0.5
+    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    ax.set(ylabel="test AUC at the best round")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
 
 
 def learning_curve(records: list[dict], metric: str, path: Path) -> None:

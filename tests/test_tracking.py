@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from fleetrec.simulator.run import run
 from fleetrec.simulator.tracking import MlflowLogger, ProgressBar
 
@@ -43,3 +45,28 @@ def test_mlflow_run_has_per_round_metrics(ray_session, tiny_cfg, tmp_path):
     assert {"config.yaml", "learning_curve.png"} <= arts
     text = out.getvalue()
     assert "Bayes-optimal AUC" in text and "summary" in text and result.run_id in text
+
+
+def test_scenario_run_logs_a_scenario_by_task_table_and_figure(ray_session, tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from fleetrec.algorithms.scenario import SCENARIO_EXAMPLE
+    from fleetrec.simulator.config import from_dict
+    from fleetrec.simulator.config_loader import apply_overrides
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    over = {**SCENARIO_EXAMPLE, "algorithm.name": "scenario_fedavg", "rounds": 1, "tracking.progress": False,
+            "tracking.tracking_uri": uri, "eval.metric": "scenario_mean/auc"}
+    cfg = from_dict(apply_overrides({}, [f"{k}={v}" for k, v in over.items()]), "tiny scenario")
+    result = run(cfg, [MlflowLogger(cfg)])
+    client = MlflowClient(tracking_uri=uri)
+    r = client.get_run(result.run_id)
+    assert [r.data.params[f"scenario.s{k}"] for k in range(3)] == ["s0", "s1", "s2"]
+    arts = {a.path for a in client.list_artifacts(result.run_id, "scenarios")}
+    assert arts == {"scenarios/best_round.json", "scenarios/best_round_test_auc.png"}
+    table = json.loads(open(client.download_artifacts(result.run_id, "scenarios/best_round.json")).read())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert len(rows) == 6 and {x["split"] for x in rows} == {"val", "test"}
+    s1 = next(x for x in rows if x["split"] == "test" and x["scenario"] == "s1")
+    assert s1["click/auc"] == pytest.approx(result.best["test/s1/click/auc"], abs=1e-6)
