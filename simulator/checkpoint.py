@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -72,23 +74,41 @@ class Checkpoint:
     config: dict
 
 
-def load(directory: str | Path) -> Checkpoint:
-    """Read the newest complete checkpoint; one clear error if there is none."""
+# what a damaged or foreign file raises on reading
+_UNREADABLE = (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, yaml.YAMLError)
+
+
+def _read(d: Path, folder: Path) -> Checkpoint:
+    server = torch.load(folder / "server.pt", weights_only=True)
+    shards = [torch.load(p, weights_only=True)
+              for p in sorted(folder.glob("worker_*.pt"), key=lambda p: int(p.stem.split("_")[1]))]
+    driver = json.loads((folder / "driver.json").read_text())
+    own = folder / "config.yaml"                         # checkpoints before 2026-12 kept one at the top
+    config = yaml.safe_load((own if own.is_file() else d / "config.yaml").read_text())
+    return Checkpoint(round=driver["round"], server=server, shards=shards, driver=driver, config=config)
+
+
+def load(directory: str | Path, warn=print) -> Checkpoint:
+    """Read the newest complete checkpoint. One the disk damaged is skipped for the previous one,
+    saying so (`warn`); one clear error if none is readable."""
     d = Path(directory)
     latest = d / "LATEST"
     if not latest.is_file():
         raise ConfigError(f"{d}: no checkpoint to resume from (expected {latest})")
-    folder = d / latest.read_text().strip()
-    try:
-        server = torch.load(folder / "server.pt", weights_only=True)
-        shards = [torch.load(p, weights_only=True)
-                  for p in sorted(folder.glob("worker_*.pt"), key=lambda p: int(p.stem.split("_")[1]))]
-        driver = json.loads((folder / "driver.json").read_text())
-        own = folder / "config.yaml"                     # checkpoints before 2026-12 kept one at the top
-        config = yaml.safe_load((own if own.is_file() else d / "config.yaml").read_text())
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ConfigError(f"{folder}: unreadable checkpoint ({e})") from None
-    return Checkpoint(round=driver["round"], server=server, shards=shards, driver=driver, config=config)
+    newest = d / latest.read_text().strip()
+    older = sorted((p for p in d.glob("round_*") if p.is_dir() and p.name < newest.name), reverse=True)
+    errors = []
+    for folder in [newest, *older]:
+        try:
+            ck = _read(d, folder)
+        except _UNREADABLE as e:
+            errors.append(f"{folder.name}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+            continue
+        if folder != newest:
+            warn(f"checkpoint {newest} is unreadable ({errors[0]}); resuming from {folder.name} instead",
+                 file=sys.stderr)
+        return ck
+    raise ConfigError(f"{d}: no readable checkpoint ({'; '.join(errors)})")
 
 
 def load_shard(directory: str | Path, index: int) -> dict:
@@ -97,7 +117,7 @@ def load_shard(directory: str | Path, index: int) -> dict:
     folder = d / (d / "LATEST").read_text().strip()
     try:
         return torch.load(folder / f"worker_{index}.pt", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
+    except _UNREADABLE as e:
         raise ConfigError(f"{folder}: unreadable shard of worker {index} ({e})") from None
 
 

@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--name", default=None, help="sweep name (default: the YAML's name, else its file stem)")
     t.add_argument("--storage-path", default=None, help="Tune results folder (default: the YAML's, ./tune_results)")
     t.add_argument("--check", action="store_true", help="validate the YAML and print the sweep; run nothing")
+    t.add_argument("--samples", type=int, default=None, metavar="N", help="number of trials (replaces num_samples)")
     pt = sub.add_parser("pretrain", help=VERBS["pretrain"], description=VERBS["pretrain"], add_help=False)
     pt.add_argument("args", nargs=argparse.REMAINDER)
     c = sub.add_parser("compare", help=VERBS["compare"], description=VERBS["compare"])
@@ -109,7 +110,8 @@ def cmd_tune(args) -> int:
     from fleetrec.simulator.tune import SweepInterrupted, tune_sweep
     from fleetrec.simulator.tune_report import describe, report
     from fleetrec.simulator.tune_space import load_sweep
-    sweep = load_sweep(args.space, args.overrides, name=args.name, storage_path=args.storage_path)
+    sweep = load_sweep(args.space, args.overrides, name=args.name, storage_path=args.storage_path,
+                       num_samples=args.samples)
     print(describe(sweep), file=sys.stderr)
     if args.check:
         return 0

@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
+import torch
 
-from fleetrec.datasets.federated import FederatedDataset
+from fleetrec.datasets.federated import TRAIN, FederatedDataset
 from fleetrec.datasets.partition import subset_clients
 from fleetrec.simulator import checkpoint
 from fleetrec.simulator.ceiling import ceiling
 from fleetrec.simulator.config import ExperimentConfig
 from fleetrec.simulator.config_loader import ConfigError
+from fleetrec.simulator.placement import Placement
 
 
 @dataclass
@@ -78,6 +80,38 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
             print(f"Ray dashboard: http://{url} (actors: Coordinator, Worker)", file=sys.stderr)
 
 
+def check_resume_fits(ck, cfg: ExperimentConfig, ds: FederatedDataset) -> None:
+    """The checkpoint's tensors must be those this config builds (names, shapes, dtypes), checked
+    in the driver before any actor starts."""
+    from fleetrec.algorithms import make_algorithm
+    from fleetrec.simulator.config import make_setup
+    if len(ck.shards) != cfg.resources.workers:
+        raise ConfigError(f"--resume: the checkpoint holds {len(ck.shards)} worker shards, resources.workers is "
+                          f"{cfg.resources.workers}")
+    place = Placement.build(cfg.resources.placement_policy, cfg.resources.workers, ds.rows_per_client(TRAIN))
+    for i, shard in enumerate(ck.shards):
+        for k, v in shard.items():
+            if v.shape[0] != len(place.owned(i)):
+                raise ConfigError(f"--resume: worker {i}'s personal tensor {k!r} holds {v.shape[0]} clients in the "
+                                  f"checkpoint, {len(place.owned(i))} with this config's data and placement")
+    algo = make_algorithm(cfg.algorithm, make_setup(cfg, ds))
+    fresh = algo.init_server()
+    personal = algo.init_personal(torch.arange(min(2, ds.num_clients)))
+    for what, saved, built in [("server tensor", ck.server, fresh)] + [
+            (f"worker {i}'s personal tensor", shard, personal) for i, shard in enumerate(ck.shards)]:
+        if set(saved) != set(built):
+            extra, missing = sorted(set(saved) - set(built)), sorted(set(built) - set(saved))
+            raise ConfigError(f"--resume: the checkpoint's {what}s differ from what this config builds "
+                              f"(only in the checkpoint: {extra[:5]}; only in the config: {missing[:5]})")
+        for k, v in saved.items():
+            want = built[k]
+            a, b = (tuple(v.shape), tuple(want.shape)) if what == "server tensor" else (tuple(v.shape[1:]),
+                                                                                     tuple(want.shape[1:]))
+            if a != b or v.dtype != want.dtype:
+                raise ConfigError(f"--resume: {what} {k!r} is {a} {str(v.dtype).replace('torch.', '')} in the "
+                                  f"checkpoint, {b} {str(want.dtype).replace('torch.', '')} for this config")
+
+
 def check_fits(cfg: ExperimentConfig, cluster: dict) -> None:
     """A local cluster that cannot place every worker would wait forever: refuse in one line.
     (A remote cluster may add nodes, so there the workers wait for them.)"""
@@ -132,6 +166,8 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
     if dataset is None:
         dataset = federated_dataset(cfg)
     ds = dataset
+    if resume is not None:
+        check_resume_fits(resume, cfg, ds)
     ds_ref = ray.put(ds)
     coord = Coordinator.options(num_cpus=0).remote(cfg, [ds_ref])
     try:

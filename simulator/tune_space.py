@@ -202,11 +202,13 @@ def _abs_sqlite(uri: str, cwd: Path) -> str:
 
 
 def load_sweep(path: str | Path, overrides: list[str] = (), name: str | None = None,
-               storage_path: str | None = None) -> Sweep:
+               storage_path: str | None = None, num_samples: int | None = None) -> Sweep:
     """Read and validate a search-space YAML. `overrides` apply to the base config after the
-    YAML's own overrides (e.g. tiny data for a smoke test)."""
+    YAML's own overrides (e.g. tiny data for a smoke test); `num_samples` replaces the YAML's."""
     source = Path(path)
     raw = read_yaml(source)
+    if num_samples is not None:
+        raw = {**raw, "num_samples": num_samples}
     sched = raw.get("scheduler", "asha")
     if sched is None or isinstance(sched, str):            # `scheduler: none` / `scheduler: asha`
         raw = {**raw, "scheduler": {"name": "none" if sched is None else sched}}

@@ -97,3 +97,30 @@ def test_checkpoints_are_bound_to_their_run(ray_session, tiny_cfg, tmp_path):
             checkpoint.check_resume_overrides(ck.config, apply_overrides(ck.config, [bad]))
     checkpoint.check_resume_overrides(ck.config, apply_overrides(ck.config, ["rounds=9", "tracking.progress=false"]))
     assert main(["run", "--resume", str(d), "train.lr=0.05"]) == 2          # one line, exit 2, nothing run
+
+
+def test_resume_checks_tensors_in_the_driver_and_skips_a_damaged_newest_checkpoint(ray_session, tiny_cfg, tmp_path):
+    from fleetrec.simulator.run import check_resume_fits
+    d = tmp_path / "ck"
+    cfg = tiny_cfg(**{"rounds": 3, "checkpoint.every": 1, "checkpoint.dir": str(d)})
+    run(cfg)
+    ck = checkpoint.load(d)
+    ds = cfg.data.build(cfg.seed)
+    check_resume_fits(ck, cfg, ds)                                  # the run's own config fits
+    bigger = tiny_cfg(**{"rounds": 3, "model.dim": 16})
+    with pytest.raises(ConfigError, match=r"--resume: server tensor '[\w.]+' is \(.*\) float32 in the checkpoint, "
+                                          r"\(.*\) float32 for this config"):
+        check_resume_fits(ck, bigger, bigger.data.build(bigger.seed))
+    more = tiny_cfg(**{"rounds": 3, "data.num_clients": 50})
+    with pytest.raises(ConfigError, match=r"worker 0's personal tensor .* holds 19 clients in the checkpoint, 25"):
+        check_resume_fits(ck, more, more.data.build(more.seed))
+    with pytest.raises(ConfigError, match="the checkpoint holds 2 worker shards, resources.workers is 1"):
+        check_resume_fits(ck, tiny_cfg(**{"resources.workers": 1}), ds)
+    (d / "round_000002" / "server.pt").write_bytes(b"not a tensor file")  # the disk damaged the newest one
+    said = []
+    older = checkpoint.load(d, warn=lambda msg, file=None: said.append(msg))
+    assert older.round == 1 and "round_000002 is unreadable" in said[0] and "resuming from round_000001" in said[0]
+    for p in d.glob("round_*/server.pt"):
+        p.write_bytes(b"")
+    with pytest.raises(ConfigError, match="no readable checkpoint"):
+        checkpoint.load(d)
