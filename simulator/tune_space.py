@@ -254,6 +254,14 @@ def load_sweep(path: str | Path, overrides: list[str] = (), name: str | None = N
     set_dotted(data, "tracking.experiment", experiment)
     set_dotted(data, "tracking.progress", False)
     base_cfg = from_dict(data, f"{source}: base {sc.base}")
+    if sc.metric.startswith("val/"):         # a metric the trials' runs report (checked as their eval.metric)
+        try:
+            from_dict(apply_overrides(data, [f"eval.metric={sc.metric[len('val/'):]}"]), "base")
+        except ConfigError as e:
+            why = str(e)
+            why = why[why.index("eval.metric:"):] if "eval.metric:" in why else why.removeprefix("base: ")
+            raise ConfigError(f"{source}: metric: got {sc.metric!r}, which the base config's runs do not report "
+                              f"({why})") from None
 
     tree = to_dict(base_cfg)
     for key in space:

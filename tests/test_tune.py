@@ -207,3 +207,16 @@ def test_resume_needs_a_sweep(ray_session, tmp_path):
     sweep = load_sweep(SPACES_DIR / "quickstart.yaml", ["tracking.mlflow=false"], storage_path=str(tmp_path))
     with pytest.raises(ConfigError, match="--resume: no sweep to resume"):
         tune_sweep(sweep, resume=True, verbose=0)
+
+
+def test_a_metric_the_runs_do_not_report_is_refused_by_check(tmp_path):
+    """A misspelled metric used to pass --check and kill the sweep with a 74-line TuneError."""
+    space = tmp_path / "s.yaml"
+    for metric, why in (("val/acu", "eval.metric: got 'acu', expected one of auc"),
+                        ("val/recall@20", "eval.metric")):
+        space.write_text(BASE + f"metric: {metric}\nspace:\n  train.lr: {{loguniform: [0.01, 0.1]}}\n")
+        with pytest.raises(ConfigError, match=rf"s.yaml: metric: got '{metric}', which the base config's runs do "
+                                              rf"not report \({why}"):
+            load_sweep(space)
+    space.write_text(BASE + "metric: val/gauc\nspace:\n  train.lr: {loguniform: [0.01, 0.1]}\n")
+    assert load_sweep(space).cfg.metric == "val/gauc"
