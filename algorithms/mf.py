@@ -24,11 +24,6 @@ MF_EXAMPLE = {"data.name": "mf_synthetic", "data.num_users": 40, "data.num_items
               "resources.workers": 2, "resources.cpus_per_worker": 0.5}   # a tiny run (registry-wide tests)
 
 
-def generator(seed: int, stream: int, step: int) -> torch.Generator:
-    """A torch.Generator whose state is a pure function of (seed, stream, step)."""
-    return torch.Generator().manual_seed(int(rng.hash_u64(seed, stream, step)) & ((1 << 63) - 1))
-
-
 def csr(table, a: str, b: str, n: int):
     """(indptr, dst) of the edges a -> b of a side table over n nodes; None for no edges."""
     if table is None or table.num_rows == 0:

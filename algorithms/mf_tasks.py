@@ -13,6 +13,7 @@ rows, its per-client loss in the federated layout (`client_loss`):
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -87,7 +88,7 @@ class ClientRows:
         return (x * self.m).sum(1) / self.nrow
 
 
-class MFTask:
+class MFTask(ABC):
     name: ClassVar[str]
     FEDERATED: ClassVar[bool] = True     # computable from one user's own rows (has `client_loss`)
     USER_ROW: ClassVar[bool] = True      # federated: its loss reaches the client's own row p_u
@@ -100,15 +101,18 @@ class MFTask:
         """Extra ids of a centralized minibatch (drawn from `gen`, in the fixed order of TASK_ORDER)."""
         return None
 
+    @abstractmethod
     def loss(self, algo, b: CentralRows) -> torch.Tensor:
-        raise NotImplementedError
+        """The task's loss on a centralized minibatch."""
 
     def ids(self, b_u: torch.Tensor, b_i: torch.Tensor, b_j: torch.Tensor, aux) -> tuple[torch.Tensor, torch.Tensor]:
         """(user ids, item ids) the task's centralized loss references: its exact touched rows."""
         return b_u, b_i
 
     def client_loss(self, algo, c: ClientRows) -> torch.Tensor:
-        raise NotImplementedError(f"task {self.name!r} is centralized only")
+        """(K,) per-client loss in the federated layout; tasks with FEDERATED = False have none (the
+        config refuses them in federated mode before anything runs)."""
+        raise TypeError(f"task {self.name!r} is centralized only (FEDERATED = False)")
 
     def client_items(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Item ids of the clients' real rows that the federated loss references."""

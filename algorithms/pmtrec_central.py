@@ -13,7 +13,6 @@ import torch
 
 from fleetrec.algorithms import rng
 from fleetrec.algorithms.combiners import gather_rows, make_combiner, task_row_grads, touched_mask
-from fleetrec.algorithms.mf import generator
 from fleetrec.algorithms.mf_tasks import TASK_ORDER, CentralRows
 from fleetrec.algorithms.optim import adam_rows
 from fleetrec.algorithms.protocol import Accumulator, CohortBatch, CohortUpdate, Tensors, TrainPlan
@@ -101,7 +100,7 @@ class CentralizedTrainer:
         a = self.algo
         c, tr = a.config, a.setup.train
         step = int(s["step"]) + 1
-        gen = generator(a.setup.seed, rng.MF_NEGATIVES, step)
+        gen = rng.torch_generator(a.setup.seed, rng.MF_NEGATIVES, step)
         j = torch.randint(a.num_items, u.shape, generator=gen)
         aux = self.sample(u, i, gen)
         users, items = self.task_ids(u, i, j, aux)

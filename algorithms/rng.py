@@ -92,3 +92,9 @@ def laplace_tensor(shape_tail: tuple[int, ...], seed: int, stream: int, rnd: int
 def row_keys(seed: int, stream: int, rnd: int, rows: np.ndarray) -> np.ndarray:
     """One uint64 key per global row index; sorting a client's rows by key shuffles them."""
     return hash_u64(seed, stream, rnd, rows)
+
+
+def torch_generator(seed: int, stream: int, step: int) -> torch.Generator:
+    """A torch.Generator whose state is a pure function of (seed, stream, step), for the draws
+    that torch makes itself (random loss weights, PCGrad's order, BPR negatives)."""
+    return torch.Generator().manual_seed(int(hash_u64(seed, stream, step)) & ((1 << 63) - 1))

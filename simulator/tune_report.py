@@ -13,7 +13,7 @@ import yaml
 
 from fleetrec.simulator.config import ExperimentConfig
 from fleetrec.simulator.config_loader import to_dict
-from fleetrec.simulator.tune_space import Sweep, to_python
+from fleetrec.simulator.tune_space import Sweep, short_value, to_python, trial_label
 
 
 @dataclass
@@ -73,7 +73,7 @@ def _plots(sweep: Sweep, trials: list[dict], d: Path) -> list[Path]:
     for t in trials:
         if t["curve"]:
             ax.plot(*zip(*t["curve"]), marker=".",
-                    label=", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in t["config"].items()))
+                    label=trial_label(t["config"], ", "))
     ax.set(xlabel="round (training_iteration)", ylabel=metric, title="learning curves of all trials")
     if 0 < len(ax.lines) <= 12:
         ax.legend(fontsize=6)
@@ -82,10 +82,6 @@ def _plots(sweep: Sweep, trials: list[dict], d: Path) -> list[Path]:
     fig.savefig(p, dpi=100)
     plt.close(fig)
     return paths + [p]
-
-
-def _short(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def summarize(sweep: Sweep, grid, parent: str | None) -> SweepResult:
@@ -180,7 +176,7 @@ def report(result: SweepResult, sweep: Sweep) -> str:
     if result.best:
         b = result.best
         lines.append(f"best trial {b['trial_id']}: {sc.metric} = {b['best']:.4f} "
-                     f"({b['rounds_run']} rounds) with " + ", ".join(f"{k}={_short(v)}" for k, v in b["config"].items()))
+                     f"({b['rounds_run']} rounds) with " + ", ".join(f"{k}={short_value(v)}" for k, v in b["config"].items()))
     if result.parent_run_id:
         lines.append(f"MLflow parent run {result.parent_run_id} (best config, plots); "
                      f"open it with: fleetrec ui --backend-store-uri {sweep.tracking_uri}")

@@ -298,3 +298,12 @@ def check_searcher_installed(name: str, source) -> None:
     except ImportError:
         raise ConfigError(f"{source}: search_alg: {name} needs the {mod} package (pip install {mod}); "
                           "use random or grid") from None
+
+
+def short_value(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def trial_label(values: dict, sep: str = "·") -> str:
+    """`lr=0.05·server_lr=0.2`: sampled values by the last part of their dotted path."""
+    return sep.join(f"{k.rsplit('.', 1)[-1]}={short_value(v)}" for k, v in values.items())

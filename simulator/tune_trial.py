@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fleetrec.simulator.config import from_dict
 from fleetrec.simulator.run import Callback
-from fleetrec.simulator.tune_space import Sweep, set_dotted, to_python
+from fleetrec.simulator.tune_space import Sweep, set_dotted, to_python, trial_label
 
 
 # ------------------------------------------------------------------------------ the trial
@@ -47,12 +47,6 @@ class TrialTags(Callback):
         mlflow.set_tags({"sweep": self.sweep, "tune.sweep": self.sweep, "tune.trial_id": ctx.get_trial_id(),
                          "tune.trial_name": ctx.get_trial_name(), "tune.sampled": json.dumps(self.values)})
         mlflow.log_params({f"sampled.{k}": str(v)[:500] for k, v in self.values.items()})
-
-
-def trial_label(values: dict) -> str:
-    """`lr=0.05·server_lr=0.2`: the sampled values by the last part of their dotted path."""
-    short = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
-    return "·".join(f"{k.rsplit('.', 1)[-1]}={short(v)}" for k, v in values.items())
 
 
 def trial(config: dict, sweep: Sweep, parent_run_id: str | None, cwd: str) -> None:

@@ -15,7 +15,7 @@ from fleetrec.algorithms.combiners import (COMBINERS, CombineInput, PMTRecConfig
                                            gather_rows, gradnorm_step, make_combiner, min_norm_weights, nash_weights,
                                            pcgrad_coefficients, pmtrec_combine, register, task_row_grads,
                                            touched_mask, uncertainty_loss)
-from fleetrec.algorithms.combiners.base import generator
+from fleetrec.algorithms.rng import torch_generator as generator
 from fleetrec.simulator.config_loader import ConfigError, build
 
 PROPS = settings(max_examples=40, deadline=None)

@@ -20,7 +20,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from fleetrec.algorithms import rng
 from fleetrec.datasets.registry import Registry, TaggedUnion
 
 
@@ -115,12 +114,6 @@ def apply_weights(weights: torch.Tensor, inp: CombineInput) -> Combined:
 
 def flat(grads: torch.Tensor) -> torch.Tensor:
     return grads.reshape(grads.shape[0], -1)                                   # (T, P)
-
-
-def generator(seed: int, stream: int, step: int) -> torch.Generator:
-    """A torch.Generator whose state is a pure function of (seed, stream, step)."""
-    h = int(rng.hash_u64(seed, stream, step)) & ((1 << 63) - 1)
-    return torch.Generator().manual_seed(h)
 
 
 def dtype_of(inp: CombineInput) -> torch.dtype:

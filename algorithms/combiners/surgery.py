@@ -16,7 +16,7 @@ import torch
 
 from fleetrec.algorithms import rng
 from fleetrec.algorithms.combiners.base import (CombineInput, Combined, Combiner, CombinerConfig,
-                                                apply_weights, dtype_of, flat, generator, gram)
+                                                apply_weights, dtype_of, flat, gram)
 
 
 def _need_grads(inp: CombineInput, name: str) -> torch.Tensor:
@@ -60,7 +60,7 @@ class PCGrad(Combiner):
 
     def combine(self, inp: CombineInput) -> Combined:
         g = flat(_need_grads(inp, "pcgrad"))
-        C = pcgrad_coefficients(g, generator(self.seed, rng.PCGRAD, inp.step))
+        C = pcgrad_coefficients(g, rng.torch_generator(self.seed, rng.PCGRAD, inp.step))
         return _weights_result(C.mean(dim=0).numpy(), inp)
 
 

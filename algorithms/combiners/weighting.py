@@ -13,7 +13,7 @@ import torch
 
 from fleetrec.algorithms import rng
 from fleetrec.algorithms.combiners.base import (CombineInput, Combined, Combiner, CombinerConfig,
-                                                apply_weights, dtype_of, flat, generator)
+                                                apply_weights, dtype_of, flat)
 
 
 # ------------------------------------------------------------------------------------ equal
@@ -162,7 +162,7 @@ class RLW(Combiner):
     Config = RLWConfig
 
     def combine(self, inp: CombineInput) -> Combined:
-        z = torch.randn(self.num_tasks, generator=generator(self.seed, rng.RLW, inp.step))
+        z = torch.randn(self.num_tasks, generator=rng.torch_generator(self.seed, rng.RLW, inp.step))
         return apply_weights(torch.softmax(z, dim=0).to(dtype_of(inp)), inp)
 
 
