@@ -34,7 +34,11 @@ from fleetrec.algorithms.pmtrec_central import CentralizedTrainer
 from fleetrec.algorithms.pmtrec_federated import FederatedTrainer
 from fleetrec.algorithms.protocol import Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup, Tensors, TrainPlan
 
-HISTORY_COMBINERS = ("uncertainty", "dwa", "gradnorm")   # keep state across calls: centralized only
+def keeps_history(name: str) -> bool:
+    """Combiners whose state carries across calls (DWA, GradNorm, MetaBalance, uncertainty): centralized only."""
+    from fleetrec.algorithms.combiners import COMBINERS
+    c = COMBINERS[name](2)
+    return bool(c.state_tensors()) or bool(c.parameters())
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,11 @@ class PMTRecAlgoConfig(AlgorithmConfig):
             if bad:
                 return (f"algorithm.tasks: task {bad[0]!r} needs other users' or items' rows and is centralized "
                         f"only; federated tasks: {', '.join(FEDERATED_TASKS)}")
-            if self.combiner.name in HISTORY_COMBINERS:
+            if keeps_history(self.combiner.name):
+                from fleetrec.algorithms.combiners import COMBINERS
+                ok = [n for n in COMBINERS.names() if not keeps_history(n)]
                 return (f"algorithm.combiner.name: {self.combiner.name!r} keeps a history across calls and is "
-                        "centralized only; federated combiners: pmtrec, equal, rlw, pcgrad, mgda, cagrad, nashmtl")
+                        f"centralized only; federated combiners: {', '.join(ok)}")
         if not self.ks or min(self.ks) < 1:
             return f"algorithm.ks: expected a non-empty list of cut-offs >= 1, got {list(self.ks)}"
         return None

@@ -114,12 +114,56 @@ def test_gradnorm_update_rule_by_hand():
     w = gradnorm_step(t([1.0, 1.0]), norms=t([1.0, 3.0]), loss_ratio=t([1.0, 1.0]), alpha=1.5, lr=0.1)
     # G = [1, 3], target = mean(G) * 1 = 2 -> w = [1 + 0.1*1, 1 - 0.1*3] = [1.1, 0.7], renormalised to sum 2
     assert torch.allclose(w, t([1.1, 0.7]) * 2 / 1.8)
-    comb = COMBINERS["gradnorm"](2, COMBINERS["gradnorm"].Config(lr=0.1))
+    comb = COMBINERS["gradnorm"](2, COMBINERS["gradnorm"].Config(lr=0.1, optimizer="sgd"))
     g = t([[1.0, 0.0], [0.0, 3.0]])
     first = comb.combine(CombineInput(losses=t([1.0, 1.0]), grads=g))
     assert torch.allclose(first.weights, t([0.5, 0.5]))
     second = comb.combine(CombineInput(losses=t([1.0, 1.0]), grads=g))
     assert torch.allclose(second.weights, t([1.1, 0.7]) / 1.8)
+
+
+def test_gradnorm_weights_move_at_embedding_gradient_scale():
+    """The paper's weights have an optimizer of their own: with Adam the first step is lr·sign(dL_grad/dw)
+    whatever the gradient scale; plain SGD moves them by lr·||g|| (~1e-5 here), i.e. not at all."""
+    g = t([[2e-4, 0.0], [0.0, 6e-4]])                           # ||g|| = [2e-4, 6e-4], as for MF rows
+    comb = COMBINERS["gradnorm"](2, COMBINERS["gradnorm"].Config(lr=0.025))
+    comb.combine(CombineInput(losses=t([1.0, 1.0]), grads=g))
+    # G = [2e-4, 6e-4], target = 4e-4 each: dL/dw = [-2e-4, +6e-4] -> Adam step [+0.025, -0.025] (eps ~ 0)
+    expect = t([1.025, 0.975])                                    # already sums to 2
+    assert torch.allclose(comb.w, expect, atol=1e-6)
+    out = comb.combine(CombineInput(losses=t([1.0, 1.0]), grads=g))
+    assert torch.allclose(out.weights, expect / 2, atol=1e-6)
+    # second Adam step: m = 0.1·0.9·g1 + 0.1·g2 with the same signs, so another ~lr step
+    assert float(comb.w[0]) > 1.045 and float(comb.w[1]) < 0.955
+    sgd = COMBINERS["gradnorm"](2, COMBINERS["gradnorm"].Config(lr=0.025, optimizer="sgd"))
+    sgd.combine(CombineInput(losses=t([1.0, 1.0]), grads=g))
+    assert float((sgd.w - 1).abs().max()) < 2e-5                 # the old rule: a no-op at this scale
+    state = comb.state_tensors()                                  # Adam moments are part of the history
+    twin = COMBINERS["gradnorm"](2, COMBINERS["gradnorm"].Config(lr=0.025))
+    twin.load_state_tensors(state)
+    a = comb.combine(CombineInput(losses=t([0.9, 1.0]), grads=g)).weights
+    b = twin.combine(CombineInput(losses=t([0.9, 1.0]), grads=g)).weights
+    assert torch.equal(a, b) and torch.equal(comb.w, twin.w)
+
+
+def test_metabalance_by_hand():
+    from fleetrec.algorithms.combiners import metabalance_weights
+    g = t([[3.0, 4.0], [0.0, 10.0], [1.0, 0.0]])                  # norms 5 (main), 10, 1
+    comb = COMBINERS["metabalance"](3, COMBINERS["metabalance"].Config(relax=0.5, beta=0.0))
+    out = comb.combine(CombineInput(grads=g))
+    # multipliers: main 1; aux1 0.5*5/10 + 0.5 = 0.75; aux2 0.5*5/1 + 0.5 = 3.0; then / T
+    assert torch.allclose(out.weights, t([1.0, 0.75, 3.0]) / 3)
+    assert torch.allclose(out.grad, (g[0] + 0.75 * g[1] + 3.0 * g[2]) / 3)
+    avg = t([5.0, 10.0, 1.0])
+    assert torch.allclose(metabalance_weights(avg, 0.5, "reduce"), t([1.0, 0.75, 1.0]))
+    assert torch.allclose(metabalance_weights(avg, 0.5, "enlarge"), t([1.0, 1.0, 3.0]))
+    assert torch.allclose(metabalance_weights(avg, 1.0, "both"), t([1.0, 0.5, 5.0]))   # r=1: every norm = main's
+    # moving averages: beta = 0.9 from zero; the ratio is that of the averages
+    comb = COMBINERS["metabalance"](2, COMBINERS["metabalance"].Config(relax=1.0, beta=0.9))
+    comb.combine(CombineInput(grads=t([[1.0, 0.0], [0.0, 4.0]])))
+    out = comb.combine(CombineInput(grads=t([[2.0, 0.0], [0.0, 1.0]])))
+    m0, m1 = 0.9 * 0.1 * 1 + 0.1 * 2, 0.9 * 0.1 * 4 + 0.1 * 1
+    assert torch.allclose(out.weights, t([1.0, m0 / m1]) / 2)
 
 
 # ------------------------------------------------------------------------------ gradient surgery
@@ -208,7 +252,24 @@ def test_combined_gradient_is_equivariant_to_task_order(case):
 
 # ------------------------------------------------------------------------------------- PMTRec
 def pm(**kw):
-    return PMTRecConfig(**{"alpha": 1.0, "tau": 1.0, **kw})
+    return PMTRecConfig(**{"alpha": 1.0, "tau": 1.0, "norm_scores": "raw", **kw})
+
+
+def test_pmtrec_normalized_scores_by_hand():
+    """methods.md §2.3: the softmax acts on norms divided by the mean norm of the row's tasks."""
+    G = t([[[1e-4, 0.0], [0.0, 0.0]], [[0.0, 3e-4], [0.0, 2e-3]]])   # row 0: n = [1e-4, 3e-4]; row 1: aux only
+    _, w = pmtrec_combine(G, 0, PMTRecConfig(alpha=1.0, tau=1.0))
+    e = math.exp(0.5) / (math.exp(0.5) + math.exp(1.5))              # scores [0.5, 1.5]
+    assert torch.allclose(w, t([[e, 1 - e], [0.0, 1.0]]))
+    _, raw = pmtrec_combine(G, 0, pm())                                # the raw form: ~uniform at this scale
+    assert abs(float(raw[0, 0]) - 0.5) < 1e-3
+    # tau rescales the normalized scores; focusing adds e·ln(alpha) to the main logit after normalizing
+    _, w = pmtrec_combine(G, 2, PMTRecConfig(alpha=1.5, tau=0.5))
+    l0, l1 = 0.5 / 0.5 + 2 * math.log(1.5), 1.5 / 0.5
+    assert math.isclose(float(w[0, 0]), math.exp(l0) / (math.exp(l0) + math.exp(l1)), rel_tol=1e-9)
+    # scale-free: multiplying every gradient by 1e4 leaves the weights unchanged
+    _, big = pmtrec_combine(G * 1e4, 2, PMTRecConfig(alpha=1.5, tau=0.5))
+    assert torch.allclose(big, w)
 
 
 def test_pmtrec_weights_by_hand():
@@ -292,7 +353,8 @@ def test_pmtrec_weights_sum_to_one_and_aux_tasks_are_exchangeable(T, seed, data)
     cfg = pm(alpha=data.draw(st.sampled_from([1.0, 1.1, 1.5])), tau=data.draw(st.sampled_from([0.3, 1.0, 4.0])),
              combine=data.draw(st.sampled_from(["unit_weighted", "raw_weighted"])),
              focus_mode=data.draw(st.sampled_from(["logit", "pre_softmax_scale"])),
-             magnitude=data.draw(st.sampled_from(["weighted_mean", "main", "mean"])))
+             magnitude=data.draw(st.sampled_from(["weighted_mean", "main", "mean"])),
+             norm_scores=data.draw(st.sampled_from(["normalized", "raw"])))
     g, w = pmtrec_combine(G, 3, cfg)
     any_task = (G.norm(dim=-1) > 0).any(0)
     assert torch.allclose(w.sum(1), any_task.double())

@@ -440,7 +440,15 @@ def test_mf_amazon_category_only_for_the_official_layout():
                                        "algorithm.name=pmtrec", "algorithm.mode=centralized", "eval.metric=recall@20"]))
 
 
-@pytest.mark.parametrize("combiner", ["uncertainty", "dwa", "gradnorm"])
+def _history_combiners() -> list[str]:
+    from fleetrec.algorithms.combiners import COMBINERS
+    from fleetrec.algorithms.pmtrec import keeps_history
+    names = [n for n in COMBINERS.names() if keeps_history(n)]
+    assert {"uncertainty", "dwa", "gradnorm", "metabalance"} <= set(names) and "pmtrec" not in names
+    return names
+
+
+@pytest.mark.parametrize("combiner", _history_combiners())
 def test_combiner_history_is_server_state_so_fresh_workers_continue_it(combiner):
     """Centralized PMTRec with a combiner that keeps history: three rounds by one algorithm object
     equal three rounds by a fresh object each round (what a resumed run or a restarted worker

@@ -31,6 +31,7 @@ COMBINERS: Registry[type] = Registry("combiner", {
     **{name: _C + f"surgery:{cls}" for name, cls in
        [("pcgrad", "PCGrad"), ("mgda", "MGDA"), ("cagrad", "CAGrad"), ("nashmtl", "NashMTL")]},
     "pmtrec": _C + "pmtrec:PMTRec",
+    "metabalance": _C + "metabalance:MetaBalance",
 }, config_of=lambda combiner: combiner.Config, base=lambda: Combiner)
 
 

@@ -3,7 +3,8 @@
 Each embedding row x (a user row p_u or an item row q_i) gets its own task weights from the
 norms of the per-task gradients on that row:
 
-    S_x  = tasks touching x          n_t = ||G_t[x]||         l_t = n_t / tau
+    S_x  = tasks touching x          n_t = ||G_t[x]||         l_t = (n_t / mean_{s in S_x} n_s) / tau
+                                     (norm_scores: raw -> l_t = n_t / tau, scale-dependent)
     l_0 += e·ln(alpha)               (task focusing; or l_0 = alpha^e·n_0 / tau)
     w    = softmax over S_x of l     (gradient magnitude balancing)
     g_x  = m_x · sum_t w_t G_t[x] / n_t   with m_x = sum_t w_t n_t   (unit_weighted, weighted_mean)
@@ -32,16 +33,27 @@ class PMTRecConfig(CombinerConfig):
     focus_mode: str = "logit"        # logit: l_0 += e·ln(alpha) | pre_softmax_scale: l_0 = alpha^e·n_0/tau
     magnitude: str = "weighted_mean"  # weighted_mean: sum w_t n_t | main: n_0 | mean: mean of n_t over S_x
     personalized: bool = True        # False: weights from whole-batch norms ||G_t||_F, same for every row
+    norm_scores: str = "normalized"  # normalized: softmax of (n_t / mean of the row's n_s) / tau | raw: of n_t / tau
 
-    CHECKS: ClassVar[dict] = {"alpha": ">0", "tau": ">0",
+    CHECKS: ClassVar[dict] = {"alpha": ">0", "tau": ">0", "norm_scores": ("normalized", "raw"),
                               "combine": ("unit_weighted", "raw_weighted"),
                               "focus_mode": ("logit", "pre_softmax_scale"),
                               "magnitude": ("weighted_mean", "main", "mean")}
 
 
+def normalized_scores(norms: torch.Tensor, touched: torch.Tensor) -> torch.Tensor:
+    """(T, R) norms divided by the mean norm of the tasks touching each row (methods.md §2.3), so the
+    softmax temperature acts on relative magnitudes: raw embedding-row norms of 1e-4..1e-2 over
+    tau = 1 give every task the same weight. Rows whose touching tasks all have zero norm keep 0."""
+    mean = (norms * touched).sum(dim=0) / touched.sum(dim=0).clamp_min(1)      # (R,)
+    return torch.where(mean > 0, norms / torch.where(mean > 0, mean, torch.ones_like(mean)), torch.zeros_like(norms))
+
+
 def pmtrec_weights(norms: torch.Tensor, touched: torch.Tensor, epoch: int, alpha: float, tau: float,
-                   focus_mode: str = "logit") -> torch.Tensor:
+                   focus_mode: str = "logit", norm_scores: str = "normalized") -> torch.Tensor:
     """(R, T) per-row task weights from (T, R) scores `norms`; rows touched by no task get zeros."""
+    if norm_scores == "normalized":
+        norms = normalized_scores(norms, touched)
     logits = norms / tau                                                        # (T, R)
     if focus_mode == "logit":
         logits = torch.cat([logits[:1] + epoch * math.log(alpha), logits[1:]])
@@ -68,7 +80,8 @@ def pmtrec_combine(G: torch.Tensor, epoch: int, config: PMTRecConfig,
         scores = n
     else:
         scores = G.flatten(1).norm(dim=1)[:, None].expand_as(n)                  # (T, R) batch-level norms
-    w = pmtrec_weights(scores, touched, epoch, config.alpha, config.tau, config.focus_mode)  # (R, T)
+    w = pmtrec_weights(scores, touched, epoch, config.alpha, config.tau, config.focus_mode,
+                       config.norm_scores)                                     # (R, T)
     wt = w.T.unsqueeze(-1)                                                      # (T, R, 1)
     if config.combine == "raw_weighted":
         return (wt * G).sum(dim=0), w                                           # (R, d)

@@ -171,17 +171,28 @@ class RLW(Combiner):
 class GradNormConfig(CombinerConfig):
     name: str = "gradnorm"
     alpha: float = 1.5               # restoring-force strength (paper's alpha)
-    lr: float = 0.025                # step size of the task-weight update
+    lr: float = 0.025                # step size of the weights' own optimizer (the paper's weight lr)
+    optimizer: str = "adam"          # adam: the weights' own Adam (scale-free step ~lr) | sgd: w -= lr * dL_grad/dw
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
 
-    CHECKS: ClassVar[dict] = {"alpha": ">=0", "lr": ">0"}
+    CHECKS: ClassVar[dict] = {"alpha": ">=0", "lr": ">0", "optimizer": ("adam", "sgd"),
+                              "beta1": "0..0.9999", "beta2": "0..0.9999", "eps": ">0"}
 
 
 class GradNorm(Combiner):
-    """GradNorm. `grads` must be the per-task gradients of the LAST SHARED LAYER, `losses` the
-    per-task losses. Returns the current weights (w / T, so they sum to one), then updates w by
-    one step on L_grad = sum_t |w_t·||g_t|| - mean(w·||g||)·r_t^alpha| with the target held
-    constant (r_t = relative inverse training rate L_t/L_t(0) over its mean), and renormalises
-    w to sum to T as in the paper. For the full shared gradient, backprop the returned `loss`.
+    """GradNorm (Chen et al. 2018). `grads` must be the per-task gradients of the LAST SHARED LAYER,
+    `losses` the per-task losses. Returns the current weights (w / T, so they sum to one), then
+    takes one step of the weights' own optimizer on
+
+        L_grad = sum_t | w_t·||g_t|| - mean_s(w_s·||g_s||) · r_t^alpha |,   r_t = (L_t/L_t(0)) / mean
+
+    with the target held constant, and renormalises w to sum to T, as in the paper. The paper
+    (and LibMTL) give the weights an optimizer of their own, separate from the model's; with
+    plain SGD the step is lr·||g_t||, which for embedding-row gradients (||g|| ~ 1e-4) does not
+    move the weights at all, so the default is Adam (step ~ lr whatever the gradient scale).
+    For the full shared gradient, backprop the returned `loss`.
     """
     Config = GradNormConfig
     needs_grads = True
@@ -190,6 +201,9 @@ class GradNorm(Combiner):
         super().__init__(num_tasks, config, seed)
         self.w = torch.ones(num_tasks, dtype=torch.float64)
         self.initial_losses: torch.Tensor | None = None
+        self.m = torch.zeros(num_tasks, dtype=torch.float64)     # Adam moments of the weights
+        self.v = torch.zeros(num_tasks, dtype=torch.float64)
+        self.t = 0
 
     def combine(self, inp: CombineInput) -> Combined:
         if inp.losses is None or inp.grads is None:
@@ -198,32 +212,56 @@ class GradNorm(Combiner):
         if self.initial_losses is None:
             self.initial_losses = losses.clone()
         out = apply_weights((self.w / self.num_tasks).to(dtype_of(inp)), inp)
-        self.w = gradnorm_step(self.w, flat(inp.grads).detach().double().norm(dim=1).cpu(),
-                               losses / self.initial_losses, self.config.alpha, self.config.lr)
+        norms = flat(inp.grads).detach().double().norm(dim=1).cpu()
+        g = gradnorm_weight_grad(self.w, norms, losses / self.initial_losses, self.config.alpha)
+        c = self.config
+        if c.optimizer == "sgd":
+            w = self.w - c.lr * g
+        else:
+            self.t += 1
+            self.m = c.beta1 * self.m + (1 - c.beta1) * g
+            self.v = c.beta2 * self.v + (1 - c.beta2) * g * g
+            m_hat, v_hat = self.m / (1 - c.beta1 ** self.t), self.v / (1 - c.beta2 ** self.t)
+            w = self.w - c.lr * m_hat / (v_hat.sqrt() + c.eps)
+        self.w = renormalize(w)
         return out
 
     def state_dict(self) -> dict:
-        return {"w": self.w.clone(), "initial_losses": self.initial_losses}
+        return {"w": self.w.clone(), "initial_losses": self.initial_losses, "m": self.m.clone(),
+                "v": self.v.clone(), "t": self.t}
 
     def load_state_dict(self, state: dict) -> None:
         self.w, self.initial_losses = state["w"].clone(), state["initial_losses"]
+        self.m, self.v, self.t = state["m"].clone(), state["v"].clone(), int(state["t"])
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         have = self.initial_losses is not None
         return {"w": self.w.clone(),
                 "initial_losses": self.initial_losses.clone() if have else torch.zeros(self.num_tasks, dtype=torch.float64),
-                "has_initial": torch.tensor(float(have), dtype=torch.float64)}
+                "has_initial": torch.tensor(float(have), dtype=torch.float64),
+                "m": self.m.clone(), "v": self.v.clone(), "t": torch.tensor(float(self.t), dtype=torch.float64)}
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
         self.w = state["w"].double().clone()
         self.initial_losses = state["initial_losses"].double().clone() if float(state["has_initial"]) else None
+        self.m, self.v, self.t = state["m"].double().clone(), state["v"].double().clone(), int(state["t"])
+
+
+def gradnorm_weight_grad(w: torch.Tensor, norms: torch.Tensor, loss_ratio: torch.Tensor, alpha: float) -> torch.Tensor:
+    """dL_grad/dw (T,) with the target held constant; norms = ||grad_W L_t|| (unweighted)."""
+    G = w * norms                                                               # (T,) weighted grad norms
+    r = loss_ratio / loss_ratio.mean()                                          # (T,) relative inverse rate
+    target = G.mean() * r ** alpha                                              # (T,) held constant
+    return torch.sign(G - target) * norms                                       # d|G_t - c_t|/dw_t
+
+
+def renormalize(w: torch.Tensor) -> torch.Tensor:
+    """Positive weights summing to T (the paper's renormalisation after every step)."""
+    w = w.clamp_min(1e-6)
+    return w * (w.numel() / w.sum())
 
 
 def gradnorm_step(w: torch.Tensor, norms: torch.Tensor, loss_ratio: torch.Tensor,
                   alpha: float, lr: float) -> torch.Tensor:
-    """One GradNorm update of (T,) weights summing to T; norms = ||grad_W L_t|| (unweighted)."""
-    G = w * norms                                                               # (T,) weighted grad norms
-    r = loss_ratio / loss_ratio.mean()                                          # (T,) relative inverse rate
-    target = G.mean() * r ** alpha                                              # (T,) held constant
-    w = (w - lr * torch.sign(G - target) * norms).clamp_min(1e-6)             # d|G_t - c_t|/dw_t
-    return w * (w.numel() / w.sum())
+    """One plain-SGD GradNorm update of (T,) weights summing to T (`optimizer: sgd`)."""
+    return renormalize(w - lr * gradnorm_weight_grad(w, norms, loss_ratio, alpha))
