@@ -56,11 +56,17 @@ class PointwisePartial:
         return self.scores is None or len(self.client) == 0
 
 
+PER_USER = "per_user/test"     # round-record key of the test split's per-user values (eval.per_user)
+
+
 @dataclass
 class RankingPartial:
-    """Sums over users of each ranking metric ("recall@20": sum, ...) and how many users were ranked."""
+    """Sums over users of each ranking metric ("recall@20": sum, ...) and how many users were ranked;
+    optionally (`Setup.per_user_eval`) every user's values: {"user": (U',) int64 global ids,
+    "recall@20": (U',) float64, ...}, merged by concatenation."""
     sums: dict[str, float] = field(default_factory=dict)
     users: int = 0
+    per_user: dict[str, np.ndarray] | None = None
 
     @classmethod
     def merge_many(cls, parts: list["RankingPartial"]) -> "RankingPartial":
@@ -68,7 +74,9 @@ class RankingPartial:
         for p in parts:
             for k, v in p.sums.items():
                 sums[k] = sums.get(k, 0.0) + v
-        return cls(sums, sum(p.users for p in parts))
+        per = [p.per_user for p in parts if p.per_user is not None]
+        per_user = {k: np.concatenate([d[k] for d in per]) for k in per[0]} if per else None
+        return cls(sums, sum(p.users for p in parts), per_user)
 
     def empty(self) -> bool:
         return self.users == 0

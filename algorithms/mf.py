@@ -17,7 +17,7 @@ from fleetrec.algorithms import rng
 from fleetrec.algorithms.evaluation import RankingPartial, ranking_metrics
 from fleetrec.algorithms.protocol import RANKING, AlgorithmBase, CohortBatch, Setup, Tensors
 from fleetrec.algorithms.ranking import full_ranking
-from fleetrec.datasets.federated import TRAIN, VAL
+from fleetrec.datasets.federated import TEST, TRAIN, VAL
 
 MF_EXAMPLE = {"data.name": "mf_synthetic", "data.num_users": 40, "data.num_items": 30, "data.rows_per_user": 8,
               "data.num_categories": 4, "eval.metric": "recall@20", "federation.clients_per_round": 20,
@@ -36,15 +36,23 @@ def csr(table, a: str, b: str, n: int):
     return torch.from_numpy(indptr), torch.from_numpy(dst[order])
 
 
-def ranking_sums(user_emb: torch.Tensor, item_emb: torch.Tensor, test: torch.Tensor, exclude: torch.Tensor,
-                 ks: tuple[int, ...]) -> dict[str, float]:
+def ranking_partial(user_emb: torch.Tensor, item_emb: torch.Tensor, test: torch.Tensor, exclude: torch.Tensor,
+                    ks: tuple[int, ...], user_ids: torch.Tensor | None = None) -> RankingPartial:
+    """Sums of Recall@K / NDCG@K over the ranked users; with `user_ids` (global id of each row of
+    user_emb) also every user's values (`RankingPartial.per_user`)."""
     if test.shape[1] == 0:
-        return {"users": 0}
+        return RankingPartial({}, 0, None if user_ids is None else
+                              {"user": np.zeros(0, np.int64), **{f"{m}@{k}": np.zeros(0) for m in ("recall", "ndcg")
+                                                                   for k in ks}})
     res = full_ranking(user_emb, item_emb, test, exclude, ks)
-    out = {f"recall@{k}": float(res.recall[k].sum()) for k in ks}
-    out.update({f"ndcg@{k}": float(res.ndcg[k].sum()) for k in ks})
-    out["users"] = int(res.users.numel())
-    return out
+    sums = {f"recall@{k}": float(res.recall[k].sum()) for k in ks}
+    sums.update({f"ndcg@{k}": float(res.ndcg[k].sum()) for k in ks})
+    per = None
+    if user_ids is not None:
+        per = {"user": user_ids[res.users].cpu().numpy().astype(np.int64)}
+        per.update({f"recall@{k}": res.recall[k].double().cpu().numpy() for k in ks})
+        per.update({f"ndcg@{k}": res.ndcg[k].double().cpu().numpy() for k in ks})
+    return RankingPartial(sums, int(res.users.numel()), per)
 
 
 class MFAlgorithm(AlgorithmBase):
@@ -126,8 +134,11 @@ class MFAlgorithm(AlgorithmBase):
         with the training items (and, for test, the validation items) masked."""
         test = self._pairs(batches[split])
         exclude = torch.cat([self._pairs(batches[s]) for s in (TRAIN, VAL) if s < split], dim=1)
-        sums = ranking_sums(self._users(state, personal), state["Q"], test, exclude, tuple(self.config.ks))
-        return RankingPartial(sums, int(sums.pop("users")))
+        users = self._users(state, personal)
+        ids = None
+        if self.setup.per_user_eval and split == TEST:           # global user id of each row of `users`
+            ids = torch.arange(users.shape[0]) if self.centralized else batches[split].client_ids
+        return ranking_partial(users, state["Q"], test, exclude, tuple(self.config.ks), ids)
 
     def aggregate_evaluate(self, prefix: str, partial: RankingPartial) -> dict[str, float]:
         return ranking_metrics(prefix, partial)

@@ -101,6 +101,7 @@ class Setup:
     device: str = "cpu"
     privacy: "CentralDPConfig | None" = None   # central DP on the aggregate, or None (off)
     clients_per_round: int = 0       # cohort size the server expects (central DP's q * N)
+    per_user_eval: bool = False      # ranking algorithms: also return each user's test metrics (RankingPartial.per_user)
 
 
 @dataclass

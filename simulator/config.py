@@ -66,6 +66,8 @@ class EvalConfig:
                                        # per task (click/auc) or over scenarios (scenario_mean/auc), or recall@K / ndcg@K
     mode: str = "max"
     clients: int = 0                   # evaluate a fixed seeded sample of this many clients; 0 = all
+    per_user: bool = False             # keep every user's test metrics of the best round (ranking algorithms;
+                                       # logged as per_user/test.csv, read by fleetrec suite's paired bootstrap)
 
     CHECKS: ClassVar[dict] = {"every": ">=1", "clients": ">=0", "mode": ("max", "min")}
     POINTWISE: ClassVar[tuple] = ("auc", "gauc", "logloss")
@@ -127,6 +129,9 @@ class ExperimentConfig:
         ks = self.algorithm.ranking_ks()
         if m and int(m.group(2)) not in ks:
             return f"eval.metric: {self.eval.metric!r} needs {m.group(2)} in algorithm.ks (got {list(ks)})"
+        if self.eval.per_user and not ranking:
+            return (f"eval.per_user: per-user test metrics are kept for ranking algorithms (recall@K / ndcg@K); "
+                    f"algorithm {name!r} reports pooled auc, gauc and logloss")
         if ranking and not m:
             return (f"eval.metric: algorithm {name!r} reports ranking metrics; use recall@K or "
                     f"ndcg@K with K in algorithm.ks {list(ks)}, not {self.eval.metric!r}")
@@ -144,7 +149,8 @@ def make_setup(cfg: ExperimentConfig, ds) -> Setup:
     """What every algorithm instance (coordinator and workers) is built from."""
     return Setup(schema=ds.schema, num_clients=ds.num_clients, seed=cfg.seed, train=cfg.train, model=cfg.model,
                  privacy=cfg.privacy if cfg.privacy.enabled else None,
-                 clients_per_round=min(cfg.federation.clients_per_round, ds.num_clients))
+                 clients_per_round=min(cfg.federation.clients_per_round, ds.num_clients),
+                 per_user_eval=cfg.eval.per_user)
 
 
 def from_dict(data: dict, source: str = "config") -> ExperimentConfig:

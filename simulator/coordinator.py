@@ -15,7 +15,7 @@ import ray
 import torch
 
 from fleetrec.algorithms import make_algorithm, rng
-from fleetrec.algorithms.evaluation import merge_all
+from fleetrec.algorithms.evaluation import PER_USER, merge_all
 from fleetrec.algorithms.protocol import Accumulator, Tensors
 from fleetrec.datasets.federated import TEST, TRAIN, VAL, FederatedDataset
 from fleetrec.simulator import checkpoint
@@ -111,7 +111,10 @@ class Coordinator:
         parts = self._gather([(i, call(i)) for i in range(len(self.workers))], call)
         out = {}
         for split, name in ((VAL, "val"), (TEST, "test")):
-            out.update(self.algo.aggregate_evaluate(name, merge_all([p[split] for p in parts])))
+            merged = merge_all([p[split] for p in parts])
+            out.update(self.algo.aggregate_evaluate(name, merged))
+            if split == TEST and getattr(merged, "per_user", None) is not None:
+                out[PER_USER] = merged.per_user     # popped by the driver before anything else sees the record
         return out
 
     def _gather(self, calls: list, redo) -> list:

@@ -17,6 +17,7 @@ import numpy as np
 import ray
 import torch
 
+from fleetrec.algorithms.evaluation import PER_USER
 from fleetrec.datasets.federated import TRAIN, FederatedDataset
 from fleetrec.datasets.partition import subset_clients
 from fleetrec.simulator import checkpoint
@@ -35,6 +36,7 @@ class RunResult:
     server_state: dict
     info: dict = field(default_factory=dict)
     run_id: str | None = None
+    best_per_user: dict | None = None    # eval.per_user: {"user": ids, "recall@20": values, ...} of the best round
 
     def summary(self) -> dict[str, float]:
         keys = [k for k in self.best if k.startswith(("val/", "test/"))]
@@ -216,8 +218,10 @@ class _Loop:
         self.metric = f"val/{cfg.eval.metric}"
         self.records: list[dict] = []
         self.best, self.best_val, self.stale, self.next_round = None, None, 0, 0
+        self.best_per_user = None
 
     def record(self, rec: dict) -> bool:
+        per_user = rec.pop(PER_USER, None)      # kept for the best round only, never in the records
         self.records.append(rec)
         self.next_round = rec["round"] + 1
         stop = False
@@ -233,6 +237,7 @@ class _Loop:
         if self.metric in rec:
             if _better(rec[self.metric], self.best_val, self.cfg.eval.mode):
                 self.best, self.best_val, self.stale = rec, rec[self.metric], 0
+                self.best_per_user = per_user
             else:
                 self.stale += 1
                 stop = 0 < self.cfg.early_stop_patience <= self.stale
@@ -242,7 +247,7 @@ class _Loop:
 
     def state_dict(self, rnd: int) -> dict:
         return {"round": rnd, "records": self.records, "best_round": self.best["round"] if self.best else None,
-                "best_val": self.best_val, "stale": self.stale,
+                "best_val": self.best_val, "stale": self.stale, "best_per_user": None if self.best_per_user is None else {k: np.asarray(v).tolist() for k, v in self.best_per_user.items()},
                 "callbacks": [cb.state_dict() for cb in self.callbacks]}
 
     def load_state_dict(self, d: dict) -> None:
@@ -250,6 +255,9 @@ class _Loop:
         self.next_round = d["round"] + 1
         self.best = next((r for r in self.records if r["round"] == d["best_round"]), None)
         self.best_val, self.stale = d["best_val"], d["stale"]
+        per = d.get("best_per_user")
+        self.best_per_user = None if per is None else {k: np.asarray(v, np.int64 if k == "user" else np.float64)
+                                                       for k, v in per.items()}
         for cb, state in zip(self.callbacks, d.get("callbacks", [])):
             cb.load_state_dict(state)
 
@@ -257,4 +265,4 @@ class _Loop:
         evaluated = [r for r in self.records if self.metric in r]
         return RunResult(records=self.records, best_round=self.best["round"] if self.best else None,
                          best=self.best or {}, final=evaluated[-1] if evaluated else {},
-                         server_state=server_state, info=info)
+                         server_state=server_state, info=info, best_per_user=self.best_per_user)

@@ -250,16 +250,36 @@ class MlflowLogger(Callback):
         import mlflow
         result.run_id = self.run_id
         best = {mlflow_name(f"best/{k}"): float(v) for k, v in result.summary().items() if v is not None}
+        best["run/rounds_run"] = float(len(result.records))      # with rounds: did the best round sit at the cap?
+        best["run/rounds_cap"] = float(self.cfg.rounds)
         mlflow.log_metrics(best)
         with tempfile.TemporaryDirectory() as d:
             png = Path(d) / "learning_curve.png"
             learning_curve(result.records, self.cfg.eval.metric, png)
             mlflow.log_artifact(str(png))
+            if result.best_per_user is not None:   # eval.per_user: every user's test metrics at the best round
+                csv = Path(d) / PER_USER_CSV.rsplit("/", 1)[1]
+                write_per_user(result.best_per_user, csv)
+                mlflow.log_artifact(str(csv), PER_USER_CSV.rsplit("/", 1)[0])
         frame = scenario_frame(result.best, self.scenario_names)
         if frame is not None:                 # scenario x task at the best round: a table and a figure
             mlflow.log_table(data=frame, artifact_file="scenarios/best_round.json")
             mlflow.log_figure(scenario_figure(frame), "scenarios/best_round_test_auc.png")
         mlflow.end_run()
+
+
+PER_USER_CSV = "per_user/test.csv"   # artifact path of the best round's per-user test metrics
+
+
+def write_per_user(per_user: dict, path: Path) -> None:
+    """One row per user: `user`, then every metric (recall@20, ...), sorted by user id."""
+    import pandas as pd
+    pd.DataFrame(per_user).sort_values("user").to_csv(path, index=False, float_format="%.9g")
+
+
+def read_per_user(path):
+    import pandas as pd
+    return pd.read_csv(path)
 
 
 _SCENARIO_KEY = re.compile(r"^(val|test)/s(\d+)/([^/]+)/(auc|gauc|logloss)$")

@@ -265,21 +265,69 @@ def test_fedavg_mf_local_item_copies_are_deduplicated_per_client():
 
 
 # ------------------------------------------------------------------------------------------- engine
-def _brute_force(P, Q, ds, split, ks):
+def _brute_force_per_user(P, Q, ds, split, ks) -> dict[int, dict[str, float]]:
     """Per-user Recall@K / NDCG@K by a plain loop over users (independent of algorithms/ranking.py)."""
     user, item, sp = ds.column("user"), ds.column("item"), ds.column("split")
-    out = {f"{m}@{k}": [] for m in ("recall", "ndcg") for k in ks}
+    out = {}
     for u in np.unique(user[sp == split]):
         scores = (P[u] @ Q.T).numpy().astype(np.float64)
         scores[item[(user == u) & (sp < split)]] = -np.inf
         truth = set(item[(user == u) & (sp == split)].tolist())
         top = np.argsort(-scores, kind="stable")
+        row = {}
         for k in ks:
             hit = [1.0 if t in truth else 0.0 for t in top[:k]]
-            out[f"recall@{k}"].append(sum(hit) / len(truth))
+            row[f"recall@{k}"] = sum(hit) / len(truth)
             dcg = sum(h / math.log2(r + 2) for r, h in enumerate(hit))
-            out[f"ndcg@{k}"].append(dcg / sum(1 / math.log2(r + 2) for r in range(min(k, len(truth)))))
-    return {k: float(np.mean(v)) for k, v in out.items()}
+            row[f"ndcg@{k}"] = dcg / sum(1 / math.log2(r + 2) for r in range(min(k, len(truth))))
+        out[int(u)] = row
+    return out
+
+
+def _brute_force(P, Q, ds, split, ks):
+    per = _brute_force_per_user(P, Q, ds, split, ks)
+    return {k: float(np.mean([row[k] for row in per.values()])) for k in next(iter(per.values()))}
+
+
+@pytest.mark.parametrize("layout", ["centralized", "federated"])
+def test_per_user_test_metrics_of_the_best_round_match_a_brute_force_loop(ray_session, layout, tmp_path):
+    """eval.per_user: the driver keeps every user's test metrics of the best round (global user ids,
+    across workers and cohorts), logs them as per_user/test.csv, and they average to the logged means."""
+    from mlflow.tracking import MlflowClient
+    from fleetrec.simulator.run import run
+    from fleetrec.simulator.tracking import PER_USER_CSV, MlflowLogger, read_per_user
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = "pmtrec_synthetic.yaml" if layout == "centralized" else "pmtrec_synthetic_federated.yaml"
+    cfg = _cfg(path, **{"rounds": 1, "algorithm.ks": "[5, 10]", "eval.metric": "ndcg@10", "eval.per_user": True,
+                        "resources.workers": 2, "federation.cohort_size": 7, "tracking.mlflow": True,
+                        "tracking.tracking_uri": uri, "tracking.experiment": "t"})
+    result, coord = run(cfg, [MlflowLogger(cfg)], keep_actors=True)
+    try:
+        ds = cfg.data.build(cfg.seed)
+        state = result.server_state
+        if layout == "centralized":
+            P = state["P"]
+        else:
+            pers = ray_session.get(coord.personal_state.remote(list(range(ds.num_clients))))
+            P = torch.stack([pers[c]["p"] for c in range(ds.num_clients)])
+    finally:
+        ray_session.kill(coord)
+    ref = _brute_force_per_user(P, state["Q"], ds, 2, (5, 10))
+    per = result.best_per_user
+    assert sorted(per["user"].tolist()) == sorted(ref) and "val/ndcg@10" not in per
+    for i, u in enumerate(per["user"].tolist()):
+        for k in ("recall@5", "ndcg@10"):
+            assert per[k][i] == pytest.approx(ref[u][k], rel=1e-5, abs=1e-7), (u, k)
+    assert float(np.mean(per["ndcg@10"])) == pytest.approx(result.best["test/ndcg@10"], rel=1e-6)   # float32 sums
+    assert all("per_user" not in k for r in result.records for k in r)
+    frame = read_per_user(MlflowClient(tracking_uri=uri).download_artifacts(result.run_id, PER_USER_CSV, str(tmp_path)))
+    assert frame["user"].tolist() == sorted(ref)
+    assert frame["recall@5"].to_numpy() == pytest.approx([ref[u]["recall@5"] for u in sorted(ref)], rel=1e-6)
+
+
+def test_per_user_is_refused_for_pointwise_algorithms():
+    with pytest.raises(ConfigError, match="eval.per_user"):
+        from_dict(apply_overrides({}, ["eval.per_user=true"]))
 
 
 @pytest.mark.parametrize("layout", ["centralized", "federated"])
