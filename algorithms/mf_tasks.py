@@ -58,10 +58,16 @@ class CentralRows:
     aux: dict
     pu: torch.Tensor = field(init=False)
     qi: torch.Tensor = field(init=False)
-    qj: torch.Tensor = field(init=False)
 
     def __post_init__(self):
-        self.pu, self.qi, self.qj = self.P.lookup(self.u), self.Q.lookup(self.i), self.Q.lookup(self.j)
+        self.pu, self.qi = self.P.lookup(self.u), self.Q.lookup(self.i)
+
+    @property
+    def qj(self) -> torch.Tensor:
+        """The negatives' rows; gathered only by tasks that use them (BPR), looked up on first use."""
+        if not hasattr(self, "_qj"):
+            self._qj = self.Q.lookup(self.j)
+        return self._qj
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Model: the MF core (mf.py: user table P, item table Q, score p_u · q_i) plus a linear category
 head (W, b) when the `category` task is on. The tasks are objects of `mf_tasks.MF_TASKS` (task 0
-is always the main `bpr`).
+is the main task: `bpr`, or `au` alone for DirectAU, alignment + uniformity as the ranking loss).
 
 Per-task gradients are taken only for the rows a batch touches (`gather_rows` + one
 `autograd.grad` per task on the gathered leaf), combined by the configured combiner --
@@ -45,7 +45,7 @@ def keeps_history(name: str) -> bool:
 class PMTRecAlgoConfig(AlgorithmConfig):
     name: str = "pmtrec"
     mode: str = "centralized"          # centralized (data.layout=centralized) | federated (data.layout=federated)
-    tasks: tuple[str, ...] = ("bpr", "social", "rating", "au")   # first = main task, must be bpr
+    tasks: tuple[str, ...] = ("bpr", "social", "rating", "au")   # first = main task: bpr, or [au] (DirectAU)
     combiner: CombinerConfig = field(default_factory=PMTRecConfig)
     dim: int = 32                      # embedding dimension d
     init_std: float = 0.1              # N(0, init_std²) initial embeddings
@@ -65,8 +65,9 @@ class PMTRecAlgoConfig(AlgorithmConfig):
         return tuple(self.ks)
 
     def validate(self) -> str | None:
-        if not self.tasks or self.tasks[0] != "bpr":
-            return f"algorithm.tasks: the first task must be the main task 'bpr', got {list(self.tasks)}"
+        if not self.tasks or not (self.tasks[0] == "bpr" or list(self.tasks) == ["au"]):
+            return (f"algorithm.tasks: the first task is the main task and must be 'bpr' (or the one task [au], "
+                    f"DirectAU), got {list(self.tasks)}")
         bad = [t for t in self.tasks if t not in MF_TASKS]
         if bad:
             return f"algorithm.tasks: unknown task {bad[0]!r}; allowed: {', '.join(TASK_ORDER)}"
@@ -176,5 +177,5 @@ class PMTRecMF(MFAlgorithm):
             return state, {}
         stats = {k: v / acc.weight for k, v in acc.stats.items()}
         stats["clients_trained"] = acc.clients
-        stats["train_loss"] = stats.get("train/bpr_loss", float("nan"))
+        stats["train_loss"] = stats.get(f"train/{self.config.tasks[0]}_loss", float("nan"))
         return self.trainer.aggregate(rnd, state, acc, stats), stats

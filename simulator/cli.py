@@ -19,6 +19,7 @@ VERBS = {
     "pretrain": "stage 1 of FedPA: pre-train the backbone on the open users of CONFIG",
     "tune": "hyperparameter sweep with Ray Tune: fleetrec tune SPACE.yaml [key.path=value ...]",
     "compare": "method x metric table over seeds from MLflow runs (mean ± std, paired tests): Markdown, CSV, PNG",
+    "suite": "fair comparison: tune every method on one budget, rerun the best on N seeds, paired tests, table",
 }
 
 
@@ -59,6 +60,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="compare", help="folder for compare.md / .csv / .png (default ./compare)")
     c.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     c.add_argument("--log", action="store_true", help="also log the comparison as an MLflow run")
+    s = sub.add_parser("suite", help=VERBS["suite"],
+                       description="Run (or --resume) a comparison suite (see suites/README.md): every method is "
+                                   "tuned with the same budget, its best configuration rerun on the suite's seeds "
+                                   "with early stopping, and the report tests each against the reference method.")
+    s.add_argument("suite", help="suite YAML, e.g. suites/pmtrec_epinions.yaml")
+    s.add_argument("overrides", nargs="*", help="suite.<key>=value edits the suite (suite.budget.trials=2); "
+                   "other key.path=value apply to every method's config (data.max_users=500)")
+    s.add_argument("--resume", action="store_true", help="skip finished stages, continue interrupted sweeps")
+    s.add_argument("--check", action="store_true", help="validate the suite and every method's sweeps; run nothing")
+    s.add_argument("--only", nargs="+", default=[], metavar="METHOD", help="run the stages of these methods only")
+    s.add_argument("--report", action="store_true", help="only (re)write the report from the finished stages")
     u = sub.add_parser("ui", help=VERBS["ui"], description=VERBS["ui"])
     u.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
     u.add_argument("--port", type=int, default=5000)
@@ -123,6 +135,21 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_suite(args) -> int:
+    from fleetrec.simulator.suite import describe, load_suite, run_suite
+    from fleetrec.simulator.tune import SweepInterrupted
+    suite = load_suite(args.suite, args.overrides)
+    print(describe(suite), file=sys.stderr)
+    if args.check:
+        return 0
+    try:
+        print(run_suite(suite, resume=args.resume, only=args.only, report_only=args.report))
+    except SweepInterrupted as e:
+        print(f"fleetrec: {e}; continue the suite with: {suite.command()} --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
 def cmd_ui(args) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.backend_store_uri,
            "--port", str(args.port), "--host", args.host]
@@ -146,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     try:
-        return {"run": cmd_run, "ui": cmd_ui, "tune": cmd_tune, "compare": cmd_compare}[args.verb](args)
+        return {"run": cmd_run, "ui": cmd_ui, "tune": cmd_tune, "compare": cmd_compare,
+                "suite": cmd_suite}[args.verb](args)
     except (ConfigError, DataError) as e:
         print(f"fleetrec: error: {e}", file=sys.stderr)
         return 2

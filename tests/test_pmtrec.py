@@ -88,7 +88,7 @@ def test_synthetic_trust_links_users_with_similar_taste():
 
 # ------------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize("over, message", [
-    ({"algorithm.tasks": "[rating, bpr]"}, "algorithm.tasks: the first task must be the main task 'bpr'"),
+    ({"algorithm.tasks": "[rating, bpr]"}, "algorithm.tasks: the first task is the main task and must be 'bpr'"),
     ({"algorithm.tasks": "[bpr, friends]"}, "algorithm.tasks: unknown task 'friends'"),
     ({"algorithm.mode": "federated", "data.layout": "federated", "algorithm.tasks": "[bpr, social]"},
      "algorithm.tasks: task 'social' needs other users' or items' rows"),

@@ -1,0 +1,341 @@
+"""`fleetrec suite SUITE.yaml`: the fair-comparison protocol as one verb (format: suites/README.md).
+
+For every method of the suite (an experiment config plus a search space):
+
+1. **tune** on validation with the same budget for every method -- `budget.trials` trials of at
+   most `budget.rounds` rounds, ASHA, the same search algorithm and seed -- through `fleetrec tune`
+   (one sweep per method, `<storage_path>/<suite>/tune/<method>`);
+2. **seeds**: rerun the best configuration on `final.seeds` with early stopping on validation
+   (`final.rounds` high, `final.early_stop_patience`), again as a Tune sweep (a grid over `seed`),
+   every run with `eval.per_user` where the reported metrics are ranking metrics;
+3. **report** (suite_report.py): test metrics mean ± std, how many best rounds sit at the round
+   cap, and paired tests against the `reference` method -- Wilcoxon signed-rank over seeds and,
+   for ranking metrics, a paired bootstrap over users -- as Markdown, CSV, JSON (with the
+   commands, budget, seeds and machine) and a figure in `results_dir`, and as an MLflow run.
+
+Each finished stage leaves a small JSON (`best.json`, `seeds.json`) holding a fingerprint of what
+produced it, so `--resume` skips finished stages, continues an interrupted sweep, and refuses a
+suite that changed under a finished stage. Everything reads the seed runs back from MLflow.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from fleetrec.simulator.config import RANKING_METRIC
+from fleetrec.simulator.config_loader import ConfigError, apply_overrides, build, read_yaml, to_dict
+from fleetrec.simulator.tune_space import REPO_ROOT, Sweep, load_sweep
+
+
+# ------------------------------------------------------------------------------ the YAML schema
+@dataclass(frozen=True)
+class BudgetConfig:
+    """The tuning budget, the same for every method."""
+    trials: int = 8                    # trials per method
+    rounds: int = 40                   # at most this many rounds per trial (ASHA's max_t)
+    early_stop_patience: int = 5       # evaluations without improvement before a trial stops by itself
+    grace_period: int = 5              # ASHA: rounds before a trial may be stopped
+    reduction_factor: float = 2.0      # ASHA: keep the best 1/reduction_factor at every rung
+    search_alg: str = "random"         # random | optuna | hyperopt (the last two when installed)
+    seed: int = 0                      # seed of the search algorithm (same for every method)
+    max_concurrent_trials: int | None = None
+
+    CHECKS: ClassVar[dict] = {"trials": ">=1", "rounds": ">=1", "early_stop_patience": ">=0", "grace_period": ">=1",
+                              "reduction_factor": ">1", "search_alg": ("random", "optuna", "hyperopt")}
+
+
+@dataclass(frozen=True)
+class FinalConfig:
+    """The seed runs of each method's best configuration."""
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    rounds: int = 200                  # cap; the report counts best rounds that sit at it
+    early_stop_patience: int = 10
+
+    CHECKS: ClassVar[dict] = {"rounds": ">=1", "early_stop_patience": ">=1"}
+
+    def validate(self) -> str | None:
+        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
+            return f"final.seeds: expected at least two distinct seeds, got {list(self.seeds)}"
+        return None
+
+
+@dataclass(frozen=True)
+class TestsConfig:
+    alpha: float = 0.05                # significance level of the verdicts
+    bootstrap_samples: int = 2000      # paired bootstrap over users (ranking metrics); 0 = off
+    seed: int = 0                      # of the bootstrap resampling
+
+    CHECKS: ClassVar[dict] = {"alpha": "0..0.5", "bootstrap_samples": ">=0"}
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    config: str = ""                   # experiment YAML: relative to the suite file, else to the repo root
+    overrides: tuple[str, ...] = ()    # key.path=value on top of the suite's overrides
+    space: Any = None                  # as in a tune space: dotted path -> {choice|loguniform|...: ...}
+    label: str | None = None           # name in the table (default: the method's key)
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    name: str | None = None            # default: the file's stem
+    reference: str = ""                # the method every other one is tested against
+    metric: str = "val/recall@20"      # tuning and early-stopping metric (validation)
+    mode: str = "max"
+    report: tuple[str, ...] = ("recall@20", "ndcg@20")   # test metrics of the table (test/<name>)
+    overrides: tuple[str, ...] = ()    # key.path=value applied to every method's config
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)
+    tests: TestsConfig = field(default_factory=TestsConfig)
+    storage_path: str = "suite_results"   # working state: <storage_path>/<name>/ (relative to the working dir)
+    results_dir: str = "suite_results"    # table, CSV, JSON and figure (relative to the working dir)
+    tracking_uri: str | None = None    # MLflow store; null = the method configs' (made absolute)
+    experiment: str | None = None      # MLflow experiment; null = the method configs'
+    methods: Any = None                # method key -> MethodConfig
+
+    CHECKS: ClassVar[dict] = {"mode": ("max", "min")}
+
+    def validate(self) -> str | None:
+        if not self.metric.startswith("val/"):
+            return f"metric: got {self.metric!r}, expected a validation metric val/<name> (e.g. val/recall@20)"
+        if not self.report:
+            return "report: expected at least one test metric, e.g. [recall@20, ndcg@20]"
+        return None
+
+
+# ------------------------------------------------------------------------------ the loaded suite
+@dataclass
+class Method:
+    key: str
+    label: str
+    cfg: MethodConfig
+    config_path: Path
+    tune_yaml: dict                    # the tune-space YAML of stage 1
+    seeds_yaml: dict | None = None     # of stage 2, once the best values are known
+
+
+@dataclass
+class Suite:
+    cfg: SuiteConfig
+    source: Path
+    name: str
+    methods: dict[str, Method]
+    cli_overrides: tuple[str, ...]
+    per_user: bool                     # every reported metric is a ranking metric: bootstrap over users
+    all_overrides: tuple[str, ...] = ()   # every command-line override, suite.* included (for the command)
+    tracking_uri: str = ""             # MLflow store of every run (absolute)
+    experiment: str = ""
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.cfg.storage_path).expanduser().resolve() / self.name
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.cfg.results_dir).expanduser().resolve()
+
+    def method_dir(self, key: str) -> Path:
+        return self.dir / key
+
+    def command(self) -> str:
+        return " ".join(["fleetrec", "suite", shlex.quote(_rel(self.source))]
+                        + [shlex.quote(o) for o in self.all_overrides])
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _resolve(path: str, source: Path, what: str) -> Path:
+    for cand in (source.parent / path, REPO_ROOT / path, Path(path)):
+        if cand.is_file():
+            return cand.resolve()
+    raise ConfigError(f"{source}: {what}: config file {path!r} not found (relative to {source.parent} or {REPO_ROOT})")
+
+
+def _yaml_value(v) -> str:
+    """A value as override text that the loader parses back to the same value."""
+    return json.dumps(v) if isinstance(v, (list, tuple, dict, str, bool)) or v is None else repr(v)
+
+
+def load_suite(path: str | Path, overrides: list[str] = ()) -> Suite:
+    """Read and validate a suite YAML. `overrides`: `suite.<key>=value` edits the suite itself
+    (e.g. suite.budget.trials=2), every other key.path=value applies to every method's config."""
+    source = Path(path)
+    raw = read_yaml(source)
+    suite_over = [o[len("suite."):] for o in overrides if o.startswith("suite.")]
+    method_over = [o for o in overrides if not o.startswith("suite.")]
+    try:
+        raw = apply_overrides(raw, suite_over)
+    except ConfigError as e:
+        raise ConfigError(f"command line: {e}") from None
+    try:
+        sc: SuiteConfig = build(SuiteConfig, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if not isinstance(sc.methods, dict) or len(sc.methods) < 2:
+        raise ConfigError(f"{source}: methods: expected a mapping of at least two method names to "
+                          "{config, overrides, space}")
+    if sc.reference not in sc.methods:
+        raise ConfigError(f"{source}: reference: got {sc.reference!r}, expected one of the methods: "
+                          f"{', '.join(map(str, sc.methods))}")
+    per_user = all(RANKING_METRIC.fullmatch(m) for m in sc.report)
+    methods = {}
+    for key, entry in sc.methods.items():
+        try:
+            mc: MethodConfig = build(MethodConfig, entry, f"methods.{key}")
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        if not mc.config:
+            raise ConfigError(f"{source}: methods.{key}.config: expected the method's experiment YAML")
+        cpath = _resolve(mc.config, source, f"methods.{key}.config")
+        b = sc.budget
+        tune_yaml = {
+            "base": str(cpath), "metric": sc.metric, "mode": sc.mode, "num_samples": b.trials,
+            "search_alg": b.search_alg, "seed": b.seed,
+            "overrides": [*sc.overrides, *mc.overrides, f"rounds={b.rounds}",
+                          f"early_stop_patience={b.early_stop_patience}", "tracking.mlflow=true"],
+            "scheduler": {"name": "asha", "grace_period": min(b.grace_period, b.rounds),
+                          "reduction_factor": b.reduction_factor},
+            "max_concurrent_trials": b.max_concurrent_trials, "max_failures": 1,
+            "space": mc.space or {},
+        }
+        for k in ("tracking_uri", "experiment"):
+            if getattr(sc, k):
+                tune_yaml[k] = getattr(sc, k)
+        methods[str(key)] = Method(str(key), mc.label or str(key), mc, cpath, tune_yaml)
+    suite = Suite(sc, source.resolve(), sc.name or source.stem, methods, tuple(method_over), per_user,
+                  all_overrides=tuple(overrides))
+    stores = set()
+    for m in methods.values():                 # every method's sweeps must load: paths, metric, end points
+        sw = _sweep(suite, m, "tune", check=True)
+        _sweep(suite, m, "seeds", values={}, check=True)
+        stores.add((sw.tracking_uri, sw.experiment))
+    if len(stores) > 1:
+        raise ConfigError(f"{source}: the methods' configs log to different MLflow stores or experiments "
+                          f"({sorted(stores)}); set tracking_uri / experiment in the suite")
+    suite.tracking_uri, suite.experiment = stores.pop()
+    return suite
+
+
+def _seeds_yaml(suite: Suite, m: Method, values: dict) -> dict:
+    f = suite.cfg.final
+    y = dict(m.tune_yaml)
+    y.update(num_samples=1, search_alg="grid", scheduler="none", max_concurrent_trials=suite.cfg.budget.max_concurrent_trials,
+             space={"seed": {"grid": list(f.seeds)}})
+    y["overrides"] = [*suite.cfg.overrides, *m.cfg.overrides,
+                      *(f"{k}={_yaml_value(v)}" for k, v in values.items()),
+                      f"rounds={f.rounds}", f"early_stop_patience={f.early_stop_patience}", "tracking.mlflow=true",
+                      *(["eval.per_user=true"] if suite.per_user else [])]
+    return y
+
+
+def _sweep(suite: Suite, m: Method, stage: str, values: dict | None = None, check: bool = False) -> Sweep:
+    """The stage's sweep: its YAML written to <suite dir>/<method>/<stage>.yaml (a temp file for checks)."""
+    y = m.tune_yaml if stage == "tune" else _seeds_yaml(suite, m, values or {})
+    if stage == "tune" and not y["space"]:
+        y = {**y, "num_samples": 1, "search_alg": "grid", "scheduler": "none",
+             "space": {"seed": {"grid": [suite.cfg.final.seeds[0]]}}}     # nothing to search: one trial
+    text = f"# {stage} stage of method {m.key} of suite {suite.name} (written by fleetrec suite)\n" + \
+        yaml.safe_dump(y, sort_keys=False)
+    name = f"{suite.name}.{m.key}.{stage}"                   # the Tune experiment and MLflow parent run
+    if check:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / f"{stage}.yaml"
+            p.write_text(text)
+            try:
+                return load_sweep(p, list(suite.cli_overrides), name=name, storage_path=str(suite.dir))
+            except ConfigError as e:
+                raise ConfigError(f"{suite.source}: methods.{m.key} ({stage} stage): "
+                                  f"{str(e).removeprefix(str(p) + ': ')}") from None
+    d = suite.method_dir(m.key)
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / f"{stage}.yaml"
+    p.write_text(text)
+    return load_sweep(p, list(suite.cli_overrides), name=name, storage_path=str(suite.dir))
+
+
+def fingerprint(sweep: Sweep) -> str:
+    """What a stage's result depends on: the resolved base config data and the sweep's settings."""
+    blob = json.dumps({"base": sweep.base_data, "sweep": to_dict(sweep.cfg)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------ the stages
+def _stage(suite: Suite, m: Method, stage: str, sweep: Sweep, resume: bool, log) -> dict:
+    """Run (or skip, or resume) one stage of one method; returns its JSON record."""
+    from ray import tune
+    from fleetrec.simulator.tune import tune_sweep
+    done = suite.method_dir(m.key) / f"{stage}.json"
+    fp = fingerprint(sweep)
+    if done.is_file():
+        rec = json.loads(done.read_text())
+        if rec.get("fingerprint") != fp:
+            raise ConfigError(f"{done}: the {stage} stage of {m.key} was run with a different suite or overrides "
+                              f"(fingerprint {rec.get('fingerprint')} vs {fp}); remove {suite.method_dir(m.key)} "
+                              "to redo the method, or give the suite another name")
+        log(f"{m.key}: {stage} stage done before ({done})")
+        return rec
+    again = sweep.exp_dir.exists()
+    if again and not resume:
+        raise ConfigError(f"{sweep.exp_dir} exists from an earlier, unfinished suite: pass --resume to continue it")
+    if again and not tune.Tuner.can_restore(str(sweep.exp_dir)):
+        raise ConfigError(f"{sweep.exp_dir}: an interrupted {stage} stage that Tune cannot restore; remove that "
+                          "folder and run again with --resume")
+    log(f"{m.key}: {stage} stage ({'resumed' if again else 'started'}): {sweep.cfg.num_samples} trial(s), "
+        f"{sweep.base_cfg.rounds} rounds at most")
+    res = tune_sweep(sweep, resume=again, verbose=0)
+    rec = {"fingerprint": fp, "parent_run_id": res.parent_run_id, "best": res.best.get("config", {}),
+           "best_value": res.best.get("best"), "trials": len(res.trials),
+           "stopped_early": sum(t["error"] is None and t["rounds_run"] < sweep.base_cfg.rounds for t in res.trials),
+           "errored": sum(t["error"] is not None for t in res.trials),
+           "command": f"fleetrec tune {_rel(sweep.source)}" + "".join(f" {shlex.quote(o)}" for o in suite.cli_overrides)}
+    if stage == "tune" and not m.tune_yaml["space"]:
+        rec["best"] = {}                                   # the one trial only checked that the config runs
+    done.write_text(json.dumps(rec, indent=1, default=str))
+    return rec
+
+
+def run_suite(suite: Suite, resume: bool = False, only: list[str] = (), report_only: bool = False,
+              log=lambda s: print(s, file=sys.stderr)) -> str:
+    """Run the stages that are not done yet for every method (or `only` those), then the report."""
+    from fleetrec.simulator.suite_report import write_report
+    bad = [k for k in only if k not in suite.methods]
+    if bad:
+        raise ConfigError(f"--only: {bad[0]!r} is not a method of {suite.source}; methods: {', '.join(suite.methods)}")
+    if suite.dir.exists() and not resume and not report_only and not only:
+        raise ConfigError(f"{suite.dir} already exists: pass --resume to continue that suite, or suite.name=... "
+                          "(or storage_path) for a new one")
+    for key, m in suite.methods.items():
+        if report_only or (only and key not in only):
+            continue
+        tuned = _stage(suite, m, "tune", _sweep(suite, m, "tune"), resume or bool(only), log)
+        _stage(suite, m, "seeds", _sweep(suite, m, "seeds", values=tuned["best"]), resume or bool(only), log)
+    return write_report(suite, log)
+
+
+def describe(suite: Suite) -> str:
+    sc, b, f = suite.cfg, suite.cfg.budget, suite.cfg.final
+    lines = [f"suite {suite.name}: {len(suite.methods)} methods, reference {sc.reference}; tune on {sc.metric} "
+             f"({sc.mode}), report test/{', test/'.join(sc.report)}",
+             f"budget per method: {b.trials} trials x <= {b.rounds} rounds, {b.search_alg} search (seed {b.seed}), "
+             f"ASHA grace {b.grace_period}, reduction {b.reduction_factor:g}",
+             f"seeds {list(f.seeds)}, <= {f.rounds} rounds, early stop after {f.early_stop_patience} evaluations; "
+             f"tests: Wilcoxon over seeds" + (f" + paired bootstrap over users ({sc.tests.bootstrap_samples})"
+                                              if suite.per_user and sc.tests.bootstrap_samples else ""),
+             f"state {suite.dir}; results {suite.results_dir}"]
+    for m in suite.methods.values():
+        space = m.tune_yaml["space"]
+        lines.append(f"  {m.key}: {_rel(m.config_path)}" + (f" searching {', '.join(space)}" if space else " (nothing searched)"))
+    return "\n".join(lines)

@@ -1,0 +1,298 @@
+"""The report of `fleetrec suite`: seed runs read back from MLflow, paired tests, the table and its files.
+
+Tests against the suite's reference method, per reported test metric:
+- **Wilcoxon signed-rank over seeds** (SciPy, exact for small samples, two-sided) on the seeds
+  both methods ran. With n paired seeds its smallest two-sided p-value is 2 / 2^n, so five seeds
+  can never reach p < 0.05 (0.0625); the table says so where it is the reason.
+- **Paired bootstrap over users** (ranking metrics, `eval.per_user`): d_u = the mean over shared
+  seeds of (method - reference) on user u's test metric, over the users both ranked; B resamples
+  of the users with replacement give a 95% interval of the mean difference and the two-sided
+  p-value (1 + #{|mean* - d| >= |d|}) / (B + 1) of the resampled means centred on d.
+A method "wins" on a metric when the difference has the right sign and every test that ran is
+below `tests.alpha`; "loses" likewise; otherwise the table says "no significant difference".
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fleetrec.simulator.config_loader import ConfigError
+
+
+@dataclass
+class SeedRun:
+    seed: int
+    run_id: str
+    metrics: dict[str, float]          # test/<metric> at the best validation round
+    best_round: int | None             # 0-based
+    rounds_run: int
+    rounds_cap: int
+    per_user: object = None            # pandas DataFrame (user, metrics...) or None
+
+    @property
+    def at_cap(self) -> bool:
+        return self.best_round is not None and self.best_round >= self.rounds_cap - 1
+
+
+@dataclass
+class MethodResult:
+    key: str
+    label: str
+    tune: dict                         # the tune stage's JSON record (best values, trials, command)
+    seeds_stage: dict
+    runs: list[SeedRun] = field(default_factory=list)
+    mlflow_runs: list = field(default_factory=list)
+
+    def values(self, metric: str) -> dict[int, float]:
+        return {r.seed: r.metrics[metric] for r in self.runs if metric in r.metrics}
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.rsplit("/", 1)[-1] in ("logloss", "loss")
+
+
+# ------------------------------------------------------------------------------ statistics
+def wilcoxon(x: np.ndarray, y: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired samples (1.0 when every difference is 0)."""
+    d = np.asarray(x, float) - np.asarray(y, float)
+    if np.all(d == 0):
+        return 1.0
+    from scipy.stats import wilcoxon as _w
+    return float(_w(x, y, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+def min_wilcoxon_p(n: int) -> float:
+    return 2.0 / 2 ** n if n else 1.0
+
+
+def paired_bootstrap(method: list, reference: list, metric: str, samples: int, seed: int = 0) -> dict | None:
+    """Mean per-user difference, its 95% interval and two-sided p over users (see the module doc).
+    `method` / `reference`: per-user frames of the same seeds, in the same order."""
+    import pandas as pd
+    if not method or samples <= 0:
+        return None
+    diffs = []
+    for a, b in zip(method, reference):
+        j = pd.merge(a[["user", metric]], b[["user", metric]], on="user", suffixes=("_m", "_r"))
+        diffs.append(j.set_index("user")[f"{metric}_m"] - j.set_index("user")[f"{metric}_r"])
+    d = pd.concat(diffs, axis=1, join="inner").mean(axis=1).to_numpy()      # users ranked in every run
+    if d.size == 0:
+        return None
+    g = np.random.default_rng(seed)
+    means = np.empty(samples)
+    for lo in range(0, samples, 256):                                        # (chunk, U) index draws
+        hi = min(lo + 256, samples)
+        means[lo:hi] = d[g.integers(0, d.size, size=(hi - lo, d.size))].mean(axis=1)
+    obs = float(d.mean())
+    p = (1 + int(np.sum(np.abs(means - obs) >= abs(obs)))) / (samples + 1) if obs != 0 else 1.0
+    return {"diff": obs, "ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+            "p": float(p), "users": int(d.size)}
+
+
+def compare_to_reference(m: MethodResult, ref: MethodResult, metric: str, suite) -> dict:
+    a, b = m.values(metric), ref.values(metric)
+    seeds = sorted(set(a) & set(b))
+    out: dict = {"seeds": seeds}
+    if len(seeds) < 2:
+        out["verdict"] = "not tested (fewer than 2 paired seeds)"
+        return out
+    x, y = np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
+    out["diff"] = float((x - y).mean())
+    out["wilcoxon_p"] = wilcoxon(x, y)
+    tests = [out["wilcoxon_p"]]
+    name = metric.split("/", 1)[1]
+    if suite.per_user and suite.cfg.tests.bootstrap_samples:
+        by_seed_m = {r.seed: r.per_user for r in m.runs if r.per_user is not None}
+        by_seed_r = {r.seed: r.per_user for r in ref.runs if r.per_user is not None}
+        both = [s for s in seeds if s in by_seed_m and s in by_seed_r]
+        boot = paired_bootstrap([by_seed_m[s] for s in both], [by_seed_r[s] for s in both], name,
+                                suite.cfg.tests.bootstrap_samples, suite.cfg.tests.seed)
+        if boot is not None:
+            out["bootstrap"] = boot
+            tests.append(boot["p"])
+    alpha = suite.cfg.tests.alpha
+    better = out["diff"] < 0 if lower_is_better(metric) else out["diff"] > 0
+    if all(p < alpha for p in tests):
+        out["verdict"] = "better" if better else "worse"
+    else:
+        why = []
+        if out["wilcoxon_p"] >= alpha and min_wilcoxon_p(len(seeds)) >= alpha:
+            why.append(f"with {len(seeds)} seeds the smallest Wilcoxon p is {min_wilcoxon_p(len(seeds)):.3g}")
+        out["verdict"] = "no significant difference" + (f" ({'; '.join(why)})" if why else "")
+    return out
+
+
+# ------------------------------------------------------------------------------ reading the runs
+def _finished_children(client, parent: str) -> list:
+    exp = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10000,
+                              order_by=["attributes.start_time DESC"])
+    return [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("tune.superseded") != "true"]
+
+
+def collect(suite, client) -> dict[str, MethodResult]:
+    """Every method whose seeds stage finished: its seed runs (newest run per seed) from MLflow."""
+    from fleetrec.simulator.tracking import PER_USER_CSV, mlflow_name, read_per_user
+    import tempfile
+    out = {}
+    for key, m in suite.methods.items():
+        d = suite.method_dir(key)
+        if not (d / "seeds.json").is_file():
+            continue
+        tune, seeds = json.loads((d / "tune.json").read_text()), json.loads((d / "seeds.json").read_text())
+        res = MethodResult(key, m.label, tune, seeds)
+        seen = set()
+        for r in _finished_children(client, seeds["parent_run_id"]):
+            seed = int(r.data.tags.get("seed", r.data.params.get("seed", -1)))
+            if seed in seen:
+                continue
+            seen.add(seed)
+            met = {f"test/{name}": float(r.data.metrics[k]) for name in suite.cfg.report
+                   if (k := mlflow_name(f"best/test/{name}")) in r.data.metrics}
+            per = None
+            if suite.per_user:
+                with tempfile.TemporaryDirectory() as tmp:
+                    try:
+                        per = read_per_user(client.download_artifacts(r.info.run_id, PER_USER_CSV, tmp))
+                    except Exception:          # an MLflow store without the artifact: no bootstrap for it
+                        per = None
+            br = r.data.metrics.get("best/best_round")
+            res.runs.append(SeedRun(seed, r.info.run_id, met, None if br is None else int(br),
+                                    int(r.data.metrics.get("run/rounds_run", 0)),
+                                    int(r.data.metrics.get("run/rounds_cap", suite.cfg.final.rounds)), per))
+            res.mlflow_runs.append(r)
+        res.runs.sort(key=lambda r: r.seed)
+        out[key] = res
+    return out
+
+
+# ------------------------------------------------------------------------------ the table
+def _cell(v: list[float]) -> str:
+    if not v:
+        return "-"
+    sd = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    return f"{np.mean(v):.4f} ± {sd:.4f}"
+
+
+def _fmt_p(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-3 else "<0.001"
+
+
+def _values_text(values: dict) -> str:
+    from fleetrec.simulator.tune_space import short_value
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={short_value(v)}" for k, v in values.items()) or "(none searched)"
+
+
+def table(suite, results: dict[str, MethodResult]) -> tuple[list[str], list[list[str]], dict]:
+    ref = results.get(suite.cfg.reference)
+    metrics = [f"test/{m}" for m in suite.cfg.report]
+    order = sorted(results, key=lambda k: (k != suite.cfg.reference, -np.mean(list(results[k].values(metrics[0]).values()) or [0])
+                                                                        * (-1 if lower_is_better(metrics[0]) else 1)))
+    header = ["method", "tuned (trials)", "best values", *metrics, "seeds", "best round (median; at cap)"]
+    header += [f"vs {suite.cfg.reference}: {m}" for m in metrics]
+    rows, stats = [], {}
+    for key in order:
+        r = results[key]
+        brs = [x.best_round for x in r.runs if x.best_round is not None]
+        row = [r.label, str(r.tune.get("trials", 0) if suite.methods[key].tune_yaml["space"] else 0),
+               _values_text(r.tune.get("best", {})), *[_cell(list(r.values(m).values())) for m in metrics],
+               str(len(r.runs)), f"{int(np.median(brs)) + 1 if brs else '-'}; {sum(x.at_cap for x in r.runs)}/{len(r.runs)}"]
+        stats[key] = {}
+        for m in metrics:
+            if ref is None:
+                row.append("reference not run yet")
+                continue
+            if key == suite.cfg.reference:
+                row.append("reference")
+                continue
+            c = compare_to_reference(r, ref, m, suite)
+            stats[key][m] = c
+            if "diff" not in c:
+                row.append(c["verdict"])
+                continue
+            txt = f"{c['diff']:+.4f}, Wilcoxon p={_fmt_p(c['wilcoxon_p'])}"
+            if "bootstrap" in c:
+                txt += f", bootstrap p={_fmt_p(c['bootstrap']['p'])}"
+            row.append(f"{txt}: {c['verdict']}")
+        rows.append(row)
+    return header, rows, stats
+
+
+def machine() -> dict:
+    import torch
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def write_report(suite, log) -> str:
+    from mlflow.tracking import MlflowClient
+    from fleetrec.simulator.compare import Group, figure, markdown
+    from fleetrec.simulator.tracking import mlflow_name
+    uri = suite.tracking_uri
+    client = MlflowClient(tracking_uri=uri)
+    results = collect(suite, client)
+    if not results:
+        raise ConfigError(f"{suite.dir}: no method has finished its seed runs yet; nothing to report")
+    header, rows, stats = table(suite, results)
+    missing = [k for k in suite.methods if k not in results]
+    sc = suite.cfg
+    md = [f"Suite `{suite.name}` — `{suite.command()}`", "",
+          f"Budget per method: {sc.budget.trials} trials × ≤ {sc.budget.rounds} rounds ({sc.budget.search_alg} search, "
+          f"ASHA); then seeds {list(sc.final.seeds)} with ≤ {sc.final.rounds} rounds and early stopping after "
+          f"{sc.final.early_stop_patience} evaluations without a better {sc.metric}. Test metrics at the best "
+          f"validation round, mean ± std over seeds. Tests vs `{sc.reference}` at α = {sc.tests.alpha:g}: Wilcoxon "
+          "signed-rank over seeds" + (f", paired bootstrap over users ({sc.tests.bootstrap_samples} resamples)"
+                                       if suite.per_user and sc.tests.bootstrap_samples else "") + ".", "",
+          markdown(header, rows)]
+    if missing:
+        md += ["", f"Not finished yet (run `{suite.command()} --resume`): {', '.join(missing)}."]
+    text = "\n".join(md)
+    out = suite.results_dir
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / suite.name
+    Path(f"{stem}.md").write_text(text + "\n")
+    with open(f"{stem}.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([header, *rows])
+    doc = {"suite": suite.name, "source": str(suite.source), "command": suite.command(),
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+           "reference": sc.reference, "metric": sc.metric, "report": list(sc.report),
+           "budget": vars(sc.budget), "final": {**vars(sc.final), "seeds": list(sc.final.seeds)},
+           "tests": vars(sc.tests), "missing": missing,
+           "methods": {k: {"label": r.label, "config": str(suite.methods[k].config_path), "tune": r.tune,
+                           "seeds_stage": r.seeds_stage, "vs_reference": stats.get(k, {}),
+                           "runs": [{"seed": x.seed, "run_id": x.run_id, "best_round": x.best_round,
+                                     "rounds_run": x.rounds_run, "at_cap": x.at_cap, **x.metrics} for x in r.runs]}
+                       for k, r in results.items()}}
+    Path(f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))
+    groups = [Group(results[k].label, results[k].mlflow_runs) for k in results]
+    figure(groups, [mlflow_name(f"best/test/{m}") for m in sc.report], Path(f"{stem}.png"))
+    _log(suite, client, uri, text, rows, header, stem)
+    log(f"written: {stem}.md, .csv, .json, .png")
+    return text
+
+
+def _log(suite, client, uri: str, text: str, rows, header, stem: Path) -> None:
+    import mlflow
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(suite.experiment)
+    with mlflow.start_run(run_name=f"suite·{suite.name}", tags={"fleetrec.suite": suite.name, "mlflow.note.content": text}):
+        b = suite.cfg.budget
+        mlflow.log_params({"reference": suite.cfg.reference, "metric": suite.cfg.metric, "trials": b.trials,
+                           "trial_rounds": b.rounds, "seeds": json.dumps(list(suite.cfg.final.seeds)),
+                           "final_rounds": suite.cfg.final.rounds, "command": suite.command()[:500]})
+        mlflow.log_table({h: [r[i] for r in rows] for i, h in enumerate(header)}, artifact_file="suite_table.json")
+        for ext in ("md", "csv", "json", "png"):
+            mlflow.log_artifact(f"{stem}.{ext}")
+
