@@ -1,0 +1,148 @@
+"""`fleetrec suite`: the suite YAML's checks, the paired tests by hand, and a tiny suite on the
+synthetic MF data end to end (tune, seeds, report, MLflow, --resume, a changed suite refused)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from fleetrec.simulator.config_loader import ConfigError
+from fleetrec.simulator.suite import load_suite
+from fleetrec.simulator.suite_report import min_wilcoxon_p, paired_bootstrap, wilcoxon
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTH = ROOT / "suites" / "pmtrec_synthetic.yaml"
+
+
+# ------------------------------------------------------------------------------ statistics
+def test_wilcoxon_exact_p_values_by_hand():
+    # 6 pairs, all differences positive and distinct: W- = 0, exact two-sided p = 2 / 2^6
+    x, y = np.array([1.0, 2, 3, 4, 5, 6]), np.array([0.9, 1.8, 2.7, 3.6, 4.5, 5.4])
+    assert wilcoxon(x, y) == pytest.approx(2 / 64)
+    assert min_wilcoxon_p(6) == pytest.approx(2 / 64) and min_wilcoxon_p(5) == pytest.approx(0.0625)
+    # five seeds can never be significant at 0.05, whatever the data
+    assert wilcoxon(x[:5], y[:5]) == pytest.approx(0.0625)
+    assert wilcoxon(x, x) == 1.0
+    # one negative difference of the smallest rank: W- = 1 -> p = 2 * 2/64
+    y2 = y.copy()
+    y2[0] = 1.1
+    assert wilcoxon(x, y2) == pytest.approx(4 / 64)
+
+
+def _frame(users, values, metric="recall@20"):
+    return pd.DataFrame({"user": users, metric: values})
+
+
+def test_paired_bootstrap_over_users():
+    g = np.random.default_rng(0)
+    users = np.arange(400)
+    ref = [_frame(users, g.random(400)) for _ in range(3)]
+    same = paired_bootstrap(ref, ref, "recall@20", 500)
+    assert same["diff"] == 0 and same["p"] == 1.0 and same["users"] == 400
+    shifted = [_frame(users, f["recall@20"] + 0.05 + 0.01 * g.standard_normal(400)) for f in ref]
+    out = paired_bootstrap(shifted, ref, "recall@20", 500)
+    assert out["diff"] == pytest.approx(0.05, abs=0.003) and out["p"] == pytest.approx(1 / 501)
+    assert out["ci95"][0] < out["diff"] < out["ci95"][1] and out["ci95"][0] > 0.04
+    noise = [_frame(users, f["recall@20"] + 0.2 * g.standard_normal(400)) for f in ref]
+    assert paired_bootstrap(noise, ref, "recall@20", 500)["p"] > 0.05
+    # only users ranked in every run count; rows are matched by user id, not position
+    part = [_frame(users[::-1][:300], f["recall@20"].to_numpy()[::-1][:300] + 0.05) for f in ref]
+    out = paired_bootstrap(part, ref, "recall@20", 200)
+    assert out["users"] == 300 and out["diff"] == pytest.approx(0.05)
+
+
+# ------------------------------------------------------------------------------ the YAML
+def _suite(tmp_path, text: str) -> Path:
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    return p
+
+
+M = (f"methods:\n  a: {{config: {ROOT / 'configs/pmtrec_synthetic.yaml'}, space: {{train.lr: {{loguniform: [0.001, 0.01]}}}}}}\n"
+     f"  b: {{config: {ROOT / 'configs/pmtrec_synthetic.yaml'}, overrides: ['algorithm.tasks=[bpr]']}}\n")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("reference: a\n" + M + "budget: {trial: 3}\n", "budget.trial: unknown key"),
+    ("reference: c\n" + M, "reference: got 'c', expected one of the methods: a, b"),
+    ("reference: a\nmethods: {a: {config: x.yaml}}\n", "methods: expected a mapping of at least two"),
+    ("reference: a\n" + M + "final: {seeds: [0]}\n", "final.seeds: expected at least two distinct seeds"),
+    ("reference: a\n" + M + "metric: test/recall@20\n", "metric: got 'test/recall@20', expected a validation metric"),
+    ("reference: a\n" + M + "metric: val/auc\n", "methods.a (tune stage): metric: got 'val/auc'"),
+    ("reference: a\n" + M.replace("train.lr", "train.lrr"), "methods.a (tune stage): space.train.lrr: not a key"),
+    ("reference: a\n" + M.replace("configs/pmtrec_synthetic.yaml, overrides", "nope.yaml, overrides"),
+     "methods.b.config: config file"),
+])
+def test_bad_suite_is_one_line_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_suite(_suite(tmp_path, text))
+
+
+def test_shipped_suites_load_and_give_every_method_the_same_budget():
+    for path in sorted((ROOT / "suites").glob("*.yaml")):
+        suite = load_suite(path)
+        budgets = {json.dumps({k: m.tune_yaml[k] for k in ("num_samples", "search_alg", "seed", "scheduler")},
+                              sort_keys=True) for m in suite.methods.values()}
+        assert len(budgets) == 1, path
+        rounds = {next(o for o in m.tune_yaml["overrides"] if o.startswith("rounds=")) for m in suite.methods.values()}
+        assert rounds == {f"rounds={suite.cfg.budget.rounds}"}, path
+        assert suite.per_user and len(suite.cfg.final.seeds) >= 6, path    # >= 6: Wilcoxon can reach 0.05
+
+
+def test_cli_suite_check(capsys):
+    from fleetrec.simulator.cli import main
+    assert main(["suite", str(SYNTH), "--check"]) == 0
+    assert "budget per method: 6 trials" in capsys.readouterr().err
+    assert main(["suite", str(SYNTH), "suite.budget.trials=0", "--check"]) == 2
+    assert "budget.trials: got 0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ end to end
+TINY = ["suite.budget.trials=2", "suite.budget.rounds=2", "suite.budget.grace_period=1", "suite.final.seeds=[0,1]",
+        "suite.final.rounds=3", "suite.final.early_stop_patience=2", "data.num_users=50", "data.num_items=40",
+        "resources.cpus_per_worker=0.5", "tracking.progress=false"]
+
+
+def test_tiny_suite_end_to_end_resume_and_refusal(ray_session, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from fleetrec.simulator.suite import run_suite
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load(SYNTH.read_text())
+    raw["results_dir"] = "out"
+    raw["methods"] = {k: {**raw["methods"][k], "config": str(ROOT / "configs" / "pmtrec_synthetic.yaml")}
+                      for k in ("pmtrec", "single")}             # two of the shipped methods keep it short
+    src = tmp_path / "suite.yaml"
+    src.write_text(yaml.safe_dump(raw, sort_keys=False))
+    suite = load_suite(src, TINY)
+    md = run_suite(suite, log=lambda s: None)
+    assert "| PMTRec | 2 |" in md and "vs pmtrec: test/recall@20" in md and "bootstrap p=" in md
+    doc = json.loads((tmp_path / "out" / "pmtrec_synthetic.json").read_text())
+    assert doc["command"].startswith("fleetrec suite suite.yaml suite.budget.trials=2")
+    runs = doc["methods"]["single"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and all(0 <= r["best_round"] < 3 for r in runs)
+    stats = doc["methods"]["single"]["vs_reference"]["test/recall@20"]
+    assert stats["seeds"] == [0, 1] and 0 <= stats["wilcoxon_p"] <= 1 and stats["bootstrap"]["users"] > 0
+    assert "smallest Wilcoxon p is 0.5" in stats["verdict"] or stats["verdict"] in ("better", "worse")
+    # the table's numbers are the runs' own: mean over seeds of best/test/recall_at_20 in MLflow
+    client = MlflowClient(tracking_uri=suite.tracking_uri)
+    vals = [client.get_run(r["run_id"]).data.metrics["best/test/recall_at_20"] for r in runs]
+    assert np.mean(vals) == pytest.approx(np.mean([r["test/recall@20"] for r in runs]))
+    assert f"{np.mean(vals):.4f}" in md
+    for ext in ("md", "csv", "png"):
+        assert (tmp_path / "out" / f"pmtrec_synthetic.{ext}").is_file()
+    exp = client.get_experiment_by_name(suite.experiment)
+    logged = client.search_runs([exp.experiment_id], "tags.`fleetrec.suite` = 'pmtrec_synthetic'")
+    assert len(logged) == 1
+    # a second sitting: nothing left to run (every stage is skipped), the report is rewritten
+    lines = []
+    with pytest.raises(ConfigError, match="pass --resume"):
+        run_suite(load_suite(src, TINY), log=lines.append)
+    assert run_suite(load_suite(src, TINY), resume=True, log=lines.append).count("| PMTRec |") == 1
+    assert sum("stage done before" in s for s in lines) == 4
+    # a changed budget under a finished stage is refused, naming the file
+    with pytest.raises(ConfigError, match=r"tune.json: the tune stage of pmtrec was run with a different suite"):
+        run_suite(load_suite(src, [*TINY, "train.batch_size=64"]), resume=True, log=lines.append)
