@@ -53,10 +53,21 @@ class PMTRecAlgoConfig(AlgorithmConfig):
     rating_scale: float = 5.0          # rating task regresses p·q on rating / rating_scale
     unif_sample: int = 256             # rows of each table in the uniformity term (first ones of the batch)
     server_lr: float = 1e-3            # federated: Adam step size on item rows and the head at the server
+                                       # (local_steps: Q += server_lr · mean item-row delta, as FedAvg-MF)
+    local_update: str = "gradient"     # federated: gradient (one per round at the current Q, FedSGD) |
+                                       # local_steps (train.local_epochs FedAvg-style steps on local copies)
     ks: tuple[int, ...] = (20, 40)     # Recall@K / NDCG@K cut-offs
 
     CHECKS: ClassVar[dict] = {"mode": ("centralized", "federated"), "dim": ">=1", "init_std": ">0", "reg": ">=0",
-                              "rating_scale": ">0", "unif_sample": ">=2", "server_lr": ">0"}
+                              "rating_scale": ">0", "unif_sample": ">=2", "server_lr": ">0",
+                              "local_update": ("gradient", "local_steps")}
+
+    def check_train(self, train) -> str | None:
+        if self.mode == "federated" and self.local_update == "gradient" and train.local_epochs != 1:
+            return (f"train.local_epochs: federated PMTRec with algorithm.local_update=gradient takes one gradient "
+                    f"per round at the current item table, so local_epochs={train.local_epochs} would be ignored; "
+                    "set algorithm.local_update=local_steps for FedAvg-style local steps")
+        return None
 
     def data_layout(self) -> str:
         return self.mode
@@ -83,6 +94,17 @@ class PMTRecAlgoConfig(AlgorithmConfig):
                 ok = [n for n in COMBINERS.names() if not keeps_history(n)]
                 return (f"algorithm.combiner.name: {self.combiner.name!r} keeps a history across calls and is "
                         f"centralized only; federated combiners: {', '.join(ok)}")
+        if self.local_update == "local_steps":
+            from fleetrec.algorithms.pmtrec_local import LOCAL_COMBINERS, LOCAL_TASKS
+            if self.mode != "federated":
+                return "algorithm.local_update: local_steps is a federated update; got algorithm.mode=centralized"
+            bad = [t for t in self.tasks if t not in LOCAL_TASKS]
+            if bad:
+                return (f"algorithm.tasks: task {bad[0]!r} is not implemented with local_update=local_steps; "
+                        f"tasks: {', '.join(LOCAL_TASKS)}")
+            if self.combiner.name not in LOCAL_COMBINERS:
+                return (f"algorithm.combiner.name: {self.combiner.name!r} is not implemented with "
+                        f"local_update=local_steps; combiners: {', '.join(LOCAL_COMBINERS)}")
         if not self.ks or min(self.ks) < 1:
             return f"algorithm.ks: expected a non-empty list of cut-offs >= 1, got {list(self.ks)}"
         return None
@@ -106,7 +128,13 @@ class PMTRecMF(MFAlgorithm):
         self.combiner_opt = (torch.optim.Adam(self.combiner.parameters(), lr=setup.train.lr)
                              if self.combiner.parameters() else None)
         self.head_names = ["W", "b"] if "category" in config.tasks else []
-        self.trainer = CentralizedTrainer(self) if self.centralized else FederatedTrainer(self)
+        if self.centralized:
+            self.trainer = CentralizedTrainer(self)
+        elif config.local_update == "local_steps":
+            from fleetrec.algorithms.pmtrec_local import LocalStepsTrainer
+            self.trainer = LocalStepsTrainer(self)
+        else:
+            self.trainer = FederatedTrainer(self)
 
     def attach_data(self, dataset) -> None:
         super().attach_data(dataset)

@@ -89,6 +89,10 @@ class AlgorithmConfig(TaggedUnion):
         """Recall@K / NDCG@K cut-offs of a ranking algorithm (empty for pointwise ones)."""
         return ()
 
+    def check_train(self, train) -> str | None:
+        """Why this algorithm cannot honour the `train:` block (a setting it would ignore), or None."""
+        return None
+
 
 @dataclass(frozen=True)
 class Setup:

@@ -135,6 +135,9 @@ class ExperimentConfig:
         if ranking and not m:
             return (f"eval.metric: algorithm {name!r} reports ranking metrics; use recall@K or "
                     f"ndcg@K with K in algorithm.ks {list(ks)}, not {self.eval.metric!r}")
+        problem = self.algorithm.check_train(self.train)
+        if problem:
+            return problem
         need, have = self.algorithm.data_layout(), self.data.client_layout()
         if need is not None and have is not None and need != have:
             return f"algorithm.mode: {need!r} needs data.layout={need!r} (got data.layout={have!r})"

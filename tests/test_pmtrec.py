@@ -237,6 +237,65 @@ def test_federated_item_rows_from_per_task_sums_equal_the_per_row_rule_on_the_po
     assert torch.equal(moved, touched.any(0))
 
 
+def _local(tasks, combiner="pmtrec", optimizer="adam", epochs=3):
+    over = {"data": {"name": "mf_synthetic", "num_users": 30, "num_items": 20, "rows_per_user": 8, "layout": "federated"},
+            "train": {"lr": 0.1, "optimizer": optimizer, "local_epochs": epochs}, "eval": {"metric": "recall@20"}}
+    pm = from_dict(apply_overrides(over, ["algorithm.name=pmtrec", "algorithm.mode=federated", "algorithm.dim=4",
+                                          "algorithm.local_update=local_steps", "algorithm.server_lr=1.0",
+                                          f"algorithm.tasks={tasks}", f"algorithm.combiner={{name: {combiner}}}"]))
+    fa = from_dict(apply_overrides(over, ["algorithm.name=fedavg_mf", "algorithm.dim=4"]))
+    return pm, fa
+
+
+def _rounds(cfg, algo_cls, ds, rounds=2):
+    algo = algo_cls(cfg.algorithm, make_setup(cfg, ds))
+    algo.attach_data(ds)
+    state, ids = algo.init_server(), np.arange(ds.num_clients)
+    personal = algo.init_personal(torch.from_numpy(ids))
+    for rnd in range(rounds):
+        batch = DataView(ds).batch(ids, 0, epochs=1, seed=cfg.seed, rnd=rnd)
+        up = algo.train_cohort(algo.configure_train(rnd, state, torch.from_numpy(ids)), batch, personal)
+        state, stats = algo.aggregate_train(rnd, state, up.acc)
+        personal = up.personal
+    return state, personal, stats
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_pmtrec_local_steps_with_bpr_alone_is_fedavg_mf(optimizer):
+    """Equal local compute: PMTRec's FedAvg-style local steps on the one task [bpr] (the per-row
+    combination of one task is that task's gradient) are FedAvg-MF, round for round."""
+    pm, fa = _local("[bpr]", optimizer=optimizer)
+    ds = pm.data.build(0)
+    s1, p1, st1 = _rounds(pm, PMTRecMF, ds)
+    s2, p2, st2 = _rounds(fa, FedAvgMF, ds)
+    torch.testing.assert_close(s1["Q"], s2["Q"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p1["p"], p2["p"], rtol=1e-5, atol=1e-6)
+    assert st1["train/bpr_loss"] == pytest.approx(st2["train/bpr_loss"], rel=1e-5)
+    assert not torch.allclose(s1["Q"], PMTRecMF(pm.algorithm, make_setup(pm, ds)).init_server()["Q"])
+
+
+def test_pmtrec_local_steps_with_aux_tasks_combines_per_row():
+    pm, _ = _local("[bpr, rating, au]", epochs=2)
+    ds = pm.data.build(0)
+    s, p, st = _rounds(pm, PMTRecMF, ds)
+    eq, _ = _local("[bpr, rating, au]", combiner="equal", epochs=2)
+    s_eq, _, st_eq = _rounds(eq, PMTRecMF, ds)
+    assert {"train/bpr_loss", "train/rating_loss", "train/au_loss"} <= set(st)
+    assert torch.isfinite(s["Q"]).all() and not torch.allclose(s["Q"], s_eq["Q"])   # the rule matters
+
+
+@pytest.mark.parametrize("over, message", [
+    (["algorithm.local_update=gradient", "train.local_epochs=3"], "train.local_epochs: federated PMTRec"),
+    (["algorithm.combiner={name: pcgrad}"], "algorithm.combiner.name: 'pcgrad' is not implemented with local_update"),
+    (["algorithm.tasks=[bpr, category]"], "algorithm.tasks: task 'category' is not implemented with local_update"),
+])
+def test_local_steps_refusals(over, message):
+    base = ["data.name=mf_synthetic", "data.layout=federated", "algorithm.name=pmtrec", "algorithm.mode=federated",
+            "algorithm.tasks=[bpr, rating]", "algorithm.local_update=local_steps", "eval.metric=recall@20"]
+    with pytest.raises(ConfigError, match=message):
+        from_dict(apply_overrides({}, base + over))
+
+
 def test_fedavg_mf_local_item_copies_are_deduplicated_per_client():
     cfg = from_dict(apply_overrides({"data": {"name": "mf_synthetic", "num_users": 30, "num_items": 20,
                                               "rows_per_user": 8, "layout": "federated"},

@@ -1,0 +1,119 @@
+"""PMTRec's federated mode with FedAvg-style local steps (`algorithm.local_update: local_steps`).
+
+The same local compute as FedAvg-MF (algorithms/fedavg_mf.py), so the two compare at equal cost:
+each client runs `train.local_epochs` full-batch steps (SGD, or Adam reset every round) on its
+own row p_u and on local copies of the item rows it touches (one copy per (client, item)). At
+every local step each task's loss is differentiated separately and the per-task gradients are
+combined **per row** -- the client's p_u and each of its item copies -- by the `pmtrec` rule
+(methods.md §2.3; task focusing uses the round as the epoch), or averaged (`equal`). The server
+adds `server_lr` × the mean item-row delta over the clients that touched the row. With the one
+task `[bpr]` this is exactly FedAvg-MF (tested).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fleetrec.algorithms import rng
+from fleetrec.algorithms.combiners import pmtrec_combine, task_row_grads
+from fleetrec.algorithms.mf_tasks import ClientRows
+from fleetrec.algorithms.protocol import Accumulator, CohortBatch, CohortUpdate, Tensors, TrainPlan
+
+LOCAL_COMBINERS = ("pmtrec", "equal")
+LOCAL_TASKS = ("bpr", "rating", "au")      # no category: its head would need local copies as well
+
+
+@dataclass
+class LocalCopyRows(ClientRows):
+    """ClientRows whose item rows are the clients' own local copies (K, L, d), not a shared table."""
+    qi_local: torch.Tensor | None = None
+    qj_local: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.pu, self.qi, self.qj = self.p[:, None, :], self.qi_local, self.qj_local
+        self.nrow = self.m.sum(1).clamp_min(1)
+
+
+def local_slots(ids: torch.Tensor, real: torch.Tensor, sentinel: int):
+    """Per client, one local slot per distinct item id. ids (K, N) with `real` (K, N) bool; returns
+    (sorted ids with padding = sentinel, the slot of each sorted position, the slot of each
+    position of `ids`, the first-occurrence mask of the sorted positions)."""
+    ids_k = torch.where(real, ids, torch.full_like(ids, sentinel))
+    srt, perm = ids_k.sort(dim=1)
+    first = torch.ones_like(srt, dtype=torch.bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    slot_sorted = first.long().cumsum(1) - 1
+    slot = torch.empty_like(slot_sorted).scatter_(1, perm, slot_sorted)
+    return srt, slot_sorted, slot, first
+
+
+class LocalStepsTrainer:
+    """Client = user; Q is the server state (no server optimizer: Q += server_lr · mean delta)."""
+
+    def __init__(self, algo):
+        self.algo = algo
+
+    def init_server(self) -> Tensors:
+        return {"Q": self.algo.init_table(self.algo.num_items, rng.MF_INIT_ITEMS)}
+
+    def init_personal(self, client_ids: torch.Tensor) -> Tensors:
+        return {"p": self.algo.init_user_rows(client_ids)}
+
+    def sent(self, state: Tensors) -> Tensors:
+        return {"Q": state["Q"]}
+
+    def traffic(self) -> tuple[int, int]:
+        n = self.algo.num_items * self.algo.config.dim * 4
+        return n, n
+
+    def combine(self, G: torch.Tensor, rnd: int) -> torch.Tensor:
+        """(T, *R, d) per-task row gradients -> (*R, d): per row (pmtrec) or their mean (equal)."""
+        c = self.algo.config
+        if c.combiner.name == "equal":
+            return G.mean(0)
+        T, d = G.shape[0], G.shape[-1]
+        return pmtrec_combine(G.reshape(T, -1, d), rnd, c.combiner)[0].reshape(G.shape[1:])
+
+    def train(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
+        a = self.algo
+        c, tr = a.config, a.setup.train
+        K, L = batch.mask.shape
+        m = batch.mask
+        i, j = batch.categorical["item"], a.negatives(batch, plan.round)
+        srt, slot_sorted, slot, first = local_slots(torch.cat([i, j], 1), torch.cat([m, m], 1) > 0, a.num_items)
+        Qpad = torch.cat([plan.params["Q"], torch.zeros(1, c.dim)])
+        q0 = torch.zeros(K, 2 * L, c.dim)
+        q0.scatter_(1, slot_sorted[..., None].expand(-1, -1, c.dim), Qpad[srt])        # local copies by slot
+        q = q0.clone().requires_grad_(True)
+        p = personal["p"].clone().requires_grad_(True)
+        opt = torch.optim.Adam([p, q], lr=tr.lr) if tr.optimizer == "adam" else torch.optim.SGD([p, q], lr=tr.lr)
+        si, sj = slot[:, :L, None].expand(-1, -1, c.dim), slot[:, L:, None].expand(-1, -1, c.dim)
+        r = batch.numeric[..., 0]
+        last = torch.zeros(a.T)
+        for _ in range(tr.local_epochs):
+            rows = LocalCopyRows(p, None, {}, i, j, r, m, qi_local=q.gather(1, si), qj_local=q.gather(1, sj))
+            per = [t.client_loss(a, rows) for t in a.tasks]                            # T x (K,)
+            losses = [x.sum() for x in per]
+            gp = self.combine(task_row_grads(losses, p), plan.round)                    # (K, d)
+            gq = self.combine(task_row_grads(losses, q), plan.round)                    # (K, 2L, d)
+            opt.zero_grad()
+            p.grad, q.grad = gp.detach(), gq.detach()
+            opt.step()
+            last = torch.stack([x.detach().sum() for x in per])
+        keep = first & (srt < a.num_items)                                               # one slot per (client, item)
+        items = srt[keep]
+        delta = (q.detach() - q0).gather(1, slot_sorted[..., None].expand(-1, -1, c.dim))[keep]
+        acc = Accumulator(weight=float(K), clients=K,
+                          stats={f"train/{t}_loss": float(x) for t, x in zip(c.tasks, last)})
+        dsum = torch.zeros(a.num_items, c.dim, dtype=torch.float64)
+        dsum.index_add_(0, items, delta.double())
+        cnt = torch.zeros(a.num_items, dtype=torch.float64)
+        cnt.index_add_(0, items, torch.ones(len(items), dtype=torch.float64))
+        acc.sums = {"dQ": dsum, "nQ": cnt}
+        return CohortUpdate(personal={**personal, "p": p.detach()}, acc=acc)
+
+    def aggregate(self, rnd: int, state: Tensors, acc: Accumulator, stats: dict) -> Tensors:
+        new = dict(state)
+        new["Q"] = state["Q"] + self.algo.config.server_lr * (acc.sums["dQ"] / acc.sums["nQ"].clamp_min(1)[:, None]).float()
+        return new
