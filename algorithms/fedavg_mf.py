@@ -4,6 +4,11 @@ Each client runs `train.local_epochs` full-batch local steps (SGD, or Adam reset
 its own row p_u (private state) and on local copies of the item rows it touches (deduplicated per
 client); the server adds `server_lr` × the mean of the item-row deltas, over the clients that
 touched a row (`item_average: touched`) or over the whole cohort (`cohort`).
+
+Central DP (`privacy.enabled`): each client's item-row delta (all its rows jointly; p_u never
+leaves the client) is clipped to L2 norm C, the server adds N(0, (σC)²) to every coordinate of
+the summed (I, d) delta -- rows nobody touched included -- and divides by the expected cohort
+size (`privacy.CentralDP`), so only `item_average: cohort` is private (who touched a row is not).
 """
 from __future__ import annotations
 
@@ -13,9 +18,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from fleetrec.algorithms import rng
+from fleetrec.algorithms import privacy, rng
 from fleetrec.algorithms.mf import MF_EXAMPLE, MFAlgorithm
-from fleetrec.algorithms.protocol import Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup, Tensors, TrainPlan
+from fleetrec.algorithms.protocol import (CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
+                                          Tensors, TrainPlan)
 
 
 @dataclass(frozen=True)
@@ -37,14 +43,23 @@ class FedAvgMFConfig(AlgorithmConfig):
     def ranking_ks(self) -> tuple[int, ...]:
         return tuple(self.ks)
 
+    def check_privacy(self, priv) -> str | None:
+        if priv.enabled and self.item_average != "cohort":
+            return ("algorithm.item_average: with privacy.enabled the item-row mean is over the cohort (how many "
+                    f"clients touched a row is not private); set algorithm.item_average=cohort, got {self.item_average!r}")
+        return None
+
 
 class FedAvgMF(MFAlgorithm):
     Config = FedAvgMFConfig
     READS_SIDE_TABLES = False          # BPR on the interactions only
-    EXAMPLES = {"federated": {**MF_EXAMPLE, "data.layout": "federated", "train.lr": 0.1}}
+    PRIVACY = frozenset({CENTRAL_DP})
+    EXAMPLES = {"federated": {**MF_EXAMPLE, "data.layout": "federated", "train.lr": 0.1,
+                              "algorithm.item_average": "cohort"}}
 
     def __init__(self, config: FedAvgMFConfig, setup: Setup):
         super().__init__(config, setup, centralized=False)
+        self.dp = privacy.CentralDP(setup)
 
     def init_server(self) -> Tensors:
         return {"Q": self.init_table(self.num_items, rng.MF_INIT_ITEMS)}
@@ -93,6 +108,8 @@ class FedAvgMF(MFAlgorithm):
             loss_val = float(per.detach().sum())
         delta = (q.detach() - q0)                                                   # (K, 2L, d) by slot
         keep = first & (srt < self.num_items)                                        # one slot per (client, item)
+        if self.dp.enabled:          # padding slots hold zeros: the norm is over the client's item rows only
+            delta = privacy.clip_updates({"dQ": delta}, self.dp.cfg.clip)[0]["dQ"]
         items = srt[keep]
         acc = Accumulator(weight=float(K), clients=K, stats={"train/bpr_loss": loss_val})
         dsum = torch.zeros(self.num_items, c.dim, dtype=torch.float64)
@@ -108,7 +125,12 @@ class FedAvgMF(MFAlgorithm):
         if acc.weight <= 0:
             return state, {}
         new = dict(state)
-        denom = acc.sums["nQ"].clamp_min(1)[:, None] if self.config.item_average == "touched" else acc.weight
-        new["Q"] = state["Q"] + self.config.server_lr * (acc.sums["dQ"] / denom).float()
+        if self.dp.enabled:          # noise on the whole summed delta, the expected cohort size as denominator
+            mean = self.dp.mean_delta(Accumulator(weight=acc.weight, clients=acc.clients, sums={"dQ": acc.sums["dQ"]}),
+                                      rnd)["dQ"]
+        else:
+            denom = acc.sums["nQ"].clamp_min(1)[:, None] if self.config.item_average == "touched" else acc.weight
+            mean = acc.sums["dQ"] / denom
+        new["Q"] = state["Q"] + self.config.server_lr * mean.float()
         loss = acc.stats.get("train/bpr_loss", 0.0) / acc.weight
-        return new, {"train/bpr_loss": loss, "train_loss": loss, "clients_trained": acc.clients}
+        return new, {"train/bpr_loss": loss, "train_loss": loss, "clients_trained": acc.clients, **self.dp.metrics(rnd)}

@@ -93,6 +93,10 @@ class AlgorithmConfig(TaggedUnion):
         """Why this algorithm cannot honour the `train:` block (a setting it would ignore), or None."""
         return None
 
+    def check_privacy(self, privacy) -> str | None:
+        """Why this configuration cannot honour the `privacy:` block (beyond the class's PRIVACY), or None."""
+        return None
+
 
 @dataclass(frozen=True)
 class Setup:

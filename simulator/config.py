@@ -135,7 +135,7 @@ class ExperimentConfig:
         if ranking and not m:
             return (f"eval.metric: algorithm {name!r} reports ranking metrics; use recall@K or "
                     f"ndcg@K with K in algorithm.ks {list(ks)}, not {self.eval.metric!r}")
-        problem = self.algorithm.check_train(self.train)
+        problem = self.algorithm.check_train(self.train) or self.algorithm.check_privacy(self.privacy)
         if problem:
             return problem
         need, have = self.algorithm.data_layout(), self.data.client_layout()

@@ -296,6 +296,14 @@ def test_local_steps_refusals(over, message):
         from_dict(apply_overrides({}, base + over))
 
 
+def test_fedavg_mf_central_dp_needs_the_cohort_average():
+    base = ["data.name=mf_synthetic", "data.layout=federated", "algorithm.name=fedavg_mf", "eval.metric=recall@20",
+            "privacy.enabled=true"]
+    with pytest.raises(ConfigError, match="algorithm.item_average: with privacy.enabled"):
+        from_dict(apply_overrides({}, base))
+    assert from_dict(apply_overrides({}, base + ["algorithm.item_average=cohort"])).privacy.enabled
+
+
 def test_fedavg_mf_local_item_copies_are_deduplicated_per_client():
     cfg = from_dict(apply_overrides({"data": {"name": "mf_synthetic", "num_users": 30, "num_items": 20,
                                               "rows_per_user": 8, "layout": "federated"},
