@@ -32,7 +32,8 @@ from fleetrec.algorithms.mf import MF_EXAMPLE, MFAlgorithm
 from fleetrec.algorithms.mf_tasks import FEDERATED_TASKS, MF_TASKS, TASK_ORDER
 from fleetrec.algorithms.pmtrec_central import CentralizedTrainer
 from fleetrec.algorithms.pmtrec_federated import FederatedTrainer
-from fleetrec.algorithms.protocol import Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup, Tensors, TrainPlan
+from fleetrec.algorithms.protocol import (CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
+                                          Tensors, TrainPlan)
 
 def keeps_history(name: str) -> bool:
     """Combiners whose state carries across calls (DWA, GradNorm, MetaBalance, uncertainty): centralized only."""
@@ -61,6 +62,13 @@ class PMTRecAlgoConfig(AlgorithmConfig):
     CHECKS: ClassVar[dict] = {"mode": ("centralized", "federated"), "dim": ">=1", "init_std": ">0", "reg": ">=0",
                               "rating_scale": ">0", "unif_sample": ">=2", "server_lr": ">0",
                               "local_update": ("gradient", "local_steps")}
+
+    def check_privacy(self, priv) -> str | None:
+        if priv.enabled and not (self.mode == "federated" and self.local_update == "local_steps"):
+            return (f"privacy.enabled: algorithm 'pmtrec' implements central DP in its federated local-steps form "
+                    f"only (algorithm.mode=federated, algorithm.local_update=local_steps: clipped item-row deltas, "
+                    f"noise on their sum); got mode={self.mode}, local_update={self.local_update}")
+        return None
 
     def check_train(self, train) -> str | None:
         if self.mode == "federated" and self.local_update == "gradient" and train.local_epochs != 1:
@@ -118,7 +126,11 @@ class PMTRecMF(MFAlgorithm):
         "centralized": {**MF_EXAMPLE, "resources.workers": 1, "algorithm.combiner.name": "uncertainty",
                         "train.optimizer": "adam", "train.lr": 0.01},
         "federated": {**MF_EXAMPLE, "data.layout": "federated", "algorithm.mode": "federated",
-                      "algorithm.tasks": "[bpr,rating,au]", "train.optimizer": "adam", "train.lr": 0.05}}
+                      "algorithm.tasks": "[bpr,rating,au]", "train.optimizer": "adam", "train.lr": 0.05},
+        "federated_local_steps": {**MF_EXAMPLE, "data.layout": "federated", "algorithm.mode": "federated",
+                                  "algorithm.local_update": "local_steps", "algorithm.server_lr": 1.0,
+                                  "algorithm.tasks": "[bpr,rating,au]", "train.local_epochs": 2, "train.lr": 0.05}}
+    PRIVACY = frozenset({CENTRAL_DP})  # federated local_steps only (check_privacy refuses the other forms)
 
     def __init__(self, config: PMTRecAlgoConfig, setup: Setup):
         super().__init__(config, setup, centralized=config.mode == "centralized")

@@ -7,7 +7,8 @@ every local step each task's loss is differentiated separately and the per-task 
 combined **per row** -- the client's p_u and each of its item copies -- by the `pmtrec` rule
 (methods.md §2.3; task focusing uses the round as the epoch), or averaged (`equal`). The server
 adds `server_lr` × the mean item-row delta over the clients that touched the row. With the one
-task `[bpr]` this is exactly FedAvg-MF (tested).
+task `[bpr]` this is exactly FedAvg-MF (tested). Central DP as in FedAvg-MF: each client's item-row
+delta clipped jointly, noise on the whole summed table, the expected cohort size as denominator.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fleetrec.algorithms import rng
+from fleetrec.algorithms import privacy, rng
 from fleetrec.algorithms.combiners import pmtrec_combine, task_row_grads
 from fleetrec.algorithms.mf_tasks import ClientRows
 from fleetrec.algorithms.protocol import Accumulator, CohortBatch, CohortUpdate, Tensors, TrainPlan
@@ -53,6 +54,7 @@ class LocalStepsTrainer:
 
     def __init__(self, algo):
         self.algo = algo
+        self.dp = privacy.CentralDP(algo.setup)
 
     def init_server(self) -> Tensors:
         return {"Q": self.algo.init_table(self.algo.num_items, rng.MF_INIT_ITEMS)}
@@ -103,7 +105,10 @@ class LocalStepsTrainer:
             last = torch.stack([x.detach().sum() for x in per])
         keep = first & (srt < a.num_items)                                               # one slot per (client, item)
         items = srt[keep]
-        delta = (q.detach() - q0).gather(1, slot_sorted[..., None].expand(-1, -1, c.dim))[keep]
+        delta = q.detach() - q0                                                          # (K, 2L, d) by slot
+        if self.dp.enabled:          # unused slots hold zeros: the norm is over the client's item rows only
+            delta = privacy.clip_updates({"dQ": delta}, self.dp.cfg.clip)[0]["dQ"]
+        delta = delta.gather(1, slot_sorted[..., None].expand(-1, -1, c.dim))[keep]
         acc = Accumulator(weight=float(K), clients=K,
                           stats={f"train/{t}_loss": float(x) for t, x in zip(c.tasks, last)})
         dsum = torch.zeros(a.num_items, c.dim, dtype=torch.float64)
@@ -115,5 +120,11 @@ class LocalStepsTrainer:
 
     def aggregate(self, rnd: int, state: Tensors, acc: Accumulator, stats: dict) -> Tensors:
         new = dict(state)
-        new["Q"] = state["Q"] + self.algo.config.server_lr * (acc.sums["dQ"] / acc.sums["nQ"].clamp_min(1)[:, None]).float()
+        if self.dp.enabled:
+            mean = self.dp.mean_delta(Accumulator(weight=acc.weight, clients=acc.clients, sums={"dQ": acc.sums["dQ"]}),
+                                      rnd)["dQ"]
+            stats.update(self.dp.metrics(rnd))
+        else:
+            mean = acc.sums["dQ"] / acc.sums["nQ"].clamp_min(1)[:, None]
+        new["Q"] = state["Q"] + self.algo.config.server_lr * mean.float()
         return new

@@ -105,13 +105,23 @@ def test_central_dp_is_real_or_refused_before_anything_starts(ray_session, name)
     """With privacy on, a supporting algorithm logs a growing ε and its shared tensors carry the
     noise: with σ = 1000 the noise swamps the clipped updates, so after R rounds of θ += Δ each
     coordinate has moved with std √R·σ·C / (q·N) (within 25%). Any other algorithm is refused
-    by the loader, naming privacy.enabled and the algorithm."""
+    by the loader, naming privacy.enabled and the algorithm. An algorithm that declares central
+    DP for some of its forms only (PMTRec: federated local steps) must refuse the others with one
+    line and run at least one of its examples with noise."""
     algo = ALGORITHMS[name]
-    example = next(iter(algo.EXAMPLES))
     if CENTRAL_DP not in algo.PRIVACY:
         with pytest.raises(ConfigError, match=rf"privacy\.enabled: algorithm '{name}' does not implement central DP"):
-            example_config(name, example, "privacy.enabled=true")
+            example_config(name, next(iter(algo.EXAMPLES)), "privacy.enabled=true")
         return
+    runnable = []
+    for example in algo.EXAMPLES:
+        try:
+            example_config(name, example, "privacy.enabled=true")
+            runnable.append(example)
+        except ConfigError as e:
+            assert "privacy" in str(e) and len(str(e).splitlines()) == 1, (name, example, str(e))
+    assert runnable, f"{name} declares central DP but refuses it for every example"
+    example = runnable[0]
     rounds, sigma, clip = 2, 1000.0, 1.0
     cfg = example_config(name, example, "privacy.enabled=true", f"privacy.noise_multiplier={sigma}",
                          f"privacy.clip={clip}", f"rounds={rounds}")
