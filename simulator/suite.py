@@ -47,6 +47,8 @@ class BudgetConfig:
     search_alg: str = "random"         # random | optuna | hyperopt (the last two when installed)
     seed: int = 0                      # seed of the search algorithm (same for every method)
     max_concurrent_trials: int | None = None
+    include_config: bool = True        # the method's own config values are the first trial (counted in trials),
+                                       # so tuning can only end above the untuned method on validation
 
     CHECKS: ClassVar[dict] = {"trials": ">=1", "rounds": ">=1", "early_stop_patience": ">=0", "grace_period": ">=1",
                               "reduction_factor": ">1", "search_alg": ("random", "optuna", "hyperopt")}
@@ -220,6 +222,10 @@ def load_suite(path: str | Path, overrides: list[str] = ()) -> Suite:
     stores = set()
     for m in methods.values():                 # every method's sweeps must load: paths, metric, end points
         sw = _sweep(suite, m, "tune", check=True)
+        if sc.budget.include_config and m.tune_yaml["space"]:
+            tree = to_dict(sw.base_cfg)
+            m.tune_yaml["points_to_evaluate"] = [{k: _lookup(tree, k) for k in m.tune_yaml["space"]}]
+            sw = _sweep(suite, m, "tune", check=True)
         _sweep(suite, m, "seeds", values={}, check=True)
         stores.add((sw.tracking_uri, sw.experiment))
     if len(stores) > 1:
@@ -229,11 +235,19 @@ def load_suite(path: str | Path, overrides: list[str] = ()) -> Suite:
     return suite
 
 
+def _lookup(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return list(node) if isinstance(node, tuple) else node
+
+
 def _seeds_yaml(suite: Suite, m: Method, values: dict) -> dict:
     f = suite.cfg.final
     y = dict(m.tune_yaml)
     y.update(num_samples=1, search_alg="grid", scheduler="none", max_concurrent_trials=suite.cfg.budget.max_concurrent_trials,
              space={"seed": {"grid": list(f.seeds)}})
+    y.pop("points_to_evaluate", None)
     y["overrides"] = [*suite.cfg.overrides, *m.cfg.overrides,
                       *(f"{k}={_yaml_value(v)}" for k, v in values.items()),
                       f"rounds={f.rounds}", f"early_stop_patience={f.early_stop_patience}", "tracking.mlflow=true",
@@ -266,9 +280,18 @@ def _sweep(suite: Suite, m: Method, stage: str, values: dict | None = None, chec
     return load_sweep(p, list(suite.cli_overrides), name=name, storage_path=str(suite.dir))
 
 
-def fingerprint(sweep: Sweep) -> str:
-    """What a stage's result depends on: the resolved base config data and the sweep's settings."""
-    blob = json.dumps({"base": sweep.base_data, "sweep": to_dict(sweep.cfg)}, sort_keys=True, default=str)
+FINGERPRINT_VERSION = 2
+
+
+def fingerprint(sweep: Sweep, version: int = FINGERPRINT_VERSION) -> str:
+    """What a stage's result depends on: the base config data with every override, and the sweep
+    YAML as written (v2; new defaults of the sweep schema do not change it). v1 (records without a
+    version) hashed the sweep config with every default; kept so those records still check."""
+    if version == 1:
+        cfg = {k: v for k, v in to_dict(sweep.cfg).items() if k != "points_to_evaluate"}
+        blob = json.dumps({"base": sweep.base_data, "sweep": cfg}, sort_keys=True, default=str)
+    else:
+        blob = json.dumps({"base": sweep.base_data, "sweep": read_yaml(sweep.source)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -281,6 +304,7 @@ def _stage(suite: Suite, m: Method, stage: str, sweep: Sweep, resume: bool, log)
     fp = fingerprint(sweep)
     if done.is_file():
         rec = json.loads(done.read_text())
+        fp = fingerprint(sweep, rec.get("fingerprint_version", 1))
         if rec.get("fingerprint") != fp:
             raise ConfigError(f"{done}: the {stage} stage of {m.key} was run with a different suite or overrides "
                               f"(fingerprint {rec.get('fingerprint')} vs {fp}); remove {suite.method_dir(m.key)} "
@@ -296,7 +320,7 @@ def _stage(suite: Suite, m: Method, stage: str, sweep: Sweep, resume: bool, log)
     log(f"{m.key}: {stage} stage ({'resumed' if again else 'started'}): {sweep.cfg.num_samples} trial(s), "
         f"{sweep.base_cfg.rounds} rounds at most")
     res = tune_sweep(sweep, resume=again, verbose=0)
-    rec = {"fingerprint": fp, "parent_run_id": res.parent_run_id, "best": res.best.get("config", {}),
+    rec = {"fingerprint": fp, "fingerprint_version": FINGERPRINT_VERSION, "parent_run_id": res.parent_run_id, "best": res.best.get("config", {}),
            "best_value": res.best.get("best"), "trials": len(res.trials),
            "stopped_early": sum(t["error"] is None and t["rounds_run"] < sweep.base_cfg.rounds for t in res.trials),
            "errored": sum(t["error"] is not None for t in res.trials),

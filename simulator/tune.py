@@ -34,16 +34,18 @@ from fleetrec.simulator.tune_trial import trial
 # ------------------------------------------------------------------------------ the sweep
 def _search_alg(sweep: Sweep):
     sc = sweep.cfg
+    points = [dict(p) for p in sc.points_to_evaluate or []] or None
     if sc.search_alg in ("random", "grid"):
         from ray.tune.search import BasicVariantGenerator
-        return BasicVariantGenerator(random_state=sc.seed, max_concurrent=sc.max_concurrent_trials or 0)
+        return BasicVariantGenerator(random_state=sc.seed, max_concurrent=sc.max_concurrent_trials or 0,
+                                     points_to_evaluate=points)
     check_searcher_installed(sc.search_alg, sweep.source)
     if sc.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch
-        alg = OptunaSearch(metric=sc.metric, mode=sc.mode, seed=sc.seed)
+        alg = OptunaSearch(metric=sc.metric, mode=sc.mode, seed=sc.seed, points_to_evaluate=points)
     else:
         from ray.tune.search.hyperopt import HyperOptSearch
-        alg = HyperOptSearch(metric=sc.metric, mode=sc.mode, random_state_seed=sc.seed)
+        alg = HyperOptSearch(metric=sc.metric, mode=sc.mode, random_state_seed=sc.seed, points_to_evaluate=points)
     if sc.max_concurrent_trials:
         from ray.tune.search import ConcurrencyLimiter
         alg = ConcurrencyLimiter(alg, max_concurrent=sc.max_concurrent_trials)

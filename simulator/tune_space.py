@@ -120,6 +120,8 @@ class SweepConfig:
     tracking_uri: str | None = None    # MLflow store; null = the base config's (made absolute)
     experiment: str | None = None      # MLflow experiment; null = the base config's
     space: Any = None                  # dotted config path -> {choice|grid|uniform|loguniform|randint|quniform: ...}
+    points_to_evaluate: Any = None     # [{dotted path: value}, ...]: tried first (counted in num_samples), e.g.
+                                       # the base config's own values, so a sweep never ends worse than it
 
     CHECKS: ClassVar[dict] = {"mode": ("max", "min"), "num_samples": ">=1",
                               "search_alg": ("random", "grid", "optuna", "hyperopt"),
@@ -284,6 +286,23 @@ def load_sweep(path: str | Path, overrides: list[str] = (), name: str | None = N
                 sweep.trial_config({key: v}, "trial")
             except ConfigError as e:
                 raise ConfigError(f"{source}: space.{key}: value {v!r} gives a bad config: "
+                                  f"{str(e).removeprefix('trial: ')}") from None
+    if sc.points_to_evaluate is not None:
+        points = sc.points_to_evaluate
+        if not isinstance(points, (list, tuple)) or not all(isinstance(p, dict) for p in points):
+            raise ConfigError(f"{source}: points_to_evaluate: expected a list of mappings {{dotted path: value}}")
+        if sc.search_alg == "grid":
+            raise ConfigError(f"{source}: points_to_evaluate: needs search_alg random, optuna or hyperopt (a grid "
+                              "tries every point anyway)")
+        for n, point in enumerate(points):
+            bad = [k for k in point if k not in space]
+            if bad:
+                raise ConfigError(f"{source}: points_to_evaluate[{n}]: {bad[0]!r} is not a key of space "
+                                  f"({', '.join(space)})")
+            try:
+                sweep.trial_config(dict(point), "trial")
+            except ConfigError as e:
+                raise ConfigError(f"{source}: points_to_evaluate[{n}]: gives a bad config: "
                                   f"{str(e).removeprefix('trial: ')}") from None
     if isinstance(sc.scheduler, AshaConfig) and sc.scheduler.max_t and sc.scheduler.max_t > base_cfg.rounds:
         raise ConfigError(f"{source}: scheduler.max_t: got {sc.scheduler.max_t}, expected <= rounds "

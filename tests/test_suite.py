@@ -91,6 +91,24 @@ def test_shipped_suites_load_and_give_every_method_the_same_budget():
         rounds = {next(o for o in m.tune_yaml["overrides"] if o.startswith("rounds=")) for m in suite.methods.values()}
         assert rounds == {f"rounds={suite.cfg.budget.rounds}"}, path
         assert suite.per_user and len(suite.cfg.final.seeds) >= 6, path    # >= 6: Wilcoxon can reach 0.05
+        for m in suite.methods.values():          # the untuned config is the first trial of every method
+            if m.tune_yaml["space"]:
+                (point,) = m.tune_yaml["points_to_evaluate"]
+                assert set(point) == set(m.tune_yaml["space"]), (path, m.key)
+
+
+def test_points_to_evaluate_are_checked(tmp_path):
+    from fleetrec.simulator.tune_space import load_sweep
+    base = f"base: {ROOT / 'configs' / 'quickstart.yaml'}\nspace: {{train.lr: {{loguniform: [0.01, 1.0]}}}}\n"
+    p = tmp_path / "s.yaml"
+    p.write_text(base + "points_to_evaluate: [{train.lrr: 0.1}]\n")
+    with pytest.raises(ConfigError, match=r"points_to_evaluate\[0\]: 'train.lrr' is not a key of space"):
+        load_sweep(p)
+    p.write_text(base + "points_to_evaluate: [{train.lr: -1.0}]\n")
+    with pytest.raises(ConfigError, match=r"points_to_evaluate\[0\]: gives a bad config: train.lr"):
+        load_sweep(p)
+    p.write_text(base + "points_to_evaluate: [{train.lr: 0.5}]\n")
+    assert load_sweep(p).cfg.points_to_evaluate == [{"train.lr": 0.5}]
 
 
 def test_cli_suite_check(capsys):
@@ -134,6 +152,10 @@ def test_tiny_suite_end_to_end_resume_and_refusal(ray_session, tmp_path, monkeyp
     assert f"{np.mean(vals):.4f}" in md
     for ext in ("md", "csv", "png"):
         assert (tmp_path / "out" / f"pmtrec_synthetic.{ext}").is_file()
+    tune_parent = doc["methods"]["single"]["tune"]["parent_run_id"]      # trial 0 = the untuned config
+    tried = [r.data.params.get("sampled.train.lr") for r in client.search_runs(
+        [client.get_run(tune_parent).info.experiment_id], f"tags.mlflow.parentRunId = '{tune_parent}'")]
+    assert "0.005" in tried and len(tried) == 2
     exp = client.get_experiment_by_name(suite.experiment)
     logged = client.search_runs([exp.experiment_id], "tags.`fleetrec.suite` = 'pmtrec_synthetic'")
     assert len(logged) == 1
