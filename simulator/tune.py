@@ -27,14 +27,14 @@ from ray.tune import Callback as TuneCallback
 
 from fleetrec.simulator.config_loader import ConfigError, to_dict
 from fleetrec.simulator.tune_report import SweepResult, summarize
-from fleetrec.simulator.tune_space import SWEEP_STATE, AshaConfig, Sweep, check_searcher_installed
+from fleetrec.simulator.tune_space import SWEEP_STATE, AshaConfig, Sweep, check_searcher_installed, encode_value
 from fleetrec.simulator.tune_trial import trial
 
 
 # ------------------------------------------------------------------------------ the sweep
 def _search_alg(sweep: Sweep):
     sc = sweep.cfg
-    points = [dict(p) for p in sc.points_to_evaluate or []] or None
+    points = [{k: encode_value(v) for k, v in p.items()} for p in sc.points_to_evaluate or []] or None
     if sc.search_alg in ("random", "grid"):
         from ray.tune.search import BasicVariantGenerator
         return BasicVariantGenerator(random_state=sc.seed, max_concurrent=sc.max_concurrent_trials or 0,

@@ -3,6 +3,7 @@ trial (every `space` path exists in the base config; the end points of every dis
 valid config). See simulator/tune.py for the sweep itself."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -54,9 +55,9 @@ class DimConfig:
         from ray import tune
         k, v = self.kind(), getattr(self, self.kind())
         if k == "grid" or (k == "choice" and grid):
-            return tune.grid_search(list(v))
+            return tune.grid_search([encode_value(x) for x in v])
         if k == "choice":
-            return tune.choice(list(v))
+            return tune.choice([encode_value(x) for x in v])
         return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint,
                 "quniform": tune.quniform}[k](*v)
 
@@ -167,10 +168,24 @@ class Sweep:
         return from_dict(self.trial_data(values), source)
 
 
+JSON_PREFIX = "json:"
+
+
+def encode_value(v):
+    """A list / mapping value of a choice as one opaque string for Tune, which otherwise walks into
+    lists (a preset point such as tasks: [bpr, au] breaks its search-space resolution)."""
+    if isinstance(v, (list, tuple, dict)):
+        return JSON_PREFIX + json.dumps(list(v) if isinstance(v, tuple) else v)
+    return v
+
+
 def to_python(v):
-    """numpy scalars (what Tune samples) -> Python scalars, so the loader type-checks them."""
+    """What Tune hands a trial -> the value the loader type-checks: numpy scalars to Python
+    scalars, `encode_value` strings back to their lists / mappings."""
     if isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.ndim == 0):
         return v.item()
+    if isinstance(v, str) and v.startswith(JSON_PREFIX):
+        return json.loads(v[len(JSON_PREFIX):])
     return v
 
 

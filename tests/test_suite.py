@@ -156,6 +156,11 @@ def test_tiny_suite_end_to_end_resume_and_refusal(ray_session, tmp_path, monkeyp
     tried = [r.data.params.get("sampled.train.lr") for r in client.search_runs(
         [client.get_run(tune_parent).info.experiment_id], f"tags.mlflow.parentRunId = '{tune_parent}'")]
     assert "0.005" in tried and len(tried) == 2
+    pm_parent = doc["methods"]["pmtrec"]["tune"]["parent_run_id"]         # a list-valued choice, also as a preset point
+    sampled = [json.loads(r.data.tags["tune.sampled"]) for r in client.search_runs(
+        [client.get_run(pm_parent).info.experiment_id], f"tags.mlflow.parentRunId = '{pm_parent}'")]
+    assert ["bpr", "social", "coview", "rating", "au"] in [v["algorithm.tasks"] for v in sampled]
+    assert all(isinstance(v["algorithm.tasks"], list) for v in sampled)
     exp = client.get_experiment_by_name(suite.experiment)
     logged = client.search_runs([exp.experiment_id], "tags.`fleetrec.suite` = 'pmtrec_synthetic'")
     assert len(logged) == 1
