@@ -127,6 +127,8 @@ def _summarize_mlflow(sweep: Sweep, parent: str, trials: list[dict], best: dict,
         status = "FAILED" if t["error"] else "FINISHED"
         if c.info.status != status:    # ASHA stopped it: its process ended mid-run
             client.set_terminated(c.info.run_id, status)
+        if early:
+            fill_best(client, c, sc.metric, sc.mode)
         if best and tid == best["trial_id"]:
             best_child = c.info.run_id
     client.log_metric(parent, "tune/trials", len(trials))
@@ -155,6 +157,31 @@ def _summarize_mlflow(sweep: Sweep, parent: str, trials: list[dict], best: dict,
         for p in _plots(sweep, trials, d):
             client.log_artifact(parent, str(p), artifact_path="plots")
     client.set_terminated(parent, "FINISHED")
+
+
+def fill_best(client, run, metric: str, mode: str) -> None:
+    """A trial ASHA stopped ended before its run could log its best-round summary: log `best/<key>`
+    for every val/ and test/ metric at the round with the best `metric` so far (and
+    `best/best_round`), read from the run's metric history, so stopped and finished trials compare
+    in the MLflow table. Nothing when the run has a summary already or never evaluated."""
+    import time
+    from mlflow.entities import Metric
+    from fleetrec.simulator.tracking import mlflow_name
+    if any(k.startswith("best/") for k in run.data.metrics):
+        return
+    hist = [m for m in client.get_metric_history(run.info.run_id, mlflow_name(metric)) if m.value == m.value]
+    if not hist:
+        return
+    pick = (max if mode == "max" else min)(hist, key=lambda m: (m.value, -m.step) if mode == "max" else (m.value, m.step))
+    now = int(time.time() * 1000)
+    out = [Metric("best/best_round", float(pick.step), now, 0)]
+    for key in run.data.metrics:
+        if key.startswith(("val/", "test/")):
+            at = [m.value for m in client.get_metric_history(run.info.run_id, key) if m.step == pick.step]
+            if at:
+                out.append(Metric(f"best/{key}", float(at[-1]), now, 0))
+    for lo in range(0, len(out), 900):                   # log_batch takes up to 1000 metrics
+        client.log_batch(run.info.run_id, metrics=out[lo:lo + 900])
 
 
 def describe(sweep: Sweep) -> str:
