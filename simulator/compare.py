@@ -52,7 +52,10 @@ def select_runs(client, experiment: str | None, run_ids: list[str], filter_strin
     if any(e is None for e in exps):
         raise ConfigError(f"fleetrec compare: no MLflow experiment named {names[0]!r} in this store")
     runs = client.search_runs([e.experiment_id for e in exps], filter_string=filter_string, max_results=5000)
-    return [r for r in runs if r.data.tags.get("tune.parent") != "true" and "fleetrec.compare" not in r.data.tags]
+    # finished runs only: a killed or superseded attempt (a trial restarted by --resume) is not a seed
+    return [r for r in runs if r.data.tags.get("tune.parent") != "true" and "fleetrec.compare" not in r.data.tags
+            and "fleetrec.suite" not in r.data.tags and r.info.status == "FINISHED"
+            and r.data.tags.get("tune.superseded") != "true"]
 
 
 def group_runs(runs: list, by: str) -> list[Group]:

@@ -27,6 +27,10 @@ def _store(tmp_path):
             client.log_metric(r.info.run_id, "best/test/auc", auc)
             client.log_metric(r.info.run_id, "best/test/logloss", 1 - auc)
             client.set_terminated(r.info.run_id)
+    # a killed attempt of base seed 0 (a trial restarted by --resume) with a wild value: never a seed
+    r = client.create_run(exp, tags={"config": "base", "seed": "0", "algorithm": "fedavg", "dataset": "epinions"})
+    client.log_metric(r.info.run_id, "best/test/auc", 0.1)
+    client.set_terminated(r.info.run_id, "KILLED")
     mlflow.set_tracking_uri(uri)
     return uri
 
