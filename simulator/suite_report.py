@@ -182,7 +182,8 @@ def _cell(v: list[float]) -> str:
 
 
 def _fmt_p(p: float) -> str:
-    return f"{p:.2g}" if p >= 1e-3 else "<0.001"
+    """`=0.031` or `<0.001`, to follow a `p`."""
+    return f"={p:.2g}" if p >= 1e-3 else "<0.001"
 
 
 def _values_text(values: dict) -> str:
@@ -217,9 +218,9 @@ def table(suite, results: dict[str, MethodResult]) -> tuple[list[str], list[list
             if "diff" not in c:
                 row.append(c["verdict"])
                 continue
-            txt = f"{c['diff']:+.4f}, Wilcoxon p={_fmt_p(c['wilcoxon_p'])}"
+            txt = f"{c['diff']:+.4f}, Wilcoxon p{_fmt_p(c['wilcoxon_p'])}"
             if "bootstrap" in c:
-                txt += f", bootstrap p={_fmt_p(c['bootstrap']['p'])}"
+                txt += f", bootstrap p{_fmt_p(c['bootstrap']['p'])}"
             row.append(f"{txt}: {c['verdict']}")
         rows.append(row)
     return header, rows, stats

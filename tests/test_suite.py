@@ -137,7 +137,7 @@ def test_tiny_suite_end_to_end_resume_and_refusal(ray_session, tmp_path, monkeyp
     src.write_text(yaml.safe_dump(raw, sort_keys=False))
     suite = load_suite(src, TINY)
     md = run_suite(suite, log=lambda s: None)
-    assert "| PMTRec | 2 |" in md and "vs pmtrec: test/recall@20" in md and "bootstrap p=" in md
+    assert "| PMTRec | 2 |" in md and "vs pmtrec: test/recall@20" in md and "bootstrap p" in md
     doc = json.loads((tmp_path / "out" / "pmtrec_synthetic.json").read_text())
     assert doc["command"].startswith("fleetrec suite suite.yaml suite.budget.trials=2")
     runs = doc["methods"]["single"]["runs"]
