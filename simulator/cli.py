@@ -136,7 +136,8 @@ def cmd_tune(args) -> int:
 
 
 def cmd_suite(args) -> int:
-    from fleetrec.simulator.suite import describe, load_suite, run_suite
+    from fleetrec.simulator.suite import load_suite, run_suite
+    from fleetrec.simulator.suite_report import describe
     from fleetrec.simulator.tune import SweepInterrupted
     suite = load_suite(args.suite, args.overrides)
     print(describe(suite), file=sys.stderr)

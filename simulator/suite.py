@@ -32,6 +32,7 @@ import yaml
 
 from fleetrec.simulator.config import RANKING_METRIC
 from fleetrec.simulator.config_loader import ConfigError, apply_overrides, build, read_yaml, to_dict
+from fleetrec.simulator.suite_report import rel as _rel, write_report
 from fleetrec.simulator.tune_space import REPO_ROOT, Sweep, load_sweep
 
 
@@ -150,13 +151,6 @@ class Suite:
     def command(self) -> str:
         return " ".join(["fleetrec", "suite", shlex.quote(_rel(self.source))]
                         + [shlex.quote(o) for o in self.all_overrides])
-
-
-def _rel(p: Path) -> str:
-    try:
-        return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(p)
 
 
 def _resolve(path: str, source: Path, what: str) -> Path:
@@ -334,7 +328,6 @@ def _stage(suite: Suite, m: Method, stage: str, sweep: Sweep, resume: bool, log)
 def run_suite(suite: Suite, resume: bool = False, only: list[str] = (), report_only: bool = False,
               log=lambda s: print(s, file=sys.stderr)) -> str:
     """Run the stages that are not done yet for every method (or `only` those), then the report."""
-    from fleetrec.simulator.suite_report import write_report
     bad = [k for k in only if k not in suite.methods]
     if bad:
         raise ConfigError(f"--only: {bad[0]!r} is not a method of {suite.source}; methods: {', '.join(suite.methods)}")
@@ -347,19 +340,3 @@ def run_suite(suite: Suite, resume: bool = False, only: list[str] = (), report_o
         tuned = _stage(suite, m, "tune", _sweep(suite, m, "tune"), resume or bool(only), log)
         _stage(suite, m, "seeds", _sweep(suite, m, "seeds", values=tuned["best"]), resume or bool(only), log)
     return write_report(suite, log)
-
-
-def describe(suite: Suite) -> str:
-    sc, b, f = suite.cfg, suite.cfg.budget, suite.cfg.final
-    lines = [f"suite {suite.name}: {len(suite.methods)} methods, reference {sc.reference}; tune on {sc.metric} "
-             f"({sc.mode}), report test/{', test/'.join(sc.report)}",
-             f"budget per method: {b.trials} trials x <= {b.rounds} rounds, {b.search_alg} search (seed {b.seed}), "
-             f"ASHA grace {b.grace_period}, reduction {b.reduction_factor:g}",
-             f"seeds {list(f.seeds)}, <= {f.rounds} rounds, early stop after {f.early_stop_patience} evaluations; "
-             f"tests: Wilcoxon over seeds" + (f" + paired bootstrap over users ({sc.tests.bootstrap_samples})"
-                                              if suite.per_user and sc.tests.bootstrap_samples else ""),
-             f"state {suite.dir}; results {suite.results_dir}"]
-    for m in suite.methods.values():
-        space = m.tune_yaml["space"]
-        lines.append(f"  {m.key}: {_rel(m.config_path)}" + (f" searching {', '.join(space)}" if space else " (nothing searched)"))
-    return "\n".join(lines)

@@ -297,3 +297,27 @@ def _log(suite, client, uri: str, text: str, rows, header, stem: Path) -> None:
         for ext in ("md", "csv", "json", "png"):
             mlflow.log_artifact(f"{stem}.{ext}")
 
+
+def rel(p) -> str:
+    """A path relative to the working directory when it is below it (for commands in reports)."""
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+def describe(suite) -> str:
+    """What `fleetrec suite` will run, printed before it starts (and by --check)."""
+    sc, b, f = suite.cfg, suite.cfg.budget, suite.cfg.final
+    lines = [f"suite {suite.name}: {len(suite.methods)} methods, reference {sc.reference}; tune on {sc.metric} "
+             f"({sc.mode}), report test/{', test/'.join(sc.report)}",
+             f"budget per method: {b.trials} trials x <= {b.rounds} rounds, {b.search_alg} search (seed {b.seed}), "
+             f"ASHA grace {b.grace_period}, reduction {b.reduction_factor:g}",
+             f"seeds {list(f.seeds)}, <= {f.rounds} rounds, early stop after {f.early_stop_patience} evaluations; "
+             f"tests: Wilcoxon over seeds" + (f" + paired bootstrap over users ({sc.tests.bootstrap_samples})"
+                                              if suite.per_user and sc.tests.bootstrap_samples else ""),
+             f"state {suite.dir}; results {suite.results_dir}"]
+    for m in suite.methods.values():
+        space = m.tune_yaml["space"]
+        lines.append(f"  {m.key}: {rel(m.config_path)}" + (f" searching {', '.join(space)}" if space else " (nothing searched)"))
+    return "\n".join(lines)
