@@ -246,8 +246,9 @@ class _Loop:
         return stop
 
     def state_dict(self, rnd: int) -> dict:
+        per = None if self.best_per_user is None else {k: np.asarray(v).tolist() for k, v in self.best_per_user.items()}
         return {"round": rnd, "records": self.records, "best_round": self.best["round"] if self.best else None,
-                "best_val": self.best_val, "stale": self.stale, "best_per_user": None if self.best_per_user is None else {k: np.asarray(v).tolist() for k, v in self.best_per_user.items()},
+                "best_val": self.best_val, "stale": self.stale, "best_per_user": per,
                 "callbacks": [cb.state_dict() for cb in self.callbacks]}
 
     def load_state_dict(self, d: dict) -> None:
