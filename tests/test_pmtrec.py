@@ -593,3 +593,19 @@ def test_combiner_history_is_server_state_so_fresh_workers_continue_it(combiner)
     assert history and any(not torch.equal(kept[k], one.init_server()[k]) for k in history)
     for k in kept:
         torch.testing.assert_close(restarted[k], kept[k], atol=0, rtol=0, msg=k)
+
+
+def test_per_user_values_of_the_best_round_survive_the_driver_checkpoint():
+    import json
+    from fleetrec.algorithms.evaluation import PER_USER
+    from fleetrec.simulator.run import _Loop
+    cfg = _cfg("pmtrec_synthetic.yaml", **{"eval.metric": "recall@20", "early_stop_patience": 0})
+    loop = _Loop(cfg, [])
+    best = {"user": np.array([3, 1]), "recall@20": np.array([0.5, 0.25])}
+    loop.record({"round": 0, "val/recall@20": 0.1, PER_USER: best})
+    loop.record({"round": 1, "val/recall@20": 0.05, PER_USER: {"user": np.array([3]), "recall@20": np.array([0.0])}})
+    assert loop.best_per_user is best and all(PER_USER not in r for r in loop.records)
+    again = _Loop(cfg, [])
+    again.load_state_dict(json.loads(json.dumps(loop.state_dict(1))))      # driver.json is JSON
+    assert again.best_per_user["user"].tolist() == [3, 1] and again.best_per_user["user"].dtype == np.int64
+    assert again.best_per_user["recall@20"].tolist() == [0.5, 0.25]
