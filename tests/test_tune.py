@@ -141,12 +141,6 @@ def test_quickstart_sweep_asha_and_mlflow(ray_session, tmp_path):
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "val/auc")]
         assert steps == list(range(t["rounds_run"]))
         assert c.data.tags["tune.stopped_early"] == str(t["rounds_run"] < 4).lower()
-        # stopped or not, every trial has its best-round summary (a stopped one's from its history)
-        val = {m.step: m.value for m in client.get_metric_history(c.info.run_id, "val/auc")}
-        test = {m.step: m.value for m in client.get_metric_history(c.info.run_id, "test/auc")}
-        best_round = int(c.data.metrics["best/best_round"])
-        assert c.data.metrics["best/val/auc"] == pytest.approx(max(val.values())) == pytest.approx(val[best_round])
-        assert c.data.metrics["best/test/auc"] == pytest.approx(test[best_round])
         assert c.data.tags["sweep"] == sweep.name and c.info.run_name.startswith("lr=")    # named by its sample
     p = client.get_run(res.parent_run_id)
     assert p.info.status == "FINISHED"
