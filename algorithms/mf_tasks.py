@@ -58,6 +58,7 @@ class CentralRows:
     aux: dict
     pu: torch.Tensor = field(init=False)
     qi: torch.Tensor = field(init=False)
+    _qj: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self):
         self.pu, self.qi = self.P.lookup(self.u), self.Q.lookup(self.i)
@@ -65,7 +66,7 @@ class CentralRows:
     @property
     def qj(self) -> torch.Tensor:
         """The negatives' rows; gathered only by tasks that use them (BPR), looked up on first use."""
-        if not hasattr(self, "_qj"):
+        if self._qj is None:
             self._qj = self.Q.lookup(self.j)
         return self._qj
 

@@ -351,6 +351,14 @@ def _brute_force_per_user(P, Q, ds, split, ks) -> dict[int, dict[str, float]]:
     return out
 
 
+def _user_table(ray_session, coord, state, ds, layout):
+    """P as the engine holds it: server state (centralized) or every client's private row (federated)."""
+    if layout == "centralized":
+        return state["P"]
+    pers = ray_session.get(coord.personal_state.remote(list(range(ds.num_clients))))
+    return torch.stack([pers[c]["p"] for c in range(ds.num_clients)])
+
+
 def _brute_force(P, Q, ds, split, ks):
     per = _brute_force_per_user(P, Q, ds, split, ks)
     return {k: float(np.mean([row[k] for row in per.values()])) for k in next(iter(per.values()))}
@@ -372,11 +380,7 @@ def test_per_user_test_metrics_of_the_best_round_match_a_brute_force_loop(ray_se
     try:
         ds = cfg.data.build(cfg.seed)
         state = result.server_state
-        if layout == "centralized":
-            P = state["P"]
-        else:
-            pers = ray_session.get(coord.personal_state.remote(list(range(ds.num_clients))))
-            P = torch.stack([pers[c]["p"] for c in range(ds.num_clients)])
+        P = _user_table(ray_session, coord, state, ds, layout)
     finally:
         ray_session.kill(coord)
     ref = _brute_force_per_user(P, state["Q"], ds, 2, (5, 10))
@@ -407,11 +411,7 @@ def test_ranking_metrics_through_the_engine_match_a_brute_force_loop(ray_session
     try:
         ds = cfg.data.build(cfg.seed)
         state = result.server_state
-        if layout == "centralized":
-            P = state["P"]
-        else:
-            pers = ray_session.get(coord.personal_state.remote(list(range(ds.num_clients))))
-            P = torch.stack([pers[c]["p"] for c in range(ds.num_clients)])
+        P = _user_table(ray_session, coord, state, ds, layout)
         last = result.records[-1]
         for split, name in ((1, "val"), (2, "test")):
             ref = _brute_force(P, state["Q"], ds, split, (5, 10))
