@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fleetrec.algorithms import privacy, rng
-from fleetrec.algorithms.mf import MF_EXAMPLE, MFAlgorithm
+from fleetrec.algorithms.mf import MF_EXAMPLE, MFAlgorithm, local_slots
 from fleetrec.algorithms.protocol import (CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
                                           Tensors, TrainPlan)
 
@@ -80,14 +80,8 @@ class FedAvgMF(MFAlgorithm):
         m = batch.mask
         nrow = m.sum(1).clamp_min(1)
         i, j = batch.categorical["item"], self.negatives(batch, plan.round)
-        ids = torch.cat([i, j], 1)                                                   # (K, 2L)
-        real2 = torch.cat([m, m], 1) > 0
-        ids_k = torch.where(real2, ids, torch.full_like(ids, self.num_items))      # padding -> a sentinel id
-        srt, perm = ids_k.sort(dim=1)
-        first = torch.ones_like(srt, dtype=torch.bool)
-        first[:, 1:] = srt[:, 1:] != srt[:, :-1]
-        slot_sorted = first.long().cumsum(1) - 1                                     # (K, 2L) local slot per sorted pos
-        slot = torch.empty_like(slot_sorted).scatter_(1, perm, slot_sorted)          # local slot per position
+        # one local slot per distinct (client, item); padding -> the sentinel id num_items
+        srt, slot_sorted, slot, first = local_slots(torch.cat([i, j], 1), torch.cat([m, m], 1) > 0, self.num_items)
         Qpad = torch.cat([plan.params["Q"], torch.zeros(1, c.dim)])
         q0 = torch.zeros(K, 2 * L, c.dim)
         q0.scatter_(1, slot_sorted[..., None].expand(-1, -1, c.dim), Qpad[srt])      # local copies (by slot)

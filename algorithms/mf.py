@@ -36,6 +36,19 @@ def csr(table, a: str, b: str, n: int):
     return torch.from_numpy(indptr), torch.from_numpy(dst[order])
 
 
+def local_slots(ids: torch.Tensor, real: torch.Tensor, sentinel: int):
+    """Per client, one local slot per distinct item id. ids (K, N) with `real` (K, N) bool; returns
+    (sorted ids with padding = sentinel, the slot of each sorted position, the slot of each
+    position of `ids`, the first-occurrence mask of the sorted positions)."""
+    ids_k = torch.where(real, ids, torch.full_like(ids, sentinel))
+    srt, perm = ids_k.sort(dim=1)
+    first = torch.ones_like(srt, dtype=torch.bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    slot_sorted = first.long().cumsum(1) - 1
+    slot = torch.empty_like(slot_sorted).scatter_(1, perm, slot_sorted)
+    return srt, slot_sorted, slot, first
+
+
 def ranking_partial(user_emb: torch.Tensor, item_emb: torch.Tensor, test: torch.Tensor, exclude: torch.Tensor,
                     ks: tuple[int, ...], user_ids: torch.Tensor | None = None) -> RankingPartial:
     """Sums of Recall@K / NDCG@K over the ranked users; with `user_ids` (global id of each row of

@@ -18,6 +18,7 @@ import torch
 
 from fleetrec.algorithms import privacy, rng
 from fleetrec.algorithms.combiners import pmtrec_combine, task_row_grads
+from fleetrec.algorithms.mf import local_slots
 from fleetrec.algorithms.mf_tasks import ClientRows
 from fleetrec.algorithms.protocol import Accumulator, CohortBatch, CohortUpdate, Tensors, TrainPlan
 
@@ -34,19 +35,6 @@ class LocalCopyRows(ClientRows):
     def __post_init__(self):
         self.pu, self.qi, self.qj = self.p[:, None, :], self.qi_local, self.qj_local
         self.nrow = self.m.sum(1).clamp_min(1)
-
-
-def local_slots(ids: torch.Tensor, real: torch.Tensor, sentinel: int):
-    """Per client, one local slot per distinct item id. ids (K, N) with `real` (K, N) bool; returns
-    (sorted ids with padding = sentinel, the slot of each sorted position, the slot of each
-    position of `ids`, the first-occurrence mask of the sorted positions)."""
-    ids_k = torch.where(real, ids, torch.full_like(ids, sentinel))
-    srt, perm = ids_k.sort(dim=1)
-    first = torch.ones_like(srt, dtype=torch.bool)
-    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    slot_sorted = first.long().cumsum(1) - 1
-    slot = torch.empty_like(slot_sorted).scatter_(1, perm, slot_sorted)
-    return srt, slot_sorted, slot, first
 
 
 class LocalStepsTrainer:
