@@ -33,7 +33,7 @@ import yaml
 from fleetrec.simulator.config import RANKING_METRIC
 from fleetrec.simulator.config_loader import ConfigError, apply_overrides, build, read_yaml, to_dict
 from fleetrec.simulator.suite_report import rel as _rel, write_report
-from fleetrec.simulator.tune_space import REPO_ROOT, Sweep, load_sweep
+from fleetrec.simulator.tune_space import Sweep, load_sweep, resolve_config
 
 
 # ------------------------------------------------------------------------------ the YAML schema
@@ -153,13 +153,6 @@ class Suite:
                         + [shlex.quote(o) for o in self.all_overrides])
 
 
-def _resolve(path: str, source: Path, what: str) -> Path:
-    for cand in (source.parent / path, REPO_ROOT / path, Path(path)):
-        if cand.is_file():
-            return cand.resolve()
-    raise ConfigError(f"{source}: {what}: config file {path!r} not found (relative to {source.parent} or {REPO_ROOT})")
-
-
 def _yaml_value(v) -> str:
     """A value as override text that the loader parses back to the same value."""
     return json.dumps(v) if isinstance(v, (list, tuple, dict, str, bool)) or v is None else repr(v)
@@ -195,7 +188,7 @@ def load_suite(path: str | Path, overrides: list[str] = ()) -> Suite:
             raise ConfigError(f"{source}: {e}") from None
         if not mc.config:
             raise ConfigError(f"{source}: methods.{key}.config: expected the method's experiment YAML")
-        cpath = _resolve(mc.config, source, f"methods.{key}.config")
+        cpath = resolve_config(mc.config, source, f"methods.{key}.config")
         b = sc.budget
         tune_yaml = {
             "base": str(cpath), "metric": sc.metric, "mode": sc.mode, "num_samples": b.trials,

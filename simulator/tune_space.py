@@ -201,11 +201,12 @@ def set_dotted(data: dict, path: str, value) -> None:
     node[parts[-1]] = value
 
 
-def _resolve_base(base: str, source: Path) -> Path:
+def resolve_config(base: str, source: Path, what: str = "base") -> Path:
+    """A config path named in `source` (at key `what`): relative to that file, else to the repo root."""
     for cand in (source.parent / base, REPO_ROOT / base, Path(base)):
         if cand.is_file():
             return cand.resolve()
-    raise ConfigError(f"{source}: base: config file {base!r} not found (relative to {source.parent} or {REPO_ROOT})")
+    raise ConfigError(f"{source}: {what}: config file {base!r} not found (relative to {source.parent} or {REPO_ROOT})")
 
 
 def _abs_sqlite(uri: str, cwd: Path) -> str:
@@ -252,7 +253,7 @@ def load_sweep(path: str | Path, overrides: list[str] = (), name: str | None = N
             raise ConfigError(f"{source}: space.{bad[0]}: grid values need search_alg random or grid")
         check_searcher_installed(sc.search_alg, source)
 
-    base_path = _resolve_base(sc.base, source)
+    base_path = resolve_config(sc.base, source)
     cwd = Path.cwd()
     data = read_yaml(base_path)
     try:
