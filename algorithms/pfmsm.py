@@ -10,10 +10,18 @@ round, for every template group P (global experts; task-t experts; scenario expe
    `aggregate` uploads and aggregates them like the rest, no normalization (ablation);
 2. conflict coordination: d^P = ConflictAverse({Δ_c^P}) with κ (`conflict_coordination=false`: the mean);
 3. personalized aggregation: θ_c^P = θ_c^start + Δ_c^P + α_c · d^P, with α_c learned on the server by
-   the hypergradient −<Δ_c^(r), d^(r−1)> (`personalized=false`: every client gets mean(θ^start) + d^P);
+   the hypergradient −cos(Δ_c^(r), d^(r−1)) (`hypergrad=raw`: FedHCA2's −<Δ_c^(r), d^(r−1)>, which
+   is ~1e-4 here and leaves α at its start) (`personalized=false`: every client gets mean(θ^start) + d^P);
 4. task towers: per tower layer, cross-attention over the clients' deltas with learned β
    (`tower_aggregation=cross_attention`), modules 2-3 on the towers (`fallback`) or no tower
-   upload at all (`none`).
+   upload at all (`none`). θ_c = θ_c^start + Δ_c + β_c · v_c with v_c = (a V)_c (or d), so β's
+   hypergradient uses v_c of the last round (∂θ_c/∂β_c), not β_c · v_c.
+
+The template (`specific_parts=local`, default) uploads only the global experts (and towers): task-
+and scenario-specific experts stay on their client, following the seed's "W_j is aggregated across
+clients ... while W_loc and W_ti remain local". `specific_parts=aggregated` gives every expert group
+the same personalized conflict-averse update (the former reading, under which `template=false`
+only regrouped the QP and could not differ much).
 
 Local training adds (μ/2)·||θ − θ_ref||² over the uploaded tensors, θ_ref = the mean of the
 clients' personalized copies. `template=false` (ablation) aggregates every expert as one global
@@ -28,18 +36,21 @@ import torch
 
 from fleetrec.algorithms import aggregate
 from fleetrec.algorithms import pfmsm_math as pm
-from fleetrec.algorithms.protocol import (PERSONALIZED, PRIVATE, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate,
+from fleetrec.algorithms.protocol import (PERSONALIZED, PRIVATE, Accumulator, CohortBatch, CohortUpdate,
                                           Tensors, TrainPlan)
-from fleetrec.algorithms.scenario import OWN_MODEL, SCENARIO_EXAMPLE, ScenarioAlgorithm
+from fleetrec.algorithms.scenario import OWN_MODEL, SCENARIO_EXAMPLE, ScenarioAlgorithm, ScenarioBaseConfig
 
 PERS, REF = "pers.", "ref."
 TOWER_MODES = ("cross_attention", "fallback", "none")
 
 
 @dataclass(frozen=True)
-class PFMSMTrecConfig(AlgorithmConfig):
+class PFMSMTrecConfig(ScenarioBaseConfig):
     name: str = "pf_msmtrec"
     template: bool = True                    # parameter template (option A); false: all experts in one global group
+    # with the template: task- and scenario-specific experts stay on the client ("local", the seed's
+    # W_loc / W_ti) or are aggregated by the same rule as the global ones ("aggregated", the old reading)
+    specific_parts: str = "local"
     fedbn_mode: str = "local_bn"             # local_bn (FedBN) | server_norm (Eq. 8 reading) | aggregate (ablation)
     conflict_coordination: bool = True      # conflict-averse aggregated delta (false: plain mean of deltas)
     kappa: float = 0.4                       # κ of the conflict-averse delta
@@ -49,12 +60,16 @@ class PFMSMTrecConfig(AlgorithmConfig):
     alpha_lr: float = 0.01                   # SGD on α and β (hypergradient)
     alpha_momentum: float = 0.9
     alpha_weight_decay: float = 1e-4
+    # the α/β hypergradient: "cosine" = −cos(Δ_c^(r), direction^(r−1)) (scale-free, in [−1, 1]),
+    # "raw" = −<Δ_c^(r), direction^(r−1)> (FedHCA2's rule; ~1e-4 on these models, so α barely moves)
+    hypergrad: str = "cosine"
     tower_aggregation: str = "cross_attention"   # cross_attention | fallback | none (towers stay local)
     mu: float = 0.01                         # proximal weight toward the mean personalized copy
 
-    CHECKS: ClassVar[dict] = {"fedbn_mode": pm.FEDBN_MODES, "kappa": ">=0", "rescale": pm.RESCALES,
+    CHECKS: ClassVar[dict] = {**ScenarioBaseConfig.CHECKS, "fedbn_mode": pm.FEDBN_MODES, "kappa": ">=0", "rescale": pm.RESCALES,
                               "alpha_init": "0..1", "alpha_lr": ">=0", "alpha_momentum": "0..1",
-                              "alpha_weight_decay": ">=0", "tower_aggregation": TOWER_MODES, "mu": ">=0"}
+                              "alpha_weight_decay": ">=0", "tower_aggregation": TOWER_MODES, "mu": ">=0",
+                              "specific_parts": ("local", "aggregated"), "hypergrad": pm.HYPERGRADS}
 
 
 def _is_tower(role: str) -> bool:
@@ -71,6 +86,9 @@ class PFMSMTrec(ScenarioAlgorithm):
         roles = {n: self.template[n] for n in self.float_names}
         if not cfg.template:       # ablation: every expert tensor in one group aggregated over all clients
             roles = {n: (pm.GLOBAL if r not in (pm.LOCAL,) and not _is_tower(r) else r) for n, r in roles.items()}
+        elif cfg.specific_parts == "local":   # the seed: only the shared part W_j is aggregated
+            roles = {n: (pm.LOCAL if r == pm.SCENARIO or r.startswith(pm.TASK_PREFIX) else r)
+                     for n, r in roles.items()}
         if cfg.tower_aggregation == "none":
             roles = {n: (pm.LOCAL if _is_tower(r) else r) for n, r in roles.items()}
         self.group_roles = roles
@@ -98,8 +116,8 @@ class PFMSMTrec(ScenarioAlgorithm):
         state["has_prev"] = torch.zeros(())
         for g, names in self.expert_groups.items():
             state[f"prev_d.{g}"] = torch.zeros(sum(self._initial[n].numel() for n in names))
-        for layer, names in self.tower_layers.items():
-            state[f"prev_u.{layer}"] = torch.zeros(N, sum(self._initial[n].numel() for n in names))
+        for layer, names in self.tower_layers.items():     # ∂θ_c/∂β_c of the last round: (a V)_c or d
+            state[f"prev_dir.{layer}"] = torch.zeros(N, sum(self._initial[n].numel() for n in names))
         return state
 
     def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan:
@@ -123,14 +141,16 @@ class PFMSMTrec(ScenarioAlgorithm):
         if cfg.personalized and float(state["has_prev"]) > 0 and cfg.alpha_lr > 0:
             hyper = dict(lr=cfg.alpha_lr, momentum=cfg.alpha_momentum, weight_decay=cfg.alpha_weight_decay)
             g_a = torch.zeros_like(alpha)
-            for g, names in self.expert_groups.items():
-                g_a[idx] += pm.hypergrad_alpha(state[f"prev_d.{g}"], pm.flatten_group(deltas, names)).float()
-            alpha, new["alpha_momentum"] = pm.momentum_step(alpha, state["alpha_momentum"], g_a, **hyper)
+            for g, names in self.expert_groups.items():     # cosine: the mean over groups
+                h = pm.hypergrad(pm.flatten_group(deltas, names), state[f"prev_d.{g}"], cfg.hypergrad)
+                g_a[idx] += h.float() / (len(self.expert_groups) if cfg.hypergrad == "cosine" else 1)
+            if self.expert_groups:
+                alpha, new["alpha_momentum"] = pm.momentum_step(alpha, state["alpha_momentum"], g_a, **hyper)
             if self.layer_keys and cfg.tower_aggregation != "none":
                 g_b = torch.zeros_like(beta)
                 for j, (layer, names) in enumerate(self.tower_layers.items()):
                     flat = pm.flatten_group(deltas, names)
-                    g_b[idx, j] = -(flat * state[f"prev_u.{layer}"][idx]).sum(1)
+                    g_b[idx, j] = pm.hypergrad(flat, state[f"prev_dir.{layer}"][idx], cfg.hypergrad).float()
                 beta, new["beta_momentum"] = pm.momentum_step(beta, state["beta_momentum"], g_b, **hyper)
         new["alpha"], new["beta"] = alpha, beta
 
@@ -160,13 +180,14 @@ class PFMSMTrec(ScenarioAlgorithm):
             s = pm.flatten_group(start, names)
             Gn, b = norm(G), beta[idx, j]
             if cfg.tower_aggregation == "cross_attention":
-                u = pm.tower_cross_attention(Gn, b) - Gn                     # β_c · (a V)_c
+                v = pm.tower_attention(Gn)                                    # (a V)_c, (M, D_l)
             else:                                                             # fallback: modules 2-3
-                u = b.clamp(0, 1).unsqueeze(1) * combine(Gn).unsqueeze(0)
+                v = combine(Gn).unsqueeze(0).expand_as(Gn)
+            u = b.clamp(0, 1).to(v.dtype).unsqueeze(1) * v                    # β_c · v_c
             self._write(new, idx, pm.unflatten_group(s + G + u, start, names))
-            prev = state[f"prev_u.{layer}"].clone()
-            prev[idx] = u.float()
-            new[f"prev_u.{layer}"] = prev
+            prev = state[f"prev_dir.{layer}"].clone()
+            prev[idx] = v.float()             # ∂θ_c/∂β_c = v_c (not β_c · v_c)
+            new[f"prev_dir.{layer}"] = prev
 
         new["has_prev"] = torch.ones(())
         stats["alpha_mean"] = float(alpha.mean())

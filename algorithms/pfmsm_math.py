@@ -90,9 +90,23 @@ def personalized_update(start: torch.Tensor, deltas: torch.Tensor, d: torch.Tens
     return start + deltas + a * d.unsqueeze(0)                  # (N, D)
 
 
-def hypergrad_alpha(prev_d: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
-    """∂L/∂α_c ≈ <θ_c^new(r−1) − θ_c^end(r), d^(r−1)> = −<Δ_c^(r), d^(r−1)>   (§1.4 module 3). Returns (N,)."""
-    return -(deltas @ prev_d)                                   # (N,)
+HYPERGRADS = ("cosine", "raw")
+
+
+def hypergrad(deltas: torch.Tensor, direction: torch.Tensor, form: str = "cosine",
+              eps: float = 1e-12) -> torch.Tensor:
+    """∂L/∂α_c ≈ <θ_c^new(r−1) − θ_c^end(r), d^(r−1)> = −<Δ_c^(r), d^(r−1)> (§1.4 module 3), and the
+    same for β with v_c = (a V)_c. The hypergradient of a personalization weight from this round's deltas (N, D) and last round's
+    direction it scaled ((D,) shared, or (N, D) one per client). "raw": −<Δ_c, v_c> (FedHCA2);
+    "cosine": −<Δ_c, v_c> / (||Δ_c|| ||v_c||), scale-free, so one learning rate fits any model size.
+    A zero direction (first round) gives 0. Returns (N,)."""
+    if form not in HYPERGRADS:
+        raise ValueError(f"hypergrad must be one of {HYPERGRADS}, got {form!r}")
+    v = direction.to(deltas.dtype).expand_as(deltas)
+    dot = (deltas * v).sum(1)
+    if form == "raw":
+        return -dot
+    return -dot / (deltas.norm(dim=1) * v.norm(dim=1)).clamp_min(eps)
 
 
 def momentum_step(value: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor, lr: float, momentum: float,
@@ -108,6 +122,12 @@ def momentum_step(value: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor, lr
 
 
 # ---------------------------------------------------------------------------------- module 4
+def tower_attention(deltas: torch.Tensor) -> torch.Tensor:
+    """(a V)_c of §1.4 module 4: a = softmax(Δ_c Δᵀ / sqrt(D_l)), V = Δ. Shapes (N, D_l) -> (N, D_l)."""
+    scores = deltas @ deltas.T / math.sqrt(deltas.shape[1])     # (N, N)
+    return torch.softmax(scores, dim=1) @ deltas                # rows of a sum to 1
+
+
 def tower_cross_attention(deltas: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Personalized tower aggregation (§1.4 module 4) for one tower tensor of one task.
 
@@ -115,10 +135,8 @@ def tower_cross_attention(deltas: torch.Tensor, beta: torch.Tensor) -> torch.Ten
         a = softmax(q Kᵀ / sqrt(D_l)),   Δ'_c = Δ_c + clip(β_c, 0, 1) · (a V).
     Then θ_c^new = θ_c^start + Δ'_c. Shapes (N, D_l), (N,) -> (N, D_l).
     """
-    scores = deltas @ deltas.T / math.sqrt(deltas.shape[1])     # (N, N)
-    attn = torch.softmax(scores, dim=1)                         # (N, N), rows sum to 1
     b = beta.clamp(0.0, 1.0).to(deltas.dtype).unsqueeze(1)      # (N, 1)
-    return deltas + b * (attn @ deltas)                         # (N, D_l)
+    return deltas + b * tower_attention(deltas)                 # (N, D_l)
 
 
 def tower_fallback(start: torch.Tensor, deltas: torch.Tensor, beta: torch.Tensor,

@@ -240,6 +240,9 @@ class AlgorithmBase(metaclass=ABCMeta):
     PRIVACY: ClassVar[frozenset] = frozenset()
     READS_SIDE_TABLES: ClassVar[bool] = False
     EXAMPLES: ClassVar[dict[str, dict]] = {}    # tiny runs every registered algorithm must declare
+    # settings (dotted key -> value) its central DP needs beyond privacy.enabled; check_privacy refuses
+    # a config without them, naming them; the registry-wide DP test adds them to an example
+    CENTRAL_DP_SETTINGS: ClassVar[dict[str, object]] = {}
 
     config: object
     setup: Setup

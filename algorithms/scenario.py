@@ -57,11 +57,35 @@ def _client_seed(seed: int, rnd: int, client: int, stream: int) -> int:
     return int(np.random.default_rng([seed, stream, rnd, client]).integers(2**62))
 
 
+EMBED = "embed.emb."        # embedding tables: embed.emb.<field>.weight (models/mtl.py)
+ROW_WEIGHT = "rows."        # accumulator key prefix: per-row weight of the clients that touched a row
+
+
+def embedding_field(name: str) -> str | None:
+    """The categorical field of an embedding table name, None for any other tensor."""
+    return name[len(EMBED):-len(".weight")] if name.startswith(EMBED) and name.endswith(".weight") else None
+
+
 # ----------------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
-class ScenarioFedAvgConfig(AlgorithmConfig):
+class ScenarioBaseConfig(AlgorithmConfig):
+    """Options of every scenario algorithm's local training."""
+    name: str = "scenario"
+    # weight decay (train.weight_decay) on embedding tables: "none", or "l2" as on every other tensor.
+    # Adam's coupled L2 moves every row a client never sees (its gradient is wd·θ, which Adam
+    # normalizes to a step of ~lr), so rows of other scenarios' items shrink at every local step.
+    embedding_decay: str = "none"
+
+    CHECKS: ClassVar[dict] = {"embedding_decay": ("none", "l2")}
+
+
+@dataclass(frozen=True)
+class ScenarioFedAvgConfig(ScenarioBaseConfig):
     """FedAvg over scenario clients; `local_bn` gives FedBN, `local_towers` FedPer, `mu` FedProx."""
     name: str = "scenario_fedavg"
+    # embedding tables: a row is averaged over the clients whose training rows use it ("per_row"), or
+    # over every client ("dense": a row trained by one scenario is diluted by the others' stale copies)
+    embedding_average: str = "per_row"
     mu: float = 0.0                   # proximal weight (μ/2)·||θ − θ_global||² in local training (FedProx)
     local_bn: bool = False            # BatchNorm weights and statistics never leave the client (FedBN)
     local_towers: bool = False        # task towers stay local (FedPer)
@@ -69,7 +93,14 @@ class ScenarioFedAvgConfig(AlgorithmConfig):
     server_lr: float = 1.0            # η of the server rule on the mean delta
     server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)   # sgd / adam / ...
 
-    CHECKS: ClassVar[dict] = {"mu": ">=0", "weighting": ("examples", "uniform"), "server_lr": ">0"}
+    CHECKS: ClassVar[dict] = {**ScenarioBaseConfig.CHECKS, "mu": ">=0", "weighting": ("examples", "uniform"),
+                              "server_lr": ">0", "embedding_average": ("per_row", "dense")}
+
+    def check_privacy(self, privacy) -> str | None:
+        if privacy.enabled and self.embedding_average == "per_row":
+            return ("privacy.enabled: algorithm.embedding_average=per_row divides each row by how many clients "
+                    "used it, a count central DP does not cover; set algorithm.embedding_average=dense")
+        return super().check_privacy(privacy)
 
 
 @dataclass(frozen=True)
@@ -100,13 +131,13 @@ class ScenarioDittoConfig(ScenarioFedAvgConfig):
 
 
 @dataclass(frozen=True)
-class ScenarioLocalConfig(AlgorithmConfig):
+class ScenarioLocalConfig(ScenarioBaseConfig):
     """Local-only: every scenario trains its own model; nothing is sent."""
     name: str = "scenario_local"
 
 
 @dataclass(frozen=True)
-class ScenarioCentralizedConfig(AlgorithmConfig):
+class ScenarioCentralizedConfig(ScenarioBaseConfig):
     """Centralized: one model trained on all scenarios' training rows interleaved, evaluated per scenario.
     Needs every client in one training call: resources.workers=1, federation.cohort_size and
     federation.clients_per_round >= the number of scenarios."""
@@ -180,9 +211,28 @@ class ScenarioAlgorithm(AlgorithmBase):
         if acc.weight <= 0:
             return dict(state), stats
         means = {k: (acc.sums[k] / acc.weight).to(state[k].dtype) for k in self.shared_names}
+        for k in self.per_row_tables():           # rows nobody used keep the server's value
+            w = acc.sums[ROW_WEIGHT + k]
+            rows = acc.sums[k] / w.clamp_min(1e-300).unsqueeze(1)
+            means[k] = torch.where((w > 0).unsqueeze(1), rows, state[k].double()).to(state[k].dtype)
         if self.plain_average():                  # the weighted mean of the clients' tensors, exactly
             return {**state, **means}, stats
         return self.server_step(state, {k: means[k] - state[k] for k in means}), stats
+
+    def per_row_tables(self) -> list[str]:
+        """Shared embedding tables averaged per row over the clients that used the row."""
+        if getattr(self.config, "embedding_average", "dense") != "per_row" or self.dp.enabled:
+            return []
+        return [n for n in self.shared_names if embedding_field(n) is not None]
+
+    def touched_rows(self, batch: CohortBatch, name: str) -> torch.Tensor:
+        """(K, vocab) 1.0 where client k's training rows use row r of embedding table `name`."""
+        field_name, vocab = embedding_field(name), self._initial[name].shape[0]
+        out = torch.zeros(batch.size, vocab, dtype=torch.float64)
+        for k in range(batch.size):
+            idx = torch.arange(int(batch.n_rows[k]))
+            out[k, self._rows(batch, k, idx)[0][field_name]] = 1.0
+        return out
 
     def plain_average(self) -> bool:
         """True when the server's new tensors are the plain weighted mean (no server rule)."""
@@ -222,6 +272,10 @@ class ScenarioAlgorithm(AlgorithmBase):
         weights = self.weights(batch)
         if self.dp.enabled:      # central DP: deltas from the round's server tensors, clipped, unit weights
             shared, weights = self.dp.client({n: v - plan.params[n] for n, v in shared.items()}, weights)
+        for n in self.per_row_tables():          # a row's sum and weight only over the clients that used it
+            touched = self.touched_rows(batch, n)
+            shared[n] = shared[n] * touched.unsqueeze(2).to(shared[n].dtype)
+            shared[ROW_WEIGHT + n] = touched
         keep = aggregate.fold_weighted(acc, shared, weights, {"train_loss": torch.tensor(losses)})
         # a client whose update was dropped (NaN / inf) keeps its previous state
         new_personal = {k: torch.where(aggregate.bcast(keep, v), v, personal[k]) for k, v in new_personal.items()}
@@ -252,11 +306,17 @@ class ScenarioAlgorithm(AlgorithmBase):
         logits = functional_call(self.model, tensors, (cat, num, {}))            # (B, T)
         return F.binary_cross_entropy_with_logits(logits, y)                    # mean over rows and tasks
 
-    def make_optimizer(self, leaves: list[torch.Tensor]):
+    def make_optimizer(self, params: Tensors):
+        """Adam or SGD per `train:`; embedding tables get no weight decay unless `embedding_decay=l2`."""
         tc = self.setup.train
+        keep_decay = getattr(self.config, "embedding_decay", "l2") == "l2"
+        emb = [v for n, v in params.items() if embedding_field(n) is not None and not keep_decay]
+        rest = [v for n, v in params.items() if embedding_field(n) is None or keep_decay]
+        groups = [{"params": rest, "weight_decay": tc.weight_decay}, {"params": emb, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
         if tc.optimizer == "adam":
-            return torch.optim.Adam(leaves, lr=tc.lr, weight_decay=tc.weight_decay)
-        return torch.optim.SGD(leaves, lr=tc.lr, weight_decay=tc.weight_decay)
+            return torch.optim.Adam(groups, lr=tc.lr)
+        return torch.optim.SGD(groups, lr=tc.lr)
 
     def train_client(self, start: Tensors, batch: CohortBatch, k: int, rnd: int,
                      ref: Tensors | None, mu: float, row_plan=None) -> tuple[Tensors, float]:
@@ -267,7 +327,7 @@ class ScenarioAlgorithm(AlgorithmBase):
         tc = self.setup.train
         params = {n: start[n].detach().clone().requires_grad_(True) for n in self.param_names}
         buffers = {n: start[n].detach().clone() for n in self.all_names if n not in params}
-        opt = self.make_optimizer(list(params.values()))
+        opt = self.make_optimizer(params)
         client = int(batch.client_ids[k])
         total, steps = 0.0, 0
         if row_plan is None:
@@ -320,6 +380,7 @@ class ScenarioFedAvg(ScenarioAlgorithm):
     """FedAvg / FedProx / FedBN / FedPer over scenario clients (see ScenarioFedAvgConfig)."""
     Config = ScenarioFedAvgConfig
     PRIVACY = frozenset({CENTRAL_DP})
+    CENTRAL_DP_SETTINGS = {"algorithm.embedding_average": "dense"}
 
     def select_shared(self) -> list[str]:
         cfg = self.config
@@ -332,6 +393,21 @@ class ScenarioFedAvg(ScenarioAlgorithm):
     def init_server(self) -> Tensors:
         shared = super().init_server()
         return {**shared, **server_opt.init_state(self.config.server_optimizer, shared)}
+
+    def per_row_tables(self) -> list[str]:
+        """Shared embedding tables averaged per row over the clients that used the row."""
+        if getattr(self.config, "embedding_average", "dense") != "per_row" or self.dp.enabled:
+            return []
+        return [n for n in self.shared_names if embedding_field(n) is not None]
+
+    def touched_rows(self, batch: CohortBatch, name: str) -> torch.Tensor:
+        """(K, vocab) 1.0 where client k's training rows use row r of embedding table `name`."""
+        field_name, vocab = embedding_field(name), self._initial[name].shape[0]
+        out = torch.zeros(batch.size, vocab, dtype=torch.float64)
+        for k in range(batch.size):
+            idx = torch.arange(int(batch.n_rows[k]))
+            out[k, self._rows(batch, k, idx)[0][field_name]] = 1.0
+        return out
 
     def plain_average(self) -> bool:
         return self.config.server_optimizer.name == "sgd" and self.config.server_lr == 1.0

@@ -14,7 +14,10 @@ Each source is a `DataConfig` whose fields are the YAML keys of the `data:` bloc
 3. split each client's rows (random fractions, or chronological where timestamps exist);
 4. derive tasks: `like` = rating >= `rating_threshold`; with `negatives_per_positive` = k, also
    `interaction`: observed rows are positives and k unobserved items per positive are negatives
-   (negatives inherit their positive's split and have every task = 0).
+   (negatives inherit their positive's split and have every task = 0). In the scenario variant the
+   negatives are drawn among the scenario's own items and `category_id` is not a model input
+   (`scenario_negatives`, `scenario_feature`); `meta["scenario_match_auc"]` records what the rule
+   "item category == scenario" scores, which must stay near 0.5 (with all-item negatives it is ~0.85).
 """
 from __future__ import annotations
 
@@ -165,24 +168,63 @@ def _member(keys: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[np.minimum(pos, len(sorted_set) - 1)] == keys
 
 
-def _sample_negatives(rng, owner: np.ndarray, item: np.ndarray, num_items: int,
-                      k: int) -> tuple[np.ndarray, np.ndarray]:
+def _sample_negatives(rng, owner: np.ndarray, item: np.ndarray, num_items: int, k: int,
+                      pool: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """k items per observed row, each unobserved by that row's owner (user); draws are with replacement.
 
+    `pool` (one group code per observed row, e.g. its scenario) restricts each row's draws to the
+    items observed in that row's group (anyone's rows); None draws from every item.
     Returns (keep mask over the len(owner) * k draws, sampled item codes): a draw is dropped only when
-    its owner has observed (almost) every item and 50 redraws found nothing new.
+    its owner has observed (almost) every item of its pool and 50 redraws found nothing new.
     """
     observed = np.unique(owner.astype(np.int64) * num_items + item)
     neg_owner = np.repeat(owner.astype(np.int64), k)
-    neg_item = rng.integers(0, num_items, size=len(neg_owner))
+    if pool is None:
+        def draw(rows: np.ndarray) -> np.ndarray:
+            return rng.integers(0, num_items, size=len(rows))
+    else:
+        pairs = np.unique(pool.astype(np.int64) * num_items + item)        # sorted (group, item) pairs
+        pool_items = pairs % num_items
+        starts = np.searchsorted(pairs // num_items, np.arange(int(pool.max()) + 2))
+        neg_group = np.repeat(pool.astype(np.int64), k)
+
+        def draw(rows: np.ndarray) -> np.ndarray:
+            g = neg_group[rows]
+            lo, size = starts[g], starts[g + 1] - starts[g]
+            return pool_items[lo + (rng.random(len(rows)) * size).astype(np.int64)]
+    everyone = np.arange(len(neg_owner))
+    neg_item = draw(everyone)
     clash = _member(neg_owner * num_items + neg_item, observed)
     for _ in range(50):
         if not clash.any():
             break
         idx = np.flatnonzero(clash)
-        neg_item[idx] = rng.integers(0, num_items, size=len(idx))
+        neg_item[idx] = draw(idx)
         clash[idx] = _member(neg_owner[idx] * num_items + neg_item[idx], observed)
     return ~clash, neg_item
+
+
+def scenario_match_auc(client: np.ndarray, split: np.ndarray, row_category: np.ndarray,
+                       tasks: dict[str, np.ndarray]) -> dict[str, float]:
+    """Test AUC of the fixed rule "the row's item category is this scenario's category", per task,
+    averaged over the scenario clients (client code c = category code c in scenario mode).
+
+    A data shortcut check: with negatives drawn from every item, most negatives of a scenario belong to
+    other categories and this rule, which learns nothing, scores ~0.85. Scenario datasets must keep it
+    near 0.5 (tests/test_datasets_real.py checks every shipped scenario config)."""
+    from sklearn.metrics import roc_auc_score   # imported on use (workers never need it)
+
+    out: dict[str, float] = {}
+    score = (row_category == client).astype(np.float64)
+    test = split == TEST
+    for t, y in tasks.items():
+        aucs = []
+        for c in np.unique(client[test]):
+            m = test & (client == c)
+            if 0 < y[m].sum() < m.sum():
+                aucs.append(0.5 if np.all(score[m] == score[m][0]) else roc_auc_score(y[m], score[m]))
+        out[t] = float(np.mean(aucs)) if aucs else float("nan")
+    return out
 
 
 def select_rows(cfg: RatingsConfig, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
@@ -264,7 +306,8 @@ def build_ratings(cfg: RatingsConfig, seed: int) -> FederatedDataset:
         k = cfg.negatives_per_positive
         # the "observed" set is per user, also in scenario mode (a user's items are never its negatives)
         owner = cols["user_id"] if top_k else client
-        keep, neg_item = _sample_negatives(rng, owner, item, num_items, k)
+        in_scenario = bool(top_k) and cfg.scenario_negatives == "scenario"
+        keep, neg_item = _sample_negatives(rng, owner, item, num_items, k, pool=client if in_scenario else None)
         src_row = np.repeat(np.arange(len(df)), k)[keep]
         neg = {CLIENT: client[src_row], SPLIT: split[src_row], "item_id": neg_item[keep]}
         for name, per_item in item_feats.items():
@@ -296,10 +339,18 @@ def build_ratings(cfg: RatingsConfig, seed: int) -> FederatedDataset:
         attrs["activity"] = quantile_buckets(n_obs, ACTIVITY_BUCKETS)
         client_fields.append(CategoricalField("activity", ACTIVITY_BUCKETS))
         attrs["label"] = np.array([f"user:{int(u)}" for u in client_keys], dtype=object)
+    if top_k and cfg.HAS_CATEGORY:
+        # the category is the scenario: as an input it is constant for a client's own rows
+        meta_extra = {"scenario_match_auc": scenario_match_auc(cols[CLIENT], cols[SPLIT], cols["category_id"],
+                                                               {t: cols[t] for t in tasks})}
+        if cfg.scenario_feature == "drop":
+            fields = [f for f in fields if f.name != "category_id"]
+    else:
+        meta_extra = {}
     schema = DatasetSchema(categorical=tuple(fields), numeric=(), tasks=tuple(tasks),
                            client_categorical=tuple(client_fields), scenario=scenario)
     meta = {"source": cfg.name, "path": str(cfg.root()), "seed": seed,
-            "positive_rate": {t: float(cols[t].mean()) for t in tasks}}
+            "positive_rate": {t: float(cols[t].mean()) for t in tasks}, **meta_extra}
     return FederatedDataset.from_columns(cfg.name, cols, schema, attrs, num_clients, meta)
 
 
@@ -308,9 +359,15 @@ def build_ratings(cfg: RatingsConfig, seed: int) -> FederatedDataset:
 class _CategoryConfig(RatingsConfig):
     scenario_top_k: int = 0                # > 0: clients = the k largest categories (scenario variant)
     max_users: int | None = None           # scenario variant only: keep N users by seeded hash order
+    # scenario variant: sampled negatives come from the items of the row's own scenario ("scenario"), or
+    # from every item ("all": most negatives then belong to other categories, a shortcut worth ~0.85 AUC)
+    scenario_negatives: str = "scenario"
+    # scenario variant: category_id (= the scenario) is dropped from the model inputs, or kept ("keep")
+    scenario_feature: str = "drop"
 
     HAS_CATEGORY: ClassVar[bool] = True
-    CHECKS: ClassVar[dict] = {**RatingsConfig.CHECKS, "scenario_top_k": ">=0", "max_users": ">=1"}
+    CHECKS: ClassVar[dict] = {**RatingsConfig.CHECKS, "scenario_top_k": ">=0", "max_users": ">=1",
+                              "scenario_negatives": ("scenario", "all"), "scenario_feature": ("drop", "keep")}
 
     def validate(self) -> str | None:
         if self.scenario_top_k and self.max_clients is not None:
@@ -318,6 +375,9 @@ class _CategoryConfig(RatingsConfig):
                     "use max_users to subsample users")
         if not self.scenario_top_k and self.max_users is not None:
             return "data.max_users: only used with scenario_top_k > 0; use max_clients for per-user clients"
+        for key, default in (("scenario_negatives", "scenario"), ("scenario_feature", "drop")):
+            if not self.scenario_top_k and getattr(self, key) != default:
+                return f"data.{key}: only used with scenario_top_k > 0 (clients = categories)"
         return super().validate()
 
     def scenario_top_k_value(self) -> int:

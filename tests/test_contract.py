@@ -114,16 +114,21 @@ def test_central_dp_is_real_or_refused_before_anything_starts(ray_session, name)
             example_config(name, next(iter(algo.EXAMPLES)), "privacy.enabled=true")
         return
     runnable = []
+    needs = [f"{k}={v}" for k, v in algo.CENTRAL_DP_SETTINGS.items()]
     for example in algo.EXAMPLES:
+        if needs:    # without the declared settings the loader refuses, naming them
+            with pytest.raises(ConfigError, match="privacy.enabled") as e:
+                example_config(name, example, "privacy.enabled=true")
+            assert all(k.split("=")[0] in str(e.value) for k in needs), str(e.value)
         try:
-            example_config(name, example, "privacy.enabled=true")
+            example_config(name, example, "privacy.enabled=true", *needs)
             runnable.append(example)
         except ConfigError as e:
             assert "privacy" in str(e) and len(str(e).splitlines()) == 1, (name, example, str(e))
     assert runnable, f"{name} declares central DP but refuses it for every example"
     example = runnable[0]
     rounds, sigma, clip = 2, 1000.0, 1.0
-    cfg = example_config(name, example, "privacy.enabled=true", f"privacy.noise_multiplier={sigma}",
+    cfg = example_config(name, example, "privacy.enabled=true", *needs, f"privacy.noise_multiplier={sigma}",
                          f"privacy.clip={clip}", f"rounds={rounds}")
     ds = cfg.data.build(cfg.seed)
     setup = make_setup(cfg, ds)

@@ -101,18 +101,54 @@ def test_epinions_per_user_and_subsampling(cache):
 
 @needs_data
 def test_epinions_scenario_variant(cache):
-    ds = EpinionsConfig(scenario_top_k=4, max_users=300, negatives_per_positive=1, cache_dir=cache).build(0)
+    ds = EpinionsConfig(scenario_top_k=4, max_users=300, negatives_per_positive=1, scenario_feature="keep",
+                        cache_dir=cache).build(0)
     assert ds.num_clients == 4 and ds.schema.scenario == "scenario"
     labels = ds.client_attrs.column("label").to_pylist()
     assert labels[0].startswith("category:")
     assert ds.schema.vocab("user_id") <= 300
     assert ds.schema.tasks == ("interaction", "like")
-    # each scenario client's observed rows belong to one category
-    cat, client, inter = ds.column("category_id"), ds.column("client"), ds.column("interaction")
+    # each scenario client's observed rows belong to one category; its negatives are items of that scenario
+    item, client, inter = ds.column("item_id"), ds.column("client"), ds.column("interaction")
+    cat = ds.column("category_id")
     for c in range(4):
         assert len(np.unique(cat[(client == c) & (inter == 1)])) == 1
+        own = set(item[(client == c) & (inter == 1)].tolist())
+        negs = item[(client == c) & (inter == 0)]
+        assert len(negs) and set(negs.tolist()) <= own
     text = describe(ds)
     assert "scenarios (scenario)" in text and "category:" in text
+
+
+def _scenario_configs() -> list[str]:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    return sorted(p.name for p in root.glob("*.yaml") if "scenario_top_k:" in p.read_text())
+
+
+@needs_data
+@pytest.mark.parametrize("source", ["epinions", "ciao"])
+def test_scenario_match_rule_scores_chance_on_every_shipped_scenario_config(cache, source):
+    """The data shortcut guard: with categories as scenarios, the fixed rule "item category == this
+    scenario's category" must score ~0.5 test AUC per task (it scored 0.85-0.93 when negatives came
+    from every item); `scenario_negatives: all` brings the shortcut back, so the check can fail.
+    Every shipped config with `scenario_top_k` is built (on 300 users) with its own data options."""
+    from fleetrec.simulator.config import load
+
+    names = [n for n in _scenario_configs() if source in n]
+    assert names, f"no shipped scenario config for {source}"
+    seen = set()
+    for name in names:
+        cfg = load(Path(__file__).resolve().parents[1] / "configs" / name,
+                          ["data.max_users=300", f"data.cache_dir={cache}"]).data
+        if cfg in seen:
+            continue
+        seen.add(cfg)
+        ds = cfg.build(0)
+        assert "category_id" not in [f.name for f in ds.schema.categorical], name
+        for task, auc in ds.meta["scenario_match_auc"].items():
+            assert abs(auc - 0.5) < 0.03, (name, task, auc)
+    shortcut = type(cfg)(**{**cfg.__dict__, "scenario_negatives": "all"}).build(0)
+    assert min(shortcut.meta["scenario_match_auc"].values()) > 0.7
 
 
 @needs_data

@@ -72,7 +72,7 @@ def test_local_only_never_changes_other_clients():
 
 
 def test_fedavg_server_state_is_row_weighted_mean_of_client_models():
-    sim = Sim(**{"algorithm.name": "scenario_fedavg"})
+    sim = Sim(**{"algorithm.name": "scenario_fedavg", "algorithm.embedding_average": "dense"})
     sim.round(0)
     n = torch.from_numpy(sim.ds.rows_per_client(0)).double()
     for name in ("global_experts.0.lin0.weight", "towers.1.head.bias", "embed.emb.item_id.weight",
@@ -82,6 +82,45 @@ def test_fedavg_server_state_is_row_weighted_mean_of_client_models():
         torch.testing.assert_close(sim.state[name].double(), expect, rtol=1e-5, atol=1e-6)
     # integer BatchNorm counters are never averaged
     assert not any(k.endswith("num_batches_tracked") for k in sim.state)
+
+
+def test_fedavg_averages_an_embedding_row_over_the_clients_that_used_it():
+    """Per-row FedAvg (default): row r of an embedding table is Σ_k n_k·[k used r]·θ_kr / Σ_k n_k·[k used r]
+    over the clients whose training rows hold r; a row nobody used keeps its value. Every scenario's
+    own row of the `scenario` table is then exactly that client's copy."""
+    sim = Sim(**{"algorithm.name": "scenario_fedavg", "train.weight_decay": 0.01})
+    start = {k: v.clone() for k, v in sim.state.items()}
+    sim.round(0)
+    n = torch.from_numpy(sim.ds.rows_per_client(0)).double()
+    from fleetrec.datasets.federated import TRAIN
+    items = sim.ds.column("item_id")[sim.ds.column("split") == TRAIN]
+    owner = sim.ds.column("client")[sim.ds.column("split") == TRAIN]
+    name = "embed.emb.item_id.weight"
+    ends = sim.personal[OWN_MODEL + name].double()
+    vocab = ends.shape[1]
+    used = torch.zeros(3, vocab, dtype=torch.float64)
+    for c in range(3):
+        used[c, np.unique(items[owner == c])] = 1
+    w = n.unsqueeze(1) * used                                              # (K, vocab)
+    expect = torch.where((w.sum(0) > 0).unsqueeze(1), (w.unsqueeze(2) * ends).sum(0) / w.sum(0).clamp_min(1e-30).unsqueeze(1),
+                         start[name].double())
+    torch.testing.assert_close(sim.state[name].double(), expect, rtol=1e-5, atol=1e-6)
+    partly = used.sum(0) < 3                                               # rows some client did not use
+    assert bool(partly.any())
+    dense = (n.view(-1, 1, 1) * ends).sum(0) / n.sum()
+    assert not torch.allclose(sim.state[name].double()[partly], dense[partly])
+    # no weight decay on embedding tables: a client's unused rows did not move
+    for c in range(3):
+        torch.testing.assert_close(ends[c][used[c] == 0], start[name].double()[used[c] == 0], rtol=0, atol=0)
+    scen = "embed.emb.scenario.weight"
+    own_rows = torch.stack([sim.personal[OWN_MODEL + scen][c, c] for c in range(3)])
+    torch.testing.assert_close(sim.state[scen], own_rows, rtol=1e-6, atol=1e-7)
+    # with l2 decay on embeddings (Adam's coupled form) the unused rows move
+    l2 = Sim(**{"algorithm.name": "scenario_fedavg", "train.weight_decay": 0.01, "algorithm.embedding_decay": "l2"})
+    l2.round(0)
+    c = int((used == 0).sum(1).argmax())
+    moved = l2.personal[OWN_MODEL + name][c].double()[used[c] == 0] - start[name].double()[used[c] == 0]
+    assert float(moved.abs().max()) > 1e-4
 
 
 def test_fedavg_with_one_scenario_equals_local_only():
@@ -125,6 +164,7 @@ def test_pfmsm_expert_aggregation_is_the_personalized_conflict_averse_update():
     deltas = {n: torch.stack([sim.last_acc.per_client[c][n] for c in ids]).float() for n in names}
     G = pm.flatten_group(deltas, names)
     d = pm.conflict_averse_delta(G, 0.4)
+    assert names and sim.server.expert_groups.keys() == {pm.GLOBAL}
     s = pm.flatten_group({n: start[PERS + n] for n in names}, names)
     expect = s + G + 0.1 * d.unsqueeze(0)                                 # α = 0.1 in round 0
     got = pm.flatten_group({n: sim.state[PERS + n] for n in names}, names)
@@ -139,7 +179,11 @@ def test_pfmsm_ablation_flags_change_what_is_uploaded():
     base = Sim().server
     up = set(base.shared_names)
     assert not any(pm.bn_tensor(n) or n.startswith(("embed.", "gates.")) for n in up)
-    assert {"global", "task:click", "task:like", "scenario"} <= set(base.expert_groups)
+    # the template (default): task- and scenario-specific experts stay local; global experts are uploaded
+    assert set(base.expert_groups) == {"global"}
+    assert not any(n.startswith(("task_experts.", "scenario_experts.")) for n in up)
+    shared_rule = Sim(**{"algorithm.specific_parts": "aggregated"}).server
+    assert {"global", "task:click", "task:like", "scenario"} <= set(shared_rule.expert_groups)
 
     no_bn = set(Sim(**{"algorithm.fedbn_mode": "aggregate"}).server.shared_names)
     assert no_bn - up and all(pm.bn_tensor(n) for n in no_bn - up)
@@ -147,9 +191,45 @@ def test_pfmsm_ablation_flags_change_what_is_uploaded():
     assert set(no_tower.shared_names) == {n for n in up if not n.startswith("towers.")}
     assert no_tower.traffic()[0] < base.traffic()[0]
     no_template = Sim(**{"algorithm.template": "false"}).server
-    assert set(no_template.shared_names) == up and list(no_template.expert_groups) == ["global"]
-    local_scen = Sim(**{"model.aggregate_scenario_experts": "false"}).server
+    assert set(no_template.shared_names) == set(shared_rule.shared_names) > up
+    assert list(no_template.expert_groups) == ["global"]
+    local_scen = Sim(**{"model.aggregate_scenario_experts": "false", "algorithm.specific_parts": "aggregated"}).server
     assert not any(n.startswith("scenario_experts.") for n in local_scen.shared_names)
+
+
+def test_pfmsm_template_keeps_specific_experts_on_the_client_and_differs_from_no_template():
+    """Under the template a client's task- and scenario-expert tensors are exactly its own local
+    training result (never overwritten by the server), so `template=false`, which aggregates
+    them, gives other models."""
+    sim, flat = Sim(), Sim(**{"algorithm.template": "false"})
+    for r in range(2):
+        sim.round(r)
+        flat.round(r)
+    own = sim.client.client_start(sim.state, sim.personal, 1, 1)
+    for n in sim.server.all_names:
+        if n.startswith(("task_experts.", "scenario_experts.")):
+            assert torch.equal(own[n], sim.personal[OWN_MODEL + n][1]), n
+    assert not torch.allclose(sim.scores(), flat.scores())
+
+
+def test_pfmsm_beta_hypergradient_uses_the_attention_direction_not_beta_times_it():
+    """Round 0 stores v_c = (a V)_c, the derivative of θ_c = θ^start + Δ_c + β_c v_c with respect to
+    β_c; round 1 steps β by −cos(Δ_c^(1), v_c^(0)) with SGD (lr 0.01, momentum 0.9, wd 1e-4)."""
+    sim = Sim()
+    sim.round(0)
+    layer, names = next(iter(sim.server.tower_layers.items()))
+    ids = sorted(sim.last_acc.per_client)
+    G0 = pm.flatten_group({n: torch.stack([sim.last_acc.per_client[c][n] for c in ids]).float() for n in names}, names)
+    torch.testing.assert_close(sim.state[f"prev_dir.{layer}"], pm.tower_attention(G0), rtol=1e-5, atol=1e-7)
+    beta0, v0 = sim.state["beta"].clone(), sim.state[f"prev_dir.{layer}"].clone()
+    sim.round(1)
+    G1 = pm.flatten_group({n: torch.stack([sim.last_acc.per_client[c][n] for c in ids]).float() for n in names}, names)
+    j = list(sim.server.tower_layers).index(layer)
+    grad = pm.hypergrad(G1, v0)
+    expect, _ = pm.momentum_step(beta0[:, j], torch.zeros(len(ids)), grad, 0.01, 0.9, 1e-4)
+    torch.testing.assert_close(sim.state["beta"][:, j], expect, rtol=1e-5, atol=1e-7)
+    # the step is of the order of lr, whatever the size of the deltas
+    assert float((sim.state["beta"][:, j] - beta0[:, j]).abs().max()) > 1e-3
 
 
 @pytest.mark.parametrize("flags", [{"algorithm.conflict_coordination": "false"},

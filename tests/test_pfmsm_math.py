@@ -82,8 +82,15 @@ def test_personalized_update_alpha_zero_is_local_and_clipped():
 def test_hypergrad_step_direction():
     prev_d = torch.tensor([1.0, 0.0])
     deltas = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 5.0]])   # agrees, opposes, orthogonal
-    grad = pm.hypergrad_alpha(prev_d, deltas)
+    grad = pm.hypergrad(deltas, prev_d, "raw")
     assert torch.equal(grad, torch.tensor([-2.0, 2.0, 0.0]))
+    # cosine: the same signs, scale-free (a delta 1000x larger gives the same value)
+    torch.testing.assert_close(pm.hypergrad(deltas, prev_d), torch.tensor([-1.0, 1.0, 0.0]))
+    torch.testing.assert_close(pm.hypergrad(deltas * 1000, prev_d * 1e-3), torch.tensor([-1.0, 1.0, 0.0]))
+    # one direction per client (the towers' (a V)_c): row-wise
+    per = torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.0, -1.0]])
+    torch.testing.assert_close(pm.hypergrad(deltas, per), torch.tensor([0.0, 2 / 2 ** 0.5 / 2, 1.0]))
+    assert torch.equal(pm.hypergrad(deltas, torch.zeros(2)), torch.zeros(3))   # first round: no direction
     alpha, buf = pm.momentum_step(torch.full((3,), 0.1), torch.zeros(3), grad, 0.01, 0.9, 1e-4)
     assert alpha[0] > 0.1 and alpha[1] < 0.1
     # plain SGD step: 0.1 − 0.01 · (g + 1e-4 · 0.1)
