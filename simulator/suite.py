@@ -85,6 +85,7 @@ class MethodConfig:
     overrides: tuple[str, ...] = ()    # key.path=value on top of the suite's overrides
     space: Any = None                  # as in a tune space: dotted path -> {choice|loguniform|...: ...}
     label: str | None = None           # name in the table (default: the method's key)
+    tuned_as: str | None = None        # an ablation: no tune stage, its seed runs use that method's tuned values
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,13 @@ def load_suite(path: str | Path, overrides: list[str] = ()) -> Suite:
             raise ConfigError(f"{source}: {e}") from None
         if not mc.config:
             raise ConfigError(f"{source}: methods.{key}.config: expected the method's experiment YAML")
+        if mc.tuned_as is not None:
+            other = sc.methods.get(mc.tuned_as)
+            if mc.tuned_as == key or not isinstance(other, dict) or not other.get("space") or other.get("tuned_as"):
+                raise ConfigError(f"{source}: methods.{key}.tuned_as: got {mc.tuned_as!r}, expected another method "
+                                  "of this suite that has a space of its own")
+            if mc.space:
+                raise ConfigError(f"{source}: methods.{key}: give either a space or tuned_as, not both")
         cpath = resolve_config(mc.config, source, f"methods.{key}.config")
         b = sc.budget
         tune_yaml = {
@@ -327,9 +335,30 @@ def run_suite(suite: Suite, resume: bool = False, only: list[str] = (), report_o
     if suite.dir.exists() and not resume and not report_only and not only:
         raise ConfigError(f"{suite.dir} already exists: pass --resume to continue that suite, or suite.name=... "
                           "(or storage_path) for a new one")
-    for key, m in suite.methods.items():
+    order = sorted(suite.methods, key=lambda k: suite.methods[k].cfg.tuned_as is not None)   # tuned ones first
+    for key in order:
+        m = suite.methods[key]
         if report_only or (only and key not in only):
             continue
-        tuned = _stage(suite, m, "tune", _sweep(suite, m, "tune"), resume or bool(only), log)
+        if m.cfg.tuned_as is not None:
+            tuned = _borrowed_values(suite, m)
+        else:
+            tuned = _stage(suite, m, "tune", _sweep(suite, m, "tune"), resume or bool(only), log)
         _stage(suite, m, "seeds", _sweep(suite, m, "seeds", values=tuned["best"]), resume or bool(only), log)
     return write_report(suite, log)
+
+
+def _borrowed_values(suite: Suite, m: Method) -> dict:
+    """The tune record of an ablation (`tuned_as`): the other method's best values, no trials of its own.
+    The seeds stage's fingerprint holds the values, so a retuned source refuses the old seed runs."""
+    ref = m.cfg.tuned_as
+    src = suite.method_dir(ref) / "tune.json"
+    if not src.is_file():
+        raise ConfigError(f"methods.{m.key}.tuned_as: the tune stage of {ref} has not finished ({src}); "
+                          f"run it first (fleetrec suite {_rel(suite.source)} --only {ref})")
+    best = json.loads(src.read_text())["best"]
+    rec = {"best": best, "tuned_as": ref, "trials": 0, "command": f"the tuned values of {ref} ({_rel(src)})"}
+    d = suite.method_dir(m.key)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "tune.json").write_text(json.dumps(rec, indent=1, default=str))
+    return rec

@@ -202,7 +202,9 @@ def table(suite, results: dict[str, MethodResult]) -> tuple[list[str], list[list
     for key in order:
         r = results[key]
         brs = [x.best_round for x in r.runs if x.best_round is not None]
-        row = [r.label, str(r.tune.get("trials", 0) if suite.methods[key].tune_yaml["space"] else 0),
+        tuned = (f"as {suite.methods[r.tune['tuned_as']].label}" if r.tune.get("tuned_as") in suite.methods
+                 else str(r.tune.get("trials", 0) if suite.methods[key].tune_yaml["space"] else 0))
+        row = [r.label, tuned,
                _values_text(r.tune.get("best", {})), *[_cell(list(r.values(m).values())) for m in metrics],
                str(len(r.runs)), f"{int(np.median(brs)) + 1 if brs else '-'}; {sum(x.at_cap for x in r.runs)}/{len(r.runs)}"]
         stats[key] = {}
@@ -319,5 +321,7 @@ def describe(suite) -> str:
              f"state {suite.dir}; results {suite.results_dir}"]
     for m in suite.methods.values():
         space = m.tune_yaml["space"]
-        lines.append(f"  {m.key}: {rel(m.config_path)}" + (f" searching {', '.join(space)}" if space else " (nothing searched)"))
+        how = (f" searching {', '.join(space)}" if space else
+               f" at the tuned values of {m.cfg.tuned_as}" if m.cfg.tuned_as else " (nothing searched)")
+        lines.append(f"  {m.key}: {rel(m.config_path)}" + how)
     return "\n".join(lines)

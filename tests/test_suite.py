@@ -76,6 +76,10 @@ M = (f"methods:\n  a: {{config: {ROOT / 'configs/pmtrec_synthetic.yaml'}, space:
     ("reference: a\n" + M.replace("train.lr", "train.lrr"), "methods.a (tune stage): space.train.lrr: not a key"),
     ("reference: a\n" + M.replace("configs/pmtrec_synthetic.yaml, overrides", "nope.yaml, overrides"),
      "methods.b.config: config file"),
+    ("reference: a\n" + M.replace("overrides:", "tuned_as: b, overrides:"),
+     "methods.b.tuned_as: got 'b', expected another method of this suite that has a space"),
+    ("reference: a\n" + M.replace("overrides:", "tuned_as: a, space: {train.lr: {uniform: [0.001, 0.01]}}, overrides:"),
+     "methods.b: give either a space or tuned_as"),
 ])
 def test_bad_suite_is_one_line_naming_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -90,11 +94,31 @@ def test_shipped_suites_load_and_give_every_method_the_same_budget():
         assert len(budgets) == 1, path
         rounds = {next(o for o in m.tune_yaml["overrides"] if o.startswith("rounds=")) for m in suite.methods.values()}
         assert rounds == {f"rounds={suite.cfg.budget.rounds}"}, path
-        assert suite.per_user and len(suite.cfg.final.seeds) >= 6, path    # >= 6: Wilcoxon can reach 0.05
+        assert len(suite.cfg.final.seeds) >= 6, path    # >= 6: Wilcoxon can reach 0.05
+        assert suite.per_user == all("@" in m for m in suite.cfg.report), path
         for m in suite.methods.values():          # the untuned config is the first trial of every method
+            assert bool(m.tune_yaml["space"]) != bool(m.cfg.tuned_as), (path, m.key)
             if m.tune_yaml["space"]:
                 (point,) = m.tune_yaml["points_to_evaluate"]
                 assert set(point) == set(m.tune_yaml["space"]), (path, m.key)
+
+
+def test_an_ablation_reruns_at_the_tuned_values_of_its_method(tmp_path, monkeypatch):
+    """`tuned_as`: no tune stage; its seeds stage carries the other method's best values (so its
+    fingerprint changes when that method is retuned); refused until that method is tuned."""
+    from fleetrec.simulator.suite import _borrowed_values, _seeds_yaml
+    monkeypatch.chdir(tmp_path)
+    suite = load_suite(_suite(tmp_path, "reference: a\n" + M.replace("overrides:", "tuned_as: a, overrides:")))
+    b = suite.methods["b"]
+    with pytest.raises(ConfigError, match=r"methods.b.tuned_as: the tune stage of a has not finished"):
+        _borrowed_values(suite, b)
+    suite.method_dir("a").mkdir(parents=True)
+    (suite.method_dir("a") / "tune.json").write_text(json.dumps({"best": {"train.lr": 0.0042}, "trials": 6}))
+    rec = _borrowed_values(suite, b)
+    assert rec["best"] == {"train.lr": 0.0042} and rec["tuned_as"] == "a" and rec["trials"] == 0
+    over = _seeds_yaml(suite, b, rec["best"])["overrides"]
+    assert "algorithm.tasks=[bpr]" in over and "train.lr=0.0042" in over
+    assert json.loads((suite.method_dir("b") / "tune.json").read_text())["tuned_as"] == "a"
 
 
 def test_points_to_evaluate_are_checked(tmp_path):
