@@ -1,5 +1,8 @@
 """`fleetrec suite SUITE.yaml`: the fair-comparison protocol as one verb (format: suites/README.md).
 
+Length: the YAML schema, the loader that turns each method into its two sweeps, and the stage
+runner are one protocol; the report and its statistics live in suite_report.py.
+
 For every method of the suite (an experiment config plus a search space):
 
 1. **tune** on validation with the same budget for every method -- `budget.trials` trials of at
@@ -13,9 +16,11 @@ For every method of the suite (an experiment config plus a search space):
    for ranking metrics, a paired bootstrap over users -- as Markdown, CSV, JSON (with the
    commands, budget, seeds and machine) and a figure in `results_dir`, and as an MLflow run.
 
-Each finished stage leaves a small JSON (`best.json`, `seeds.json`) holding a fingerprint of what
+Each finished stage leaves a small JSON (`tune.json`, `seeds.json`) holding a fingerprint of what
 produced it, so `--resume` skips finished stages, continues an interrupted sweep, and refuses a
-suite that changed under a finished stage. Everything reads the seed runs back from MLflow.
+suite that changed under a finished stage. `seeds.json` also holds every seed run's test metrics
+(and, for ranking metrics, `per_user/seed<k>.csv.gz` beside it), so the report needs neither MLflow
+nor the Tune folders: a suite's state folder can be committed and continued on another machine.
 """
 from __future__ import annotations
 
@@ -32,8 +37,8 @@ import yaml
 
 from fleetrec.simulator.config import RANKING_METRIC
 from fleetrec.simulator.config_loader import ConfigError, apply_overrides, build, read_yaml, to_dict
-from fleetrec.simulator.suite_report import rel as _rel, write_report
-from fleetrec.simulator.tune_space import Sweep, load_sweep, resolve_config
+from fleetrec.simulator.suite_report import rel as _rel, record_seed_runs, write_report
+from fleetrec.simulator.tune_space import REPO_ROOT, Sweep, load_sweep, resolve_config
 
 
 # ------------------------------------------------------------------------------ the YAML schema
@@ -275,18 +280,30 @@ def _sweep(suite: Suite, m: Method, stage: str, values: dict | None = None, chec
     return load_sweep(p, list(suite.cli_overrides), name=name, storage_path=str(suite.dir))
 
 
-FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSION = 3
+
+
+def _portable(path: str) -> str:
+    """A config path inside the repository, relative to its root (so a fingerprint holds on any checkout)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return path
 
 
 def fingerprint(sweep: Sweep, version: int = FINGERPRINT_VERSION) -> str:
     """What a stage's result depends on: the base config data with every override, and the sweep
-    YAML as written (v2; new defaults of the sweep schema do not change it). v1 (records without a
-    version) hashed the sweep config with every default; kept so those records still check."""
+    YAML as written, its `base` relative to the repository (v3: the same on every checkout, so a
+    suite's stage records can be committed and continued elsewhere). v2 hashed the absolute `base`
+    path; v1 (records without a version) the sweep config with every default. Both still check."""
     if version == 1:
         cfg = {k: v for k, v in to_dict(sweep.cfg).items() if k != "points_to_evaluate"}
         blob = json.dumps({"base": sweep.base_data, "sweep": cfg}, sort_keys=True, default=str)
     else:
-        blob = json.dumps({"base": sweep.base_data, "sweep": read_yaml(sweep.source)}, sort_keys=True, default=str)
+        y = read_yaml(sweep.source)
+        if version >= 3 and isinstance(y.get("base"), str):
+            y = {**y, "base": _portable(y["base"])}
+        blob = json.dumps({"base": sweep.base_data, "sweep": y}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -322,6 +339,8 @@ def _stage(suite: Suite, m: Method, stage: str, sweep: Sweep, resume: bool, log)
            "command": f"fleetrec tune {_rel(sweep.source)}" + "".join(f" {shlex.quote(o)}" for o in suite.cli_overrides)}
     if stage == "tune" and not m.tune_yaml["space"]:
         rec["best"] = {}                                   # the one trial only checked that the config runs
+    if stage == "seeds":                                   # the record alone is enough for the report
+        rec["runs"] = record_seed_runs(suite, suite.method_dir(m.key), res.parent_run_id)
     done.write_text(json.dumps(rec, indent=1, default=str))
     return rec
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fleetrec.simulator.compare import lower_is_better
 from fleetrec.simulator.config_loader import ConfigError
 
 
@@ -48,14 +49,19 @@ class MethodResult:
     tune: dict                         # the tune stage's JSON record (best values, trials, command)
     seeds_stage: dict
     runs: list[SeedRun] = field(default_factory=list)
-    mlflow_runs: list = field(default_factory=list)
 
     def values(self, metric: str) -> dict[int, float]:
         return {r.seed: r.metrics[metric] for r in self.runs if metric in r.metrics}
 
 
-def lower_is_better(metric: str) -> bool:
-    return metric.rsplit("/", 1)[-1] in ("logloss", "loss")
+@dataclass
+class _Bars:
+    """One method as `compare.figure` draws it: `values("best/test/<m>")` = seed -> value."""
+    name: str
+    result: MethodResult
+
+    def values(self, metric: str) -> dict[int, float]:
+        return self.result.values(metric[len("best/"):])
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -137,19 +143,12 @@ def _finished_children(client, parent: str) -> list:
     return [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("tune.superseded") != "true"]
 
 
-def collect(suite, client) -> dict[str, MethodResult]:
-    """Every method whose seeds stage finished: its seed runs (newest run per seed) from MLflow."""
+def _seed_runs_from_mlflow(suite, client, parent: str) -> list[SeedRun]:
+    """The seed runs of a seeds stage (newest finished run per seed) read back from MLflow."""
     from fleetrec.simulator.tracking import PER_USER_CSV, mlflow_name, read_per_user
     import tempfile
-    out = {}
-    for key, m in suite.methods.items():
-        d = suite.method_dir(key)
-        if not (d / "seeds.json").is_file():
-            continue
-        tune, seeds = json.loads((d / "tune.json").read_text()), json.loads((d / "seeds.json").read_text())
-        res = MethodResult(key, m.label, tune, seeds)
-        seen = set()
-        for r in _finished_children(client, seeds["parent_run_id"]):
+    runs, seen = [], set()
+    for r in _finished_children(client, parent):
             seed = int(r.data.tags.get("seed", r.data.params.get("seed", -1)))
             if seed in seen:
                 continue
@@ -164,11 +163,45 @@ def collect(suite, client) -> dict[str, MethodResult]:
                     except Exception:          # an MLflow store without the artifact: no bootstrap for it
                         per = None
             br = r.data.metrics.get("best/best_round")
-            res.runs.append(SeedRun(seed, r.info.run_id, met, None if br is None else int(br),
-                                    int(r.data.metrics.get("run/rounds_run", 0)),
-                                    int(r.data.metrics.get("run/rounds_cap", suite.cfg.final.rounds)), per))
-            res.mlflow_runs.append(r)
-        res.runs.sort(key=lambda r: r.seed)
+            runs.append(SeedRun(seed, r.info.run_id, met, None if br is None else int(br),
+                                int(r.data.metrics.get("run/rounds_run", 0)),
+                                int(r.data.metrics.get("run/rounds_cap", suite.cfg.final.rounds)), per))
+    return sorted(runs, key=lambda r: r.seed)
+
+
+def record_seed_runs(suite, method_dir: Path, parent: str) -> list[dict]:
+    """The finished seeds stage's runs as plain records for its `seeds.json` (per-user tables, for
+    ranking metrics, as `per_user/seed<k>.csv.gz` in `method_dir`)."""
+    from mlflow.tracking import MlflowClient
+    out = []
+    for r in _seed_runs_from_mlflow(suite, MlflowClient(tracking_uri=suite.tracking_uri), parent):
+        if r.per_user is not None:
+            (method_dir / "per_user").mkdir(exist_ok=True)
+            r.per_user.to_csv(method_dir / "per_user" / f"seed{r.seed}.csv.gz", index=False, float_format="%.9g")
+        out.append({"seed": r.seed, "run_id": r.run_id, "metrics": r.metrics, "best_round": r.best_round,
+                    "rounds_run": r.rounds_run, "rounds_cap": r.rounds_cap})
+    return out
+
+
+def collect(suite, client) -> dict[str, MethodResult]:
+    """Every method whose seeds stage finished: its seed runs from `seeds.json` (or, for records
+    written before it held them, from MLflow)."""
+    import pandas as pd
+    out = {}
+    for key, m in suite.methods.items():
+        d = suite.method_dir(key)
+        if not (d / "seeds.json").is_file():
+            continue
+        tune, seeds = json.loads((d / "tune.json").read_text()), json.loads((d / "seeds.json").read_text())
+        res = MethodResult(key, m.label, tune, seeds)
+        if "runs" in seeds:
+            for x in seeds["runs"]:
+                f = d / "per_user" / f"seed{x['seed']}.csv.gz"
+                per = pd.read_csv(f) if suite.per_user and f.is_file() else None
+                res.runs.append(SeedRun(int(x["seed"]), x["run_id"], {k: float(v) for k, v in x["metrics"].items()},
+                                        x["best_round"], int(x["rounds_run"]), int(x["rounds_cap"]), per))
+        else:
+            res.runs = _seed_runs_from_mlflow(suite, client, seeds["parent_run_id"])
         out[key] = res
     return out
 
@@ -241,8 +274,7 @@ def machine() -> dict:
 
 def write_report(suite, log) -> str:
     from mlflow.tracking import MlflowClient
-    from fleetrec.simulator.compare import Group, figure, markdown
-    from fleetrec.simulator.tracking import mlflow_name
+    from fleetrec.simulator.compare import figure, markdown
     uri = suite.tracking_uri
     client = MlflowClient(tracking_uri=uri)
     results = collect(suite, client)
@@ -279,8 +311,8 @@ def write_report(suite, log) -> str:
                                      "rounds_run": x.rounds_run, "at_cap": x.at_cap, **x.metrics} for x in r.runs]}
                        for k, r in results.items()}}
     Path(f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))
-    groups = [Group(results[k].label, results[k].mlflow_runs) for k in results]
-    figure(groups, [mlflow_name(f"best/test/{m}") for m in sc.report], Path(f"{stem}.png"))
+    figure([_Bars(results[k].label, results[k]) for k in results], [f"best/test/{m}" for m in sc.report],
+           Path(f"{stem}.png"))
     _log(suite, client, uri, text, rows, header, stem)
     log(f"written: {stem}.md, .csv, .json, .png")
     return text

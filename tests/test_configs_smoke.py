@@ -34,6 +34,17 @@ FLAGS = [p for p in ALL if flag_variant_of(p) is not None]
 CONFIGS = [p for p in ALL if p not in FLAGS and not p.stem.startswith(("fedpa_kuairand_", "fedpa_epinions_"))]
 
 
+def _algorithm(path: Path) -> str:
+    return str((read_yaml(path).get("algorithm") or {}).get("name", "fedavg"))
+
+
+# one config per algorithm runs on Ray (the engine path of that algorithm: placement, routing, the
+# driver loop); every other config -- other data, other options of an algorithm already run -- runs
+# one round of both halves in this process, which is what differs between them
+ON_RAY = [p for i, p in enumerate(CONFIGS) if _algorithm(p) not in {_algorithm(q) for q in CONFIGS[:i]}]
+IN_PROCESS = [p for p in ALL if p not in ON_RAY and not p.stem.startswith(("fedpa_kuairand_", "fedpa_epinions_"))]
+
+
 def _tiny(path: Path) -> list[str]:
     raw = read_yaml(path)
     # a pre-trained backbone fits the full data's vocabularies, not a 23-client slice: random init
@@ -67,12 +78,15 @@ def kuairand_release(tmp_path_factory) -> Path:
     return write_feature_tables(write_logs(root, 30, 40, rows=(600, 150)), 30, 40, stats=True)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_config_runs_one_tiny_round(ray_session, path, kuairand_release):
-    extra = []
+def _data_extra(path: Path, kuairand_release: Path) -> list[str]:
     if (read_yaml(path).get("data") or {}).get("name") == "kuairand":
-        extra = [f"data.path={kuairand_release}", "data.cache=false"]
-    cfg = load(path, [*_tiny(path), *extra])
+        return [f"data.path={kuairand_release}", "data.cache=false"]
+    return []
+
+
+@pytest.mark.parametrize("path", ON_RAY, ids=[p.stem for p in ON_RAY])
+def test_config_runs_one_tiny_round(ray_session, path, kuairand_release):
+    cfg = load(path, [*_tiny(path), *_data_extra(path, kuairand_release)])
     result = run(cfg)
     assert len(result.records) == 1 and result.records[0]["train/clients_trained"] > 0
 
@@ -82,32 +96,20 @@ def test_flag_variants_are_recognized():
     names = {p.stem for p in FLAGS}
     assert {"pf_msmtrec_epinions_no_tower", "pmtrec_epinions_nashmtl", "pmtrec_epinions_single"} <= names
     assert not names & {"pf_msmtrec_epinions_fedavg", "pmtrec_epinions_federated", "fedpa_movielens_no_gate"}
+    # every algorithm of a shipped config runs on Ray at least once
+    assert {_algorithm(p) for p in ON_RAY} == {_algorithm(p) for p in ALL}
 
 
-@pytest.mark.parametrize("path", FLAGS, ids=[p.stem for p in FLAGS])
-def test_flag_variant_trains_and_evaluates_one_round_in_process(path):
+@pytest.mark.parametrize("path", IN_PROCESS, ids=[p.stem for p in IN_PROCESS])
+def test_config_trains_and_evaluates_one_round_in_process(path, kuairand_release):
     """Both halves of the algorithm in this process on the config's tiny data slice: one round of
     training over a cohort, aggregation, and the algorithm's own evaluation of the validation split."""
-    import numpy as np
-    import torch
-
-    from fleetrec.algorithms import make_algorithm
-    from fleetrec.simulator.cohort import DataView
-    from fleetrec.simulator.config import make_setup
-    cfg = load(path, _tiny(path))
-    ds = cfg.data.build(cfg.seed)
-    algo = make_algorithm(cfg.algorithm, make_setup(cfg, ds))
-    if algo.READS_SIDE_TABLES:
-        algo.attach_data(ds)
-    ids = np.arange(min(ds.num_clients, cfg.federation.clients_per_round), dtype=np.int64)
-    view, state = DataView(ds), algo.init_server()
-    personal = algo.init_personal(torch.from_numpy(ids))
-    batch = view.batch(ids, 0, epochs=cfg.train.local_epochs, seed=cfg.seed, rnd=0)
-    update = algo.train_cohort(algo.configure_train(0, state, torch.from_numpy(ids)), batch, personal)
-    state, stats = algo.aggregate_train(0, state, update.acc.cpu())
-    assert stats["clients_trained"] > 0
-    splits = {s: view.batch(ids, s) for s in (0, 1, 2)}
-    metrics = algo.aggregate_evaluate("val", algo.evaluate_cohort(state, splits, {**personal, **update.personal}, 1))
+    from tests.in_process import InProcess
+    cfg = load(path, [*_tiny(path), *_data_extra(path, kuairand_release)])
+    sim = InProcess(cfg)
+    ids = sim.ids[:cfg.federation.clients_per_round]
+    assert sim.round(0, ids)["clients_trained"] > 0
+    metrics = sim.evaluate("val", ids)
     assert metrics and all(k.startswith("val/") for k in metrics)
 
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from fleetrec.algorithms import ALGORITHMS, make_algorithm
+from fleetrec.algorithms import ALGORITHMS
 from fleetrec.algorithms.protocol import CENTRAL_DP, POINTWISE, RANKING, AlgorithmBase
 from fleetrec.simulator import checkpoint
-from fleetrec.simulator.config import from_dict, make_setup
+from fleetrec.simulator.config import from_dict
 from fleetrec.simulator.config_loader import ConfigError, apply_overrides
 from fleetrec.simulator.run import Callback, run
+from tests.in_process import InProcess
 
 ROUNDS = 4
 CASES = [pytest.param(name, ex, id=f"{name}-{ex}")
@@ -85,7 +87,9 @@ def test_resume_and_worker_loss_leave_every_result_unchanged(ray_session, tmp_pa
     it is restored from its round-1 shard and replays round 2. Every round's metrics and the final
     server state must equal the uninterrupted run's."""
     folder = tmp_path / "ck"
-    cfg = example_config(name, example, "checkpoint.every=2", "checkpoint.keep=2", f"checkpoint.dir={folder}")
+    # one worker: the kill restores the only worker's whole shard (multi-worker restores: test_checkpoint.py)
+    cfg = example_config(name, example, "checkpoint.every=2", "checkpoint.keep=2", f"checkpoint.dir={folder}",
+                         "resources.workers=1")
     full = run(cfg)
     first, last = _metrics(full.records[0]), _metrics(full.records[-1])
     assert any(not math.isclose(first[k], last[k], abs_tol=1e-9) for k in first if k.startswith("val/")
@@ -101,7 +105,7 @@ def test_resume_and_worker_loss_leave_every_result_unchanged(ray_session, tmp_pa
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_central_dp_is_real_or_refused_before_anything_starts(ray_session, name):
+def test_central_dp_is_real_or_refused_before_anything_starts(name):
     """With privacy on, a supporting algorithm logs a growing ε and its shared tensors carry the
     noise: with σ = 1000 the noise swamps the clipped updates, so after R rounds of θ += Δ each
     coordinate has moved with std √R·σ·C / (q·N) (within 25%). Any other algorithm is refused
@@ -130,13 +134,13 @@ def test_central_dp_is_real_or_refused_before_anything_starts(ray_session, name)
     rounds, sigma, clip = 2, 1000.0, 1.0
     cfg = example_config(name, example, "privacy.enabled=true", *needs, f"privacy.noise_multiplier={sigma}",
                          f"privacy.clip={clip}", f"rounds={rounds}")
-    ds = cfg.data.build(cfg.seed)
-    setup = make_setup(cfg, ds)
-    start = make_algorithm(cfg.algorithm, setup).init_server()
-    res = run(cfg)
-    eps = [r["privacy/epsilon"] for r in res.records]
+    # both halves in this process (the engine's DP run is tests/test_engine.py's): a cohort per round
+    sim = InProcess(cfg)
+    start = {k: v.clone() for k, v in sim.state.items()}
+    cohort = np.random.default_rng(0).permutation(sim.ds.num_clients)[:sim.setup.clients_per_round]
+    eps = [sim.round(r, np.sort(cohort))["privacy/epsilon"] for r in range(rounds)]
     assert 0 < eps[0] < eps[1], name
-    moved = torch.cat([(res.server_state[k] - v).flatten().double() for k, v in start.items()
+    moved = torch.cat([(sim.state[k] - v).flatten().double() for k, v in start.items()
                        if v.is_floating_point() and not k.endswith("running_var")])
-    expect = math.sqrt(rounds) * sigma * clip / setup.clients_per_round
+    expect = math.sqrt(rounds) * sigma * clip / sim.setup.clients_per_round
     assert moved.numel() > 100 and abs(float(moved.std()) / expect - 1) < 0.25, (name, float(moved.std()), expect)

@@ -10,10 +10,10 @@ from fleetrec.algorithms import make_algorithm
 from fleetrec.algorithms import pfmsm_math as pm
 from fleetrec.algorithms.pfmsm import PERS
 from fleetrec.algorithms.scenario import OWN_MODEL, SCENARIO_EXAMPLE
-from fleetrec.datasets.federated import TEST
 from fleetrec.simulator.cohort import DataView
 from fleetrec.simulator.config import from_dict, make_setup
 from fleetrec.simulator.config_loader import ConfigError, apply_overrides
+from tests.in_process import InProcess
 
 # the registry-wide example of the scenario algorithms, in one worker, without dropout
 TINY = {**SCENARIO_EXAMPLE, "rounds": 2, "tracking.mlflow": False, "tracking.progress": False,
@@ -25,36 +25,11 @@ def tiny(**extra):
     return from_dict(apply_overrides({}, [f"{k}={v}" for k, v in over.items()]), "tiny")
 
 
-class Sim:
-    """Both halves of an algorithm in one process: server state, every client's personal state."""
+class Sim(InProcess):
+    """Both halves of a scenario algorithm in one process on the tiny example."""
 
     def __init__(self, **extra):
-        self.cfg = tiny(**extra)
-        self.ds = self.cfg.data.build(self.cfg.seed)
-        setup = make_setup(self.cfg, self.ds)
-        self.server = make_algorithm(self.cfg.algorithm, setup)
-        self.client = make_algorithm(self.cfg.algorithm, setup)
-        self.state = self.server.init_server()
-        self.ids = np.arange(self.ds.num_clients)
-        self.personal = self.client.init_personal(torch.from_numpy(self.ids))
-        self.view = DataView(self.ds)
-        self.last_acc = None
-
-    def round(self, rnd: int, ids=None):
-        ids = self.ids if ids is None else np.asarray(ids)
-        plan = self.server.configure_train(rnd, self.state, torch.from_numpy(ids))
-        batch = self.view.batch(ids, 0, epochs=1, seed=self.cfg.seed, rnd=rnd)
-        own = {k: v[ids] for k, v in self.personal.items()}
-        update = self.client.train_cohort(plan, batch, own)
-        for k, v in update.personal.items():
-            self.personal[k][ids] = v
-        self.last_acc = update.acc.cpu()
-        self.state, stats = self.server.aggregate_train(rnd, self.state, self.last_acc)
-        return stats
-
-    def scores(self, split=TEST) -> torch.Tensor:
-        batch = self.view.batch(self.ids, split)
-        return self.client.score_cohort(self.state, batch, self.personal)
+        super().__init__(tiny(**extra))
 
 
 def test_local_only_never_changes_other_clients():

@@ -176,6 +176,11 @@ def test_tiny_suite_end_to_end_resume_and_refusal(ray_session, tmp_path, monkeyp
     assert f"{np.mean(vals):.4f}" in md
     for ext in ("md", "csv", "png"):
         assert (tmp_path / "out" / f"pmtrec_synthetic.{ext}").is_file()
+    # seeds.json alone carries the report (a committed state folder continues on another machine)
+    rec = json.loads((suite.method_dir("single") / "seeds.json").read_text())
+    assert [r["seed"] for r in rec["runs"]] == [0, 1] and rec["fingerprint_version"] == 3
+    assert {r["seed"]: r["metrics"]["test/recall@20"] for r in rec["runs"]} == {r["seed"]: r["test/recall@20"] for r in runs}
+    assert (suite.method_dir("single") / "per_user" / "seed1.csv.gz").is_file()
     tune_parent = doc["methods"]["single"]["tune"]["parent_run_id"]      # trial 0 = the untuned config
     tried = [r.data.params.get("sampled.train.lr") for r in client.search_runs(
         [client.get_run(tune_parent).info.experiment_id], f"tags.mlflow.parentRunId = '{tune_parent}'")]
