@@ -193,6 +193,8 @@ class PFMSMTrec(ScenarioAlgorithm):
         stats["alpha_mean"] = float(alpha.mean())
         for c in ids:
             stats[f"pfmsm/alpha/{c}"] = float(alpha[c])
+            if self.layer_keys:            # β_c: the mean over its tower layers
+                stats[f"pfmsm/beta/{c}"] = float(beta[c].mean())
         return new, stats
 
     def _write(self, new: Tensors, idx: torch.Tensor, values: Tensors) -> None:

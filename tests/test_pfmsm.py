@@ -127,6 +127,7 @@ def test_pfmsm_personalized_copies_differ_and_alpha_moves():
     assert not torch.allclose(alpha, init) and len(set(alpha.tolist())) == 3
     assert ((alpha >= 0) & (alpha <= 1)).all()
     assert stats["pfmsm/alpha/2"] == pytest.approx(float(alpha[2]))
+    assert stats["pfmsm/beta/1"] == pytest.approx(float(sim.state["beta"][1].mean()))
     assert not torch.allclose(sim.state["beta"], torch.full_like(sim.state["beta"], 0.1))
 
 
