@@ -26,6 +26,7 @@ MODELS: Registry[type] = Registry("model", {
     "shared_bottom": _M + "mtl:SharedBottom",
     "mmoe": _M + "mtl:MMoE",
     "ple": _M + "mtl:PLE",
+    "star": _M + "star:Star",
 }, config_of=lambda model: model.Config, base=lambda: RoleModule)
 
 
