@@ -1,5 +1,6 @@
-"""STAR (algorithms/models/star.py): the star-topology layer and partitioned normalization by hand,
-and the model trained by the scenario baselines on the tiny multi-scenario data."""
+"""The multi-scenario models STAR (algorithms/models/star.py: the star-topology layer and
+partitioned normalization by hand) and PEPNet (algorithms/models/pepnet.py: the gates by hand),
+both trained by the scenario baselines on the tiny multi-scenario data."""
 from __future__ import annotations
 
 import pytest
@@ -68,3 +69,27 @@ def test_star_trains_centralized_and_local_and_needs_a_scenario():
     assert all(not torch.equal(w[p], torch.ones_like(w[p])) for p in range(3))
     with pytest.raises(ValueError, match="model.name=star needs scenario data"):
         InProcess(from_dict(apply_overrides({}, ["model.name=star", "tracking.mlflow=false"]), "x"))
+
+
+def test_pepnet_gates_by_hand_and_training():
+    from fleetrec.algorithms.models.pepnet import GateNU
+    g = torch.Generator().manual_seed(2)
+    gate = GateNU(3, 4, 2)
+    x = torch.randn(5, 3, generator=g)
+    expect = 2 * torch.sigmoid(gate.lin1(torch.relu(gate.lin0(x))))
+    torch.testing.assert_close(gate(x), expect)
+    d = gate(x).detach()
+    assert float(d.min()) > 0 and float(d.max()) < 2
+    pep = {k: v for k, v in STAR.items() if k not in ("model.star", "model.auxiliary")}
+    pep.update({"model.name": "pepnet", "model.tower": "[8, 4]", "model.gate_hidden": 4})
+    for algo in ("scenario_centralized", "scenario_local"):
+        sim = InProcess(from_dict(apply_overrides({}, [f"{k}={v}" for k, v in {**pep, "algorithm.name": algo}.items()]),
+                                  "pepnet"))
+        before = sim.scores().clone()
+        for r in range(2):
+            sim.round(r)
+        assert torch.isfinite(sim.scores()).all() and not torch.allclose(sim.scores(), before)
+    model = sim.client.model
+    assert model.prior == ("user_id", "item_id")
+    cat = {f: torch.zeros(4, dtype=torch.long) for f in model.embed.fields}
+    assert model(cat, torch.zeros(4, len(sim.ds.schema.numeric)), {}).shape == (4, 2)

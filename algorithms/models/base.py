@@ -27,6 +27,7 @@ MODELS: Registry[type] = Registry("model", {
     "mmoe": _M + "mtl:MMoE",
     "ple": _M + "mtl:PLE",
     "star": _M + "star:Star",
+    "pepnet": _M + "pepnet:PEPNet",
 }, config_of=lambda model: model.Config, base=lambda: RoleModule)
 
 
