@@ -50,9 +50,13 @@ class LocalTrainConfig:
     lr: float = 0.1                  # learning rate of the local optimizer
     optimizer: str = "sgd"           # sgd | adam  (adam state is reset every round)
     weight_decay: float = 0.0        # L2 penalty added to the gradient
+    # a round diverges when more than half of its client updates were dropped (NaN / inf) or its
+    # training loss is not finite; the run stops (exit 3) after this many such rounds in a row
+    # (0 = never stop; the rounds are still counted, shown and summarized)
+    stop_on_divergence: int = 3
 
     CHECKS: ClassVar[dict] = {"local_epochs": ">=1", "batch_size": ">=1", "lr": ">0",
-                              "optimizer": ("sgd", "adam"), "weight_decay": ">=0"}
+                              "optimizer": ("sgd", "adam"), "weight_decay": ">=0", "stop_on_divergence": ">=0"}
 
 
 _A = "fleetrec.algorithms."

@@ -104,9 +104,13 @@ def cmd_run(args) -> int:
                                           to_dict(cfg))
     else:
         cfg = load(path, overrides)
-    from fleetrec.simulator.run import run
+    from fleetrec.simulator.run import Diverged, run
     from fleetrec.simulator.tracking import default_callbacks
-    run(cfg, default_callbacks(cfg), resume=resume)
+    try:
+        run(cfg, default_callbacks(cfg), resume=resume)
+    except Diverged as e:
+        print(f"fleetrec: run stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -127,6 +127,22 @@ def check_fits(cfg: ExperimentConfig, cluster: dict) -> None:
                               f"Ray cluster has {have:g}; lower resources.workers or resources.{name}")
 
 
+class Diverged(RuntimeError):
+    """The run stopped because `train.stop_on_divergence` rounds in a row diverged (CLI exit 3)."""
+
+
+def diverging(rec: dict) -> str | None:
+    """Why a round record counts as diverging, or None: more than half of its client updates were
+    dropped as non-finite, or its training loss is not finite."""
+    dropped, trained = rec.get("train/updates_dropped", 0), rec.get("train/clients_trained", 0)
+    if dropped and dropped > trained:
+        return f"{int(dropped)} of {int(dropped + trained)} client updates were NaN or inf"
+    loss = rec.get("train/train_loss")
+    if loss is not None and not math.isfinite(loss):
+        return f"the training loss was {loss}"
+    return None
+
+
 def _better(a: float, b: float | None, mode: str) -> bool:
     if math.isnan(a):
         return False
@@ -219,6 +235,24 @@ class _Loop:
         self.records: list[dict] = []
         self.best, self.best_val, self.stale, self.next_round = None, None, 0, 0
         self.best_per_user = None
+        self.diverging: list[int] = []     # 1-based rounds that diverged
+        self.streak = 0
+
+    def _divergence(self, rec: dict) -> None:
+        """Mark a diverging round in its record (`train/diverging` = 1) and stop the run after
+        `train.stop_on_divergence` of them in a row."""
+        why = diverging(rec)
+        if why is None:
+            self.streak = 0
+            return
+        rec["train/diverging"] = 1.0
+        self.diverging.append(rec["round"] + 1)
+        self.streak += 1
+        k = self.cfg.train.stop_on_divergence
+        if k and self.streak >= k:
+            first = rec["round"] + 2 - self.streak
+            raise Diverged(f"the run diverged: {why} in {self.streak} rounds in a row (rounds {first}-{rec['round'] + 1}); "
+                           f"train.lr is {self.cfg.train.lr:g}: lower it, or set train.stop_on_divergence=0 to go on")
 
     def record(self, rec: dict) -> bool:
         per_user = rec.pop(PER_USER, None)      # kept for the best round only, never in the records
@@ -230,6 +264,7 @@ class _Loop:
             raise ConfigError(f"train.lr: in round {rec['round'] + 1} all {dropped} client updates were NaN or "
                               f"inf and were dropped, so the model cannot train on; train.lr is "
                               f"{self.cfg.train.lr:g} (a smaller one, or train.optimizer: adam, usually helps)")
+        self._divergence(rec)
         if self.metric not in rec and any(k.startswith("val/") for k in rec):   # an evaluation without it
             have = sorted(k[len("val/"):] for k in rec if k.startswith("val/") and not re.match(r"val/s\d+/", k))
             raise ConfigError(f"eval.metric: got {self.cfg.eval.metric!r}, but this run's validation has no "

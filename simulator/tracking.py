@@ -134,6 +134,8 @@ class ProgressBar(Callback):
         if self.metric in record:
             post[self.metric] = _fmt(record[self.metric])
         post["upd/s"] = f"{record['client_updates_per_s']:.0f}"
+        if record.get("train/diverging"):
+            post["DIVERGING"] = f"{int(record.get('train/updates_dropped', 0))} updates dropped"
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
 
@@ -173,6 +175,10 @@ def summary_table(result: RunResult) -> str:
     dropped = sum(r.get("train/updates_dropped", 0) for r in result.records)
     if dropped:
         rows.append(("client updates dropped (NaN / inf)", str(dropped)))
+    bad = [r["round"] + 1 for r in result.records if r.get("train/diverging")]
+    if bad:
+        rows.append(("diverging rounds (> half the updates dropped, or loss not finite)",
+                     f"{len(bad)}: {', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}"))
     recs = result.records
     if recs:
         secs = [r["train_seconds"] for r in recs]
@@ -234,6 +240,8 @@ class MlflowLogger(Callback):
     def on_abort(self, error: BaseException) -> None:
         import mlflow
         if self.run_id and mlflow.active_run() is not None:
+            if not isinstance(error, KeyboardInterrupt):    # the reason, on the run's page
+                mlflow.set_tag("fleetrec.failure", str(error)[:5000])
             mlflow.end_run(status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
 
     def on_round(self, record: dict) -> None:

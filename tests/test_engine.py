@@ -175,3 +175,36 @@ def test_a_run_whose_every_update_diverges_stops_with_one_line(ray_session, tiny
     from fleetrec.simulator.config_loader import ConfigError
     with pytest.raises(ConfigError, match=r"train.lr: in round 1 all \d+ client updates were NaN or inf"):
         run(tiny_cfg(**{"train.lr": 1e30, "rounds": 2}))
+
+
+def test_diverging_rounds_are_marked_and_stop_the_run_after_k_in_a_row(tiny_cfg, monkeypatch, capsys):
+    """A round with more than half of its updates dropped, or a non-finite loss, is `train/diverging`;
+    `train.stop_on_divergence` = k of them in a row stop the run (CLI exit 3, one line); 0 never stops."""
+    from fleetrec.simulator import run as run_mod
+    from fleetrec.simulator.cli import main
+    from fleetrec.simulator.tracking import summary_table
+
+    def rec(r, dropped, trained, loss=0.5):
+        return {"round": r, "train/updates_dropped": dropped, "train/clients_trained": trained, "train/train_loss": loss,
+                "train_seconds": 0.1, "eval_seconds": 0.0, "client_updates_per_s": 10.0}
+
+    loop = run_mod._Loop(tiny_cfg(**{"train.stop_on_divergence": 2}), [])
+    loop.record(rec(0, 6, 4))                           # diverging
+    loop.record(rec(1, 1, 9))                           # fine: the streak restarts
+    loop.record(rec(2, 0, 10, float("nan")))            # diverging (loss)
+    with pytest.raises(run_mod.Diverged, match=r"the run diverged: 7 of 10 client updates were NaN or inf in 2 "
+                                               r"rounds in a row \(rounds 3-4\); train.lr is"):
+        loop.record(rec(3, 7, 3))
+    assert [r.get("train/diverging", 0) for r in loop.records] == [1.0, 0, 1.0, 1.0] and loop.diverging == [1, 3, 4]
+    never = run_mod._Loop(tiny_cfg(**{"train.stop_on_divergence": 0}), [])
+    for r in range(5):
+        never.record(rec(r, 6, 4))
+    res = never.result({}, {})
+    line = next(l for l in summary_table(res).splitlines() if l.startswith("diverging rounds"))
+    assert line.endswith("5: 1, 2, 3, 4, 5")
+
+    def diverges(*a, **k):
+        raise run_mod.Diverged("the run diverged: test")
+    monkeypatch.setattr(run_mod, "run", diverges)
+    assert main(["run", "rounds=1", "tracking.mlflow=false"]) == 3
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "fleetrec: run stopped: the run diverged: test"
