@@ -30,7 +30,7 @@ def _parse_kv(items: list[str]) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"fleetrec data: expected key=value, got {item!r}\n{USAGE}")
+            raise ConfigError(f"expected key=value, got {item!r}")
         k, raw = item.split("=", 1)
         try:
             out[k.strip()] = yaml.safe_load(raw) if raw != "" else ""
@@ -49,8 +49,14 @@ def resolve(target: str, options: list[str], seed: int | None = None):
     if path.suffix in (".yaml", ".yml") or path.is_file():
         exp = load(path, list(options))
         return exp.data, exp.seed if seed is None else seed
-    raise SystemExit(f"fleetrec data: {target!r} is neither a data source ({', '.join(SOURCES.names())}) "
-                     f"nor an experiment YAML file\n{USAGE}")
+    raise ConfigError(f"{target!r} is neither a data source ({', '.join(SOURCES.names())}) "
+                      "nor an experiment YAML file")
+
+
+def _bad(message: str) -> int:
+    """Bad command-line input: one line naming what is wrong (then the usage), exit code 2."""
+    print(f"fleetrec data: {message}\n{USAGE}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             seed = int(argv[i + 1])
         except (IndexError, ValueError):
-            raise SystemExit(f"fleetrec data: --seed needs an integer\n{USAGE}") from None
+            return _bad("--seed needs an integer")
         del argv[i:i + 2]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -72,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             doc = (cls.__doc__ or "").strip().splitlines()
             print(f"{name}: {doc[0] if doc else cls.__name__}")
         return 0
-    if verb not in ("describe", "prepare") or len(argv) < 2:
-        raise SystemExit(USAGE)
+    if verb not in ("describe", "prepare"):
+        return _bad(f"unknown verb {verb!r}; expected describe, prepare or list")
+    if len(argv) < 2:
+        return _bad(f"{verb} needs a data source name or an experiment YAML")
     try:
         cfg, seed_ = resolve(argv[1], argv[2:], seed)
         t0 = time.perf_counter()

@@ -367,8 +367,14 @@ def test_data_cli_describe_and_prepare(tmp_path, capsys):
     assert rc == 0 and "prepared epinions" in capsys.readouterr().out
     rc = data_main(["describe", "filmtrust", "split=chronological"])
     assert rc == 2 and "timestamps" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        data_main(["describe", "no_such_source"])
+    # bad command lines: exit 2, the first line names what is wrong
+    for argv, message in [(["describe", "no_such_source"], "'no_such_source' is neither a data source"),
+                          (["frobnicate", "epinions"], "unknown verb 'frobnicate'"),
+                          (["describe"], "describe needs a data source name"),
+                          (["describe", "epinions", "path"], "expected key=value, got 'path'"),
+                          (["describe", "epinions", "--seed", "x"], "--seed needs an integer")]:
+        assert data_main(argv) == 2, argv
+        assert message in capsys.readouterr().err.splitlines()[0], argv
 
 
 def test_data_cli_reads_experiment_yaml(tmp_path, capsys):
