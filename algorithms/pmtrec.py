@@ -38,8 +38,7 @@ from fleetrec.algorithms.protocol import (CENTRAL_DP, Accumulator, AlgorithmConf
 def keeps_history(name: str) -> bool:
     """Combiners whose state carries across calls (DWA, GradNorm, MetaBalance, uncertainty): centralized only."""
     from fleetrec.algorithms.combiners import COMBINERS
-    c = COMBINERS[name](2)
-    return bool(c.state_tensors()) or bool(c.parameters())
+    return COMBINERS[name].HAS_HISTORY
 
 
 @dataclass(frozen=True)

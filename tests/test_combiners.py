@@ -60,6 +60,20 @@ def test_algorithms_combiners_do_not_import_ray_or_mlflow():
 
 
 # ------------------------------------------------------------------------------- loss weighting
+def test_every_combiner_declares_whether_it_keeps_a_history():
+    """HAS_HISTORY (what the federated modes refuse) matches what a combiner really holds: state
+    tensors or learned parameters, at construction and after a few steps."""
+    g = torch.Generator().manual_seed(0)
+    for name in COMBINERS.names():
+        c = COMBINERS[name](2)
+        for step in range(3):
+            losses = torch.rand(2, generator=g) + 0.5
+            grads = torch.randn(2, 3, 4, generator=g) if name == "pmtrec" else torch.randn(2, 6, generator=g)
+            c.combine(CombineInput(losses=losses, grads=grads, step=step, epoch=step))
+        held = bool(c.state_tensors()) or bool(c.parameters())
+        assert COMBINERS[name].HAS_HISTORY == held, name
+
+
 def test_equal_weighting_is_the_mean():
     g = t([[1.0, 2.0], [3.0, -2.0], [2.0, 6.0]])
     out = run("equal", grads=g, losses=t([1.0, 2.0, 6.0]))

@@ -77,6 +77,9 @@ class Combiner:
     """Small base: holds the frozen config. Subclasses set `Config`, `needs_grads`, and `combine`."""
     Config: ClassVar[type] = CombinerConfig
     needs_grads: ClassVar[bool] = False      # True: `combine` requires `grads`; False: losses suffice
+    # True: state carries across calls (`state_tensors` / `parameters`: loss history, learned weights),
+    # so the combiner needs one process to see every step (centralized PMTRec only)
+    HAS_HISTORY: ClassVar[bool] = False
 
     def __init__(self, num_tasks: int, config=None, seed: int = 0):
         self.num_tasks = num_tasks

@@ -51,6 +51,7 @@ def metabalance_weights(avg_norms: torch.Tensor, relax: float, strategy: str, ep
 
 class MetaBalance(Combiner):
     """MetaBalance on (T, *S) gradients; task 0 is the target task. Keeps the (T,) moving averages."""
+    HAS_HISTORY = True
     Config = MetaBalanceConfig
     needs_grads = True
 

@@ -43,6 +43,7 @@ class Uncertainty(Combiner):
     `loss` is differentiable in `log_vars`: backprop it (or add `parameters()` to the optimizer
     and call backward on `loss`) so s is learned; `weights` = ½·exp(-s) are detached.
     """
+    HAS_HISTORY = True
     Config = UncertaintyConfig
 
     def __init__(self, num_tasks: int, config=None, seed: int = 0):
@@ -104,6 +105,7 @@ def dwa_weights(history: torch.Tensor, temperature: float) -> torch.Tensor:
 class DWA(Combiner):
     """Dynamic Weight Average. Records the mean loss of every epoch from the losses it is given;
     the weights of epoch e use the recorded means of epochs e-1 and e-2."""
+    HAS_HISTORY = True
     Config = DWAConfig
 
     def __init__(self, num_tasks: int, config=None, seed: int = 0):
@@ -194,6 +196,7 @@ class GradNorm(Combiner):
     move the weights at all, so the default is Adam (step ~ lr whatever the gradient scale).
     For the full shared gradient, backprop the returned `loss`.
     """
+    HAS_HISTORY = True
     Config = GradNormConfig
     needs_grads = True
 
