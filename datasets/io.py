@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,9 @@ def read_csv(path: Path, columns: tuple[str, ...], *, sep: str = ",", header: bo
         raise DataError(f"{path}: file is empty, expected columns {', '.join(columns)}") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot parse ({e}); expected columns {', '.join(columns)}") from None
+    except (EOFError, OSError, zlib.error) as e:      # gzip.BadGzipFile is an OSError; a cut file, EOFError
+        kind = "a truncated or damaged compressed file" if path.suffix in (".gz", ".bz2", ".xz", ".zip") else "unreadable"
+        raise DataError(f"{path}: {kind} ({e})") from None
     if header:
         df.columns = [str(c).strip() for c in df.columns]
         missing = [c for c in columns if c not in df.columns]

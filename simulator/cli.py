@@ -82,6 +82,8 @@ def _split_config(config: str | None, overrides: list[str]) -> tuple[str | None,
     """`fleetrec run rounds=3` has no config file: the first positional is then an override."""
     if config is not None and "=" in config and not os.path.exists(config):
         return None, [config, *overrides]
+    if config is not None and not os.path.exists(config) and not config.endswith((".yaml", ".yml")):
+        raise ConfigError(f"{config!r}: neither a config file (no such file) nor an override key.path=value")
     return config, overrides
 
 

@@ -74,6 +74,10 @@ def _describe(tp) -> str:
 
 
 def _check(value, rule, path: str):
+    if isinstance(value, tuple) and not isinstance(rule, tuple):    # a numeric rule holds for every item
+        for i, v in enumerate(value):
+            _check(v, rule, f"{path}[{i}]")
+        return
     ok = True
     if isinstance(rule, tuple):
         ok = value in rule

@@ -7,6 +7,7 @@ callbacks (progress bar, MLflow, early stop). Best-validation selection happens 
 from __future__ import annotations
 
 import math
+import os
 import re
 import socket
 import sys
@@ -72,9 +73,21 @@ def check_address(address: str | None, timeout_s: float = 3.0) -> None:
                           "start the cluster (ray start --head) or use 'auto' / null") from None
 
 
+def local_resources() -> dict:
+    """The CPUs and GPUs a fresh local Ray cluster on this machine would have (Ray's own counting)."""
+    try:
+        from ray._private.utils import get_num_cpus
+        cpus = float(get_num_cpus())
+    except Exception:                       # a Ray without the helper: the affinity mask
+        cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return {"CPU": cpus, "GPU": float(torch.cuda.device_count())}
+
+
 def ensure_ray(cfg: ExperimentConfig) -> None:
     if not ray.is_initialized():
         check_address(cfg.resources.address)
+        if cfg.resources.address in (None, "local") and not os.environ.get("RAY_ADDRESS"):
+            check_fits(cfg, local_resources())      # before starting Ray: a local run that cannot place its workers
         ctx = ray.init(address=cfg.resources.address, include_dashboard=cfg.resources.dashboard, log_to_driver=True,
                        configure_logging=False)
         url = getattr(ctx, "dashboard_url", None)
@@ -117,7 +130,7 @@ def check_resume_fits(ck, cfg: ExperimentConfig, ds: FederatedDataset) -> None:
 def check_fits(cfg: ExperimentConfig, cluster: dict) -> None:
     """A local cluster that cannot place every worker would wait forever: refuse in one line.
     (A remote cluster may add nodes, so there the workers wait for them.)"""
-    if cfg.resources.address is not None or ray.util.get_current_placement_group() is not None:
+    if cfg.resources.address not in (None, "local") or (ray.is_initialized() and ray.util.get_current_placement_group() is not None):
         return
     res = cfg.resources
     for key, per, name in (("CPU", res.cpus_per_worker, "cpus_per_worker"), ("GPU", res.gpus_per_worker, "gpus_per_worker")):

@@ -82,7 +82,7 @@ class FedPAModelConfig(ModelConfig):
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     CHECKS: ClassVar[dict] = {"dim": ">=1", "rank": ">=1", "lora_alpha": ">0", "init_std": ">=0",
-                              "lora_init": ("standard", "zeros"), "user_lora": ("private", "shared", "none"),
+                              "layers": ">=1", "gate_hidden": ">=1", "lora_init": ("standard", "zeros"), "user_lora": ("private", "shared", "none"),
                               "gate": ("adaptive", "equal", "sum"), "user_tables": ("private", "shared", "frozen")}
 
     def validate(self) -> str | None:

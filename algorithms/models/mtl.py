@@ -95,7 +95,7 @@ class SharedBottomConfig(ModelConfig):
     tower: tuple[int, ...] = (128, 64)       # per-task tower MLP widths (then Linear -> 1)
     dropout: float = 0.2                     # dropout after every hidden block
 
-    CHECKS: ClassVar[dict] = {"embed_dim": ">=1", "dropout": "0..1"}
+    CHECKS: ClassVar[dict] = {"embed_dim": ">=1", "dropout": "0..1", "bottom": ">=1", "tower": ">=1"}
 
 
 class SharedBottom(_MTLBase):
@@ -126,7 +126,7 @@ class MMoEConfig(ModelConfig):
     aggregate_scenario_experts: bool = True  # scenario experts get personalized aggregation (False: kept local)
 
     CHECKS: ClassVar[dict] = {"embed_dim": ">=1", "num_global_experts": ">=0", "num_task_experts": ">=0",
-                              "num_scenario_experts": ">=0", "dropout": "0..1"}
+                              "num_scenario_experts": ">=0", "dropout": "0..1", "expert": ">=1", "tower": ">=1"}
 
 
 class MMoE(_MTLBase):
@@ -175,7 +175,7 @@ class PLEConfig(ModelConfig):
     dropout: float = 0.2
 
     CHECKS: ClassVar[dict] = {"embed_dim": ">=1", "num_shared_experts": ">=0",
-                              "num_task_experts": ">=1", "dropout": "0..1"}
+                              "num_task_experts": ">=1", "dropout": "0..1", "levels": ">=1", "tower": ">=1"}
 
 
 class CGCLevel(nn.Module):

@@ -54,7 +54,7 @@ class PEPNetConfig(ModelConfig):
     prior_fields: tuple[str, ...] = ("user_id", "item_id")   # PPNet's personal prior (those the data has)
     dropout: float = 0.2
 
-    CHECKS: ClassVar[dict] = {"embed_dim": ">=1", "gate_hidden": ">=1", "dropout": "0..1"}
+    CHECKS: ClassVar[dict] = {"embed_dim": ">=1", "gate_hidden": ">=1", "dropout": "0..1", "tower": ">=1"}
 
 
 class PEPNet(_MTLBase):

@@ -28,7 +28,7 @@ class PerUserModelConfig(ModelConfig):
     freeze: tuple[str, ...] = ()           # parameter-name prefixes to freeze, e.g. [item_emb]
     private: tuple[str, ...] = ("user_emb",)  # parameter-name prefixes kept per client
 
-    CHECKS: ClassVar[dict] = {"dim": ">=1", "init_std": ">=0"}
+    CHECKS: ClassVar[dict] = {"dim": ">=1", "init_std": ">=0", "hidden": ">=1"}
 
 
 class PerUserModel(RoleModule):

@@ -94,7 +94,8 @@ class StarConfig(ModelConfig):
     auxiliary: tuple[int, ...] = (16,)       # the auxiliary network's hidden widths, on the scenario embedding
     dropout: float = 0.2
 
-    CHECKS: ClassVar[dict] = {"embed_dim": ">=1", "dropout": "0..1"}
+    CHECKS: ClassVar[dict] = {"embed_dim": ">=1", "dropout": "0..1", "star": ">=1", "tower": ">=1",
+                              "auxiliary": ">=1"}
 
 
 class Star(_MTLBase):
