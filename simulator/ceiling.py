@@ -1,4 +1,10 @@
-"""What a perfect model scores on generated data, measured with the engine's own metric code.
+"""What a perfect model scores on generated data, and what a model-free heuristic scores on any
+pointwise data, measured with the engine's own metric code.
+
+The heuristic (`client_rate_auc`) predicts every row by its client's training positive rate for
+that task (Laplace-smoothed toward the global rate). It knows nothing about items, so it only
+tells how much of a pooled AUC is per-client base rates: a method should beat it (its GAUC is 0.5
+by construction, every score of a client being the same).
 
 Synthetic sources keep their ground truth in the dataset (datasets/federated.py): the true
 probability of every label (`_oracle_<task>` columns) or the true user / item factors (side
@@ -30,6 +36,31 @@ def ceiling(ds: FederatedDataset, ks: tuple[int, ...] = (20, 40)) -> dict[str, d
         out["bayes_auc"] = auc
     if all(name in ds.side for name in ORACLE_FACTORS):
         out["oracle_ranking"] = _oracle_ranking(ds, ks)
+    return out
+
+
+def client_rate_auc(ds: FederatedDataset, prior: float = 1.0) -> dict[str, float]:
+    """{"<task>/<split>": pooled AUC, "<split>": mean over tasks} on the validation and test rows of
+    the score (positives + prior·p) / (train rows + prior) of each row's client, p = the task's
+    training positive rate over all clients."""
+    from fleetrec.datasets.federated import CLIENT, TRAIN
+    client, split = ds.column(CLIENT), ds.column(SPLIT)
+    train = split == TRAIN
+    n = np.bincount(client[train], minlength=ds.num_clients).astype(np.float64)
+    out = {}
+    for t in ds.schema.tasks:
+        y = ds.column(t).astype(np.float64)
+        p = float(y[train].mean()) if train.any() else 0.5
+        pos = np.bincount(client[train], weights=y[train], minlength=ds.num_clients)
+        rate = (pos + prior * p) / (n + prior)                       # (C,)
+        for s in (VAL, TEST):
+            m = split == s
+            if 0 < y[m].sum() < m.sum():
+                out[f"{t}/{SPLIT_NAMES[s]}"] = pooled_auc(rate[client[m]], y[m])
+    for s in (VAL, TEST):
+        vals = [v for k, v in out.items() if k.endswith("/" + SPLIT_NAMES[s])]
+        if vals:
+            out[SPLIT_NAMES[s]] = float(np.mean(vals))
     return out
 
 

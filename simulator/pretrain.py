@@ -114,7 +114,7 @@ def pretrain(cfg: ExperimentConfig, out: str | Path | None = None) -> Path:
         raise ConfigError("model.backbone: expected the path to write the pre-trained backbone to")
     ds = cfg.data.build(cfg.seed)
     pcfg = mcfg.pretrain
-    opened = select_open(ds, pcfg.open_fraction, cfg.seed, pcfg.open_attribute)
+    opened = select_open(ds, pcfg.open_fraction, cfg.seed, pcfg.open_attribute, pcfg.open_rule)
     if len(opened) == 0:
         what = (f"open_attribute: no client has {pcfg.open_attribute} = 1" if pcfg.open_attribute else
                 f"open_fraction: {pcfg.open_fraction} of {ds.num_clients} clients is none")
@@ -128,7 +128,7 @@ def pretrain(cfg: ExperimentConfig, out: str | Path | None = None) -> Path:
     try:
         tensors, summary = train_backbone(cfg, ds, opened, log)
         meta = {"open_clients": int(len(opened)), "private_clients": int(ds.num_clients - len(opened)),
-                "total_clients": ds.num_clients, "open_fraction": pcfg.open_fraction,
+                "total_clients": ds.num_clients, "open_fraction": pcfg.open_fraction, "open_rule": pcfg.open_rule,
                 "open_attribute": pcfg.open_attribute, "seed": cfg.seed,
                 "dataset": ds.name, "seconds": time.perf_counter() - t0, **summary}
         if track:

@@ -22,7 +22,7 @@ from fleetrec.algorithms.evaluation import PER_USER
 from fleetrec.datasets.federated import TRAIN, FederatedDataset
 from fleetrec.datasets.partition import subset_clients
 from fleetrec.simulator import checkpoint
-from fleetrec.simulator.ceiling import ceiling
+from fleetrec.simulator.ceiling import ceiling, client_rate_auc
 from fleetrec.simulator.config import ExperimentConfig
 from fleetrec.simulator.config_loader import ConfigError
 from fleetrec.simulator.placement import Placement
@@ -205,6 +205,7 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
         info = ray.get(coord.info.remote())
         info.update(dataset=ds.name, num_clients=ds.num_clients, num_rows=ds.num_rows, meta=ds.meta,
                     ceiling=ceiling(ds, cfg.algorithm.ranking_ks() or (20, 40)),
+                    floor=({} if cfg.algorithm.ranking_ks() else {"client_rate_auc": client_rate_auc(ds)}),
                     scenario_names=_scenario_names(ds),
                     startup_seconds=time.perf_counter() - t0,
                     worker_handles=ray.get(coord.worker_handles.remote()))

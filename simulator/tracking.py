@@ -121,6 +121,10 @@ class ProgressBar(Callback):
             print(f"dataset {info['dataset']}: {info['num_clients']} clients, {info['num_rows']} rows; "
                   f"Bayes-optimal AUC (a perfect model) val {bayes['val']:.4f} test {bayes['test']:.4f}",
                   file=self.stream)
+        rate = info.get("floor", {}).get("client_rate_auc")
+        if rate and "test" in rate:
+            print(f"dataset {info['dataset']}: predicting each client's training positive rate (no model) scores "
+                  f"pooled AUC val {rate.get('val', float('nan')):.4f} test {rate['test']:.4f}", file=self.stream)
         oracle = info.get("ceiling", {}).get("oracle_ranking")
         if oracle:
             print(f"dataset {info['dataset']}: a model knowing the true preferences scores "
@@ -227,6 +231,8 @@ class MlflowLogger(Callback):
             mlflow.log_params({f"scenario.s{k}": name[:250] for k, name in enumerate(self.scenario_names[:200])})
         bayes = info.get("ceiling", {}).get("bayes_auc", {})
         mlflow.log_params({f"data.bayes_auc.{k}": f"{v:.6f}" for k, v in bayes.items()})
+        rate = info.get("floor", {}).get("client_rate_auc", {})
+        mlflow.log_params({f"data.client_rate_auc.{k}": f"{v:.6f}" for k, v in rate.items()})
         oracle = info.get("ceiling", {}).get("oracle_ranking", {})
         mlflow.log_params({f"data.oracle.{k.replace('@', '_at_')}": f"{v:.6f}" for k, v in oracle.items()})
         mlflow.log_metrics({"run/startup_seconds": info["startup_seconds"],

@@ -64,6 +64,38 @@ def test_zero_b_keeps_lora_output_zero_at_step_0(tmp_path):
     assert torch.equal(with_lora, backbone)
 
 
+def test_gate_init_gives_the_backbone_branch_the_weight_the_flag_says():
+    """gate_init_backbone_logit = b: every layer's gate starts at softmax([b, 0, ..., 0]) for any
+    input, so the backbone branch weighs e^b / (e^b + G - 1); null keeps PyTorch's init (~1/G)."""
+    import math
+    _, ds, algo = _setup("model.gate_init_backbone_logit=4.0")
+    model = algo.model
+    G = model.n_branches
+    assert G == 4                                                   # backbone, user LoRA, two group LoRAs
+    x = torch.randn(7, model.gate[0][0].in_features)
+    w = model._gate(0, x)
+    torch.testing.assert_close(w[:, 0], torch.full((7,), math.exp(4) / (math.exp(4) + G - 1)))
+    torch.testing.assert_close(w[:, 1:], torch.full((7, G - 1), 1 / (math.exp(4) + G - 1)))
+    _, _, default = _setup()
+    assert abs(float(default.model._gate(0, x)[:, 0].mean()) - 1 / G) < 0.15
+    with pytest.raises(ConfigError, match="model.gate_init_backbone_logit: only used with model.gate=adaptive"):
+        _cfg("model.gate_init_backbone_logit=4.0", "model.gate=sum")
+
+
+def test_open_users_are_the_most_active_under_that_rule():
+    """open_rule most_active: the round(fraction * C) clients with the most rows are open (ties by
+    the seeded hash order), so every private client has at most as many rows as any open one."""
+    from fleetrec.algorithms.models.fedpa import select_open
+    _, ds, _ = _setup()
+    rows = np.diff(ds.offsets)
+    opened = select_open(ds, 0.2, 0, rule="most_active")
+    private = np.setdiff1d(np.arange(ds.num_clients), opened)
+    assert len(opened) == round(0.2 * ds.num_clients) and rows[private].max() <= rows[opened].min()
+    assert not np.array_equal(opened, select_open(ds, 0.2, 0))      # the random rule differs
+    with pytest.raises(ConfigError, match="model.pretrain.open_rule: only used with open_fraction"):
+        _cfg("model.pretrain.open_rule=most_active", "model.pretrain.open_attribute=group_0")
+
+
 @pytest.mark.parametrize("init", ["standard", "zeros"])
 def test_adapters_move_after_one_round_only_with_standard_init(init):
     cfg, ds, algo = _setup(f"model.lora_init={init}", "train.lr=0.05")
@@ -477,3 +509,20 @@ def test_kuairand_open_users_are_fedpas_division(ray_session, tmp_path):
         pretrain(load("configs/fedpa_kuairand.yaml", [*common, "model.backbone=",
                                                        "model.pretrain.open_attribute=nope"]), tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_client_rate_heuristic_by_hand():
+    """The model-free floor every pointwise run reports: each row scored by its client's smoothed
+    training positive rate; pooled AUC checked against scikit-learn on the same scores."""
+    from sklearn.metrics import roc_auc_score
+    from fleetrec.datasets.federated import CLIENT, SPLIT, TEST, TRAIN
+    from fleetrec.simulator.ceiling import client_rate_auc
+    _, ds, _ = _setup()
+    client, split, y = ds.column(CLIENT), ds.column(SPLIT), ds.column("click").astype(float)
+    tr = split == TRAIN
+    p = y[tr].mean()
+    rate = np.array([(y[tr & (client == c)].sum() + p) / ((tr & (client == c)).sum() + 1) for c in range(ds.num_clients)])
+    m = split == TEST
+    got = client_rate_auc(ds)
+    assert got["click/test"] == pytest.approx(roc_auc_score(y[m], rate[client[m]]), abs=1e-9)
+    assert got["test"] == got["click/test"] and "val" in got

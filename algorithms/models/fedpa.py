@@ -30,7 +30,7 @@ from torch import nn
 from fleetrec.algorithms.models.base import ModelConfig, RoleModule
 from fleetrec.algorithms.protocol import FROZEN, GROUP, PRIVATE, SHARED, Tensors
 from fleetrec.datasets.federated import DataError, DatasetSchema, FederatedDataset
-from fleetrec.datasets.partition import open_clients
+from fleetrec.datasets.partition import hash_order, open_clients
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class PretrainConfig:
     open_fraction: float = 0.2        # share of clients (seeded hash order) that are open; the rest federate
     open_attribute: str = ""          # instead: the clients whose 0/1 client attribute is 1 are open (KuaiRand's
                                       # `open`: FedPA's division by user_active_degree); "" = open_fraction
+    open_rule: str = "random"         # with open_fraction: random (seeded hash order) | most_active (the clients
+                                      # with the most rows, as FedPA's official code: the private ones are sparse)
     epochs: int = 100                 # passes over the open clients' rows
     lr: float = 1e-3                  # Adam learning rate
     batch_size: int = 1024
@@ -48,10 +50,12 @@ class PretrainConfig:
                                       # open_val_auc (best AUC on the open clients' validation rows; needs rows: train) | last
 
     CHECKS: ClassVar[dict] = {"open_fraction": "0..1", "epochs": ">=1", "lr": ">0", "batch_size": ">=1",
-                              "weight_decay": ">=0", "rows": ("all", "train"),
+                              "weight_decay": ">=0", "rows": ("all", "train"), "open_rule": ("random", "most_active"),
                               "select": ("train_auc", "open_val_auc", "last")}
 
     def validate(self) -> str | None:
+        if self.open_attribute and self.open_rule != "random":
+            return "model.pretrain.open_rule: only used with open_fraction (open_attribute names the open clients)"
         if self.select == "open_val_auc" and self.rows != "train":
             return "model.pretrain.select: open_val_auc needs rows: train (else the validation rows are trained on)"
         return None
@@ -73,6 +77,10 @@ class FedPAModelConfig(ModelConfig):
     group_lora: bool = True                # group-level LoRA branches (needs group_features)
     gate: str = "adaptive"                 # adaptive: softmax gate MLP | equal: fixed weights 1/G | sum: weights 1
     gate_hidden: tuple[int, ...] = (8, 4)  # gate MLP width per layer (one entry per backbone layer)
+    # adaptive gate at init: last layer zero, bias [b, 0, ...], so the backbone branch starts with weight
+    # e^b / (e^b + G - 1) (b = 4, G = 4: 0.948); null = PyTorch's default init, as the official code
+    # (~1/G per branch: the frozen backbone is scaled by ~1/4 at the start)
+    gate_init_backbone_logit: float | None = None
     train_output_layer: bool = True        # output layer trained and averaged (code) or frozen (paper text)
     user_tables: str = "private"           # user attribute embeddings: private (FedPA) | shared (FedAvg) | frozen
     user_vector: bool = False              # an extra private vector added to the user representation (starts at 0)
@@ -88,6 +96,9 @@ class FedPAModelConfig(ModelConfig):
     def validate(self) -> str | None:
         if not self.layers or min(self.layers) < 1:
             return "model.layers: expected at least one positive width"
+        if self.gate_init_backbone_logit is not None and self.gate != "adaptive":
+            return (f"model.gate_init_backbone_logit: only used with model.gate=adaptive (got gate={self.gate!r}); "
+                    "set it to null")
         if self.gate == "adaptive" and len(self.gate_hidden) != len(self.layers):
             return (f"model.gate_hidden: got {len(self.gate_hidden)} widths, expected one per layer "
                     f"({len(self.layers)})")
@@ -107,16 +118,25 @@ class FedPAModelConfig(ModelConfig):
         if meta["total_clients"] != ds.num_clients:
             raise DataError(f"model.backbone: pre-trained on a dataset of {meta['total_clients']} clients, this "
                             f"data config builds {ds.num_clients}; pre-train with the same data config")
-        return select_open(ds, meta["open_fraction"], meta["seed"], meta.get("open_attribute", ""))
+        return select_open(ds, meta["open_fraction"], meta["seed"], meta.get("open_attribute", ""),
+                           meta.get("open_rule", "random"))
 
     @property
     def scale(self) -> float:
         return self.lora_alpha / self.rank
 
 
-def select_open(ds: FederatedDataset, fraction: float, seed: int, attribute: str = "") -> np.ndarray:
+def select_open(ds: FederatedDataset, fraction: float, seed: int, attribute: str = "",
+                rule: str = "random") -> np.ndarray:
     """Stage 1's open clients: those whose 0/1 client attribute `attribute` is 1, or (attribute "")
-    `open_clients(C, fraction, seed)` (fleetrec.datasets.partition)."""
+    round(fraction * C) clients: by `open_clients(C, fraction, seed)` (rule "random", seeded hash
+    order) or the ones with the most rows (rule "most_active"; ties by the seeded hash order)."""
+    if not attribute and rule == "most_active":
+        n = int(round(fraction * ds.num_clients))
+        rows = np.diff(ds.offsets)
+        rank = np.empty(ds.num_clients, np.int64)
+        rank[hash_order(np.arange(ds.num_clients), seed)] = np.arange(ds.num_clients)
+        return np.sort(np.lexsort((rank, -rows))[:n]).astype(np.int64)
     if not attribute:
         return open_clients(ds.num_clients, fraction, seed)
     names = [f.name for f in ds.schema.client_categorical]
@@ -204,6 +224,11 @@ class FedPAModel(RoleModule):
             for l in range(L):
                 h = cfg.gate_hidden[l]
                 self.gate.append(nn.Sequential(nn.Linear(widths[l], h), nn.ReLU(), nn.Linear(h, self.n_branches)))
+                if cfg.gate_init_backbone_logit is not None:    # backbone branch (index 0) weighted by the flag
+                    with torch.no_grad():
+                        self.gate[-1][2].weight.zero_()
+                        self.gate[-1][2].bias.zero_()
+                        self.gate[-1][2].bias[0] = cfg.gate_init_backbone_logit
         self.backbone_meta: dict = {}
         if cfg.backbone:
             self._load(cfg.backbone)
