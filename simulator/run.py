@@ -170,7 +170,34 @@ def federated_dataset(cfg: ExperimentConfig) -> FederatedDataset:
     seen = cfg.model.pretrained_clients(ds)
     if seen is None:
         return ds
-    return subset_clients(ds, np.setdiff1d(np.arange(ds.num_clients), seen))
+    private = np.setdiff1d(np.arange(ds.num_clients), seen)
+    coverage = open_coverage(ds, seen, private)
+    out = subset_clients(ds, private)
+    out.meta["open_item_coverage"] = coverage
+    low = {f: c for f, c in coverage.items() if c < COVERAGE_WARNING}
+    if low:
+        print("fleetrec: warning: model.pretrain.open_fraction: only "
+              + ", ".join(f"{100 * c:.0f}% of the private test rows' {f}" for f, c in low.items())
+              + " occur in the open clients' rows, so the rest score through untrained backbone embeddings",
+              file=sys.stderr)
+    return out
+
+
+COVERAGE_WARNING = 0.5       # below this share of private test rows with a pre-trained item value: a warning
+
+
+def open_coverage(ds: FederatedDataset, opened: np.ndarray, private: np.ndarray) -> dict[str, float]:
+    """Per row categorical field: the share of the private clients' test rows whose value occurs in
+    some open client's rows (the values the pre-trained backbone has seen)."""
+    from fleetrec.datasets.federated import CLIENT, SPLIT, TEST
+    client, split = ds.column(CLIENT), ds.column(SPLIT)
+    in_open, test = np.isin(client, opened), np.isin(client, private) & (split == TEST)
+    out = {}
+    for f in ds.schema.categorical:
+        col = ds.column(f.name)
+        if test.any():
+            out[f.name] = float(np.isin(col[test], np.unique(col[in_open])).mean())
+    return out
 
 
 def _scenario_names(ds: FederatedDataset) -> list[str] | None:

@@ -526,3 +526,26 @@ def test_client_rate_heuristic_by_hand():
     got = client_rate_auc(ds)
     assert got["click/test"] == pytest.approx(roc_auc_score(y[m], rate[client[m]]), abs=1e-9)
     assert got["test"] == got["click/test"] and "val" in got
+
+
+def test_item_coverage_of_private_test_rows_is_reported_and_warned(tmp_path, capsys):
+    """Stage 2's dataset records, per row field, the share of private test rows whose value the open
+    clients' rows contain (what the pre-trained backbone has seen); below 50% a warning names the key."""
+    from fleetrec.algorithms.models.fedpa import select_open
+    from fleetrec.datasets.federated import CLIENT, SPLIT, TEST
+    from fleetrec.simulator.run import federated_dataset, open_coverage
+    cfg = _cfg()
+    ds = cfg.data.build(cfg.seed)
+    model = FedPAModel(dataclasses.replace(cfg.model, user_lora="none", group_lora=False), ds.schema)
+    meta = {"open_clients": 1, "total_clients": ds.num_clients, "open_fraction": 0.03, "seed": cfg.seed}
+    bb = save_backbone(tmp_path / "bb.pt", model.backbone_tensors(), meta)
+    opened = select_open(ds, 0.03, cfg.seed)
+    private = np.setdiff1d(np.arange(ds.num_clients), opened)
+    client, split, item = ds.column(CLIENT), ds.column(SPLIT), ds.column("item_id")
+    test = np.isin(client, private) & (split == TEST)
+    expect = np.isin(item[test], np.unique(item[np.isin(client, opened)])).mean()
+    assert open_coverage(ds, opened, private)["item_id"] == pytest.approx(expect)
+    out = federated_dataset(_cfg(f"model.backbone={bb}"))
+    assert out.num_clients == len(private) and out.meta["open_item_coverage"]["item_id"] == pytest.approx(expect)
+    err = capsys.readouterr().err
+    assert (expect < 0.5) == ("model.pretrain.open_fraction: only" in err)
