@@ -121,6 +121,47 @@ def test_an_ablation_reruns_at_the_tuned_values_of_its_method(tmp_path, monkeypa
     assert json.loads((suite.method_dir("b") / "tune.json").read_text())["tuned_as"] == "a"
 
 
+def test_a_pointwise_report_is_built_from_the_stage_records_alone(tmp_path, monkeypatch):
+    """The PF-MSMTrec suite's kind: AUC and log-loss (lower is better) over scenarios, no bootstrap,
+    an ablation `tuned_as` its method. The report comes from tune.json / seeds.json only (no Tune
+    folder, no MLflow run of the seeds), with Wilcoxon p-values computed by hand."""
+    from fleetrec.simulator.suite_report import write_report
+    monkeypatch.chdir(tmp_path)
+    src = ROOT / "suites" / "pf_msmtrec_epinions.yaml"
+    raw = yaml.safe_load(src.read_text())
+    raw.update(results_dir="out", storage_path="state", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", experiment="t")
+    raw["methods"] = {k: {**raw["methods"][k], "config": str(ROOT / "configs" / Path(raw["methods"][k]["config"]).name)}
+                      for k in ("pf_msmtrec", "local", "no_template")}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    suite = load_suite(tmp_path / "s.yaml")
+    assert not suite.per_user
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.55, 0.01, 6)
+    shift = {"pf_msmtrec": 0.0, "local": 0.01, "no_template": 0.0001}
+    for key, d in shift.items():
+        mdir = suite.method_dir(key)
+        mdir.mkdir(parents=True)
+        tune = {"best": {"train.lr": 0.01}, "trials": 8} if key != "no_template" else \
+            {"best": {"train.lr": 0.01}, "trials": 0, "tuned_as": "pf_msmtrec"}
+        (mdir / "tune.json").write_text(json.dumps(tune))
+        runs = [{"seed": s, "run_id": f"{key}{s}", "best_round": 3, "rounds_run": 12, "rounds_cap": 100,
+                 "metrics": {"test/scenario_mean/auc": float(base[s] + d + (1e-4 * s if key == "no_template" else 0)),
+                             "test/scenario_mean/interaction/auc": 0.5, "test/scenario_mean/like/auc": 0.6,
+                             "test/scenario_mean/logloss": float(0.7 - d)}} for s in range(6)]
+        (mdir / "seeds.json").write_text(json.dumps({"parent_run_id": "x", "runs": runs}))
+    md = write_report(suite, log=lambda s: None)
+    doc = json.loads((tmp_path / "out" / "pf_msmtrec_epinions.json").read_text())
+    local = doc["methods"]["local"]["vs_reference"]
+    # local is higher on all six seeds: the exact two-sided Wilcoxon p is 2/2^6
+    assert local["test/scenario_mean/auc"]["wilcoxon_p"] == pytest.approx(2 / 64)
+    assert local["test/scenario_mean/auc"]["verdict"] == "better"
+    assert local["test/scenario_mean/logloss"]["verdict"] == "better"            # lower log-loss is better
+    assert "bootstrap" not in local["test/scenario_mean/auc"]
+    assert "| PF-MSMTrec w/o template | as PF-MSMTrec |" in md
+    assert doc["methods"]["no_template"]["vs_reference"]["test/scenario_mean/auc"]["wilcoxon_p"] == pytest.approx(2 / 64)
+    assert (tmp_path / "out" / "pf_msmtrec_epinions.png").is_file()
+
+
 def test_points_to_evaluate_are_checked(tmp_path):
     from fleetrec.simulator.tune_space import load_sweep
     base = f"base: {ROOT / 'configs' / 'quickstart.yaml'}\nspace: {{train.lr: {{loguniform: [0.01, 1.0]}}}}\n"
