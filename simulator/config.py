@@ -89,6 +89,9 @@ class TrackingConfig:
     experiment: str = "fleetrec"
     run_name: str | None = None        # null = <algorithm>·<dataset>·seed<k>
     progress: bool = True              # progress bar per round
+    # the driver machine's real CPU / memory use (and GPU where present) in MLflow's system tab,
+    # sampled by MLflow every 10 s (psutil; simulated per-round counters are under round/ and sim/)
+    system_metrics: bool = True
 
     def validate(self) -> str | None:
         if not self.experiment.strip():

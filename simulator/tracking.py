@@ -217,12 +217,14 @@ class MlflowLogger(Callback):
         t = cfg.tracking
         mlflow.set_tracking_uri(t.tracking_uri)
         mlflow.set_experiment(t.experiment)
+        sysm = {"log_system_metrics": True} if t.system_metrics else {}
         if self.run_id:                  # a resumed run continues its own MLflow run
-            mlflow.start_run(run_id=self.run_id)
+            mlflow.start_run(run_id=self.run_id, **sysm)
             mlflow.set_tag("fleetrec.resumed_from_round", str(info.get("resumed_from_round")))
             return
         run = mlflow.start_run(run_name=run_name(cfg, info.get("dataset", cfg.data.name)),
-                               nested=self.parent is not None, parent_run_id=self.parent, tags=run_tags(cfg, info))
+                               nested=self.parent is not None, parent_run_id=self.parent, tags=run_tags(cfg, info),
+                               **sysm)
         self.run_id = run.info.run_id
         mlflow.log_params(active_params(cfg))
         log_dataset(cfg, info)
