@@ -172,7 +172,7 @@ class ScenarioAlgorithm(AlgorithmBase):
         self.model = build_model(setup)
         if not self.model.MULTI_TASK:
             raise ValueError(f"algorithm.name={config.name!r} needs a multi-task model "
-                             f"(model.name: shared_bottom, mmoe, ple, star or pepnet), got model.name={setup.model.name!r}")
+                             f"(model.name: shared_bottom, mmoe, ple, star, pepnet or m2m), got model.name={setup.model.name!r}")
         sd = self.model.state_dict()
         self.param_names = [n for n, _ in self.model.named_parameters()]
         self.float_names = [n for n, v in sd.items() if v.is_floating_point()]

@@ -6,8 +6,11 @@ An MLflow run is made to be compared with others: it is named `<algorithm>·<dat
 (name, digest of the data config, clients, rows); params are the config's active blocks with
 floats rounded to 6 significant digits. Per-round counters of the simulation (seconds, client
 updates/s, MB up / down, the system model's online / sampled / dropped clients) are metrics
-under `round/` and `sim/`, plotted per round; MLflow's own `system/` prefix is left to real
-hardware metrics.
+under `round/` and `sim/`, plotted per round; MLflow's own `system/` prefix holds the real
+CPU / memory samples of MLflow's system metrics (`tracking.system_metrics`).
+
+Length: the terminal's and MLflow's views of one run (start lines, per-round records, summary,
+failure reason) read the same records and are kept together.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The multi-scenario models STAR (algorithms/models/star.py: the star-topology layer and
-partitioned normalization by hand) and PEPNet (algorithms/models/pepnet.py: the gates by hand),
-both trained by the scenario baselines on the tiny multi-scenario data."""
+partitioned normalization by hand), PEPNet (algorithms/models/pepnet.py: the gates by hand) and
+M2M (algorithms/models/m2m.py: the meta unit by hand), trained by the scenario baselines on the
+tiny multi-scenario data."""
 from __future__ import annotations
 
 import pytest
@@ -93,3 +94,28 @@ def test_pepnet_gates_by_hand_and_training():
     assert model.prior == ("user_id", "item_id")
     cat = {f: torch.zeros(4, dtype=torch.long) for f in model.embed.fields}
     assert model(cat, torch.zeros(4, len(sim.ds.schema.numeric)), {}).shape == (4, 2)
+
+
+def test_m2m_meta_unit_by_hand_and_training():
+    from fleetrec.algorithms.models.m2m import MetaLinear
+    g = torch.Generator().manual_seed(3)
+    layer = MetaLinear(3, 2, cond_dim=4)
+    x, cond = torch.randn(5, 3, generator=g), torch.randn(5, 4, generator=g)
+    out = layer(x, cond)
+    for i in range(5):                       # row i uses its own generated W(S_i), b(S_i)
+        w = (layer.weight_gen.weight @ cond[i] + layer.weight_gen.bias).view(2, 3)
+        b = layer.bias_gen.weight @ cond[i] + layer.bias_gen.bias
+        torch.testing.assert_close(out[i], w @ x[i] + b)
+    m2m = {k: v for k, v in STAR.items() if k not in ("model.star", "model.auxiliary", "model.tower")}
+    m2m.update({"model.name": "m2m", "model.expert": "[8]", "model.num_experts": 2, "model.attention_hidden": 4})
+    for algo in ("scenario_centralized", "scenario_local"):
+        sim = InProcess(from_dict(apply_overrides({}, [f"{k}={v}" for k, v in {**m2m, "algorithm.name": algo}.items()]),
+                                  "m2m"))
+        before = sim.scores().clone()
+        for r in range(2):
+            sim.round(r)
+        assert torch.isfinite(sim.scores()).all() and not torch.allclose(sim.scores(), before)
+    model = sim.client.model
+    e, s = torch.randn(6, 2, 8), torch.randn(6, 4)
+    w = model.expert_weights(e, s, 0)
+    torch.testing.assert_close(w.sum(1), torch.ones(6))

@@ -28,6 +28,7 @@ MODELS: Registry[type] = Registry("model", {
     "ple": _M + "mtl:PLE",
     "star": _M + "star:Star",
     "pepnet": _M + "pepnet:PEPNet",
+    "m2m": _M + "m2m:M2M",
 }, config_of=lambda model: model.Config, base=lambda: RoleModule)
 
 
