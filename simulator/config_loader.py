@@ -156,7 +156,7 @@ def build(cls, data, path: str = ""):
     if issubclass(cls, TaggedUnion):
         default = next((f.default for f in dataclasses.fields(cls) if f.name == "name"), None)
         name = data.get("name", default)
-        if name not in cls.REGISTRY:
+        if not isinstance(name, str) or name not in cls.REGISTRY:
             raise ConfigError(f"{_join(path, 'name')}: got {name!r}, expected one of "
                               + ", ".join(cls.REGISTRY.names()))
         cls = cls.REGISTRY.config(name)
