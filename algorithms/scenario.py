@@ -394,21 +394,6 @@ class ScenarioFedAvg(ScenarioAlgorithm):
         shared = super().init_server()
         return {**shared, **server_opt.init_state(self.config.server_optimizer, shared)}
 
-    def per_row_tables(self) -> list[str]:
-        """Shared embedding tables averaged per row over the clients that used the row."""
-        if getattr(self.config, "embedding_average", "dense") != "per_row" or self.dp.enabled:
-            return []
-        return [n for n in self.shared_names if embedding_field(n) is not None]
-
-    def touched_rows(self, batch: CohortBatch, name: str) -> torch.Tensor:
-        """(K, vocab) 1.0 where client k's training rows use row r of embedding table `name`."""
-        field_name, vocab = embedding_field(name), self._initial[name].shape[0]
-        out = torch.zeros(batch.size, vocab, dtype=torch.float64)
-        for k in range(batch.size):
-            idx = torch.arange(int(batch.n_rows[k]))
-            out[k, self._rows(batch, k, idx)[0][field_name]] = 1.0
-        return out
-
     def plain_average(self) -> bool:
         return self.config.server_optimizer.name == "sgd" and self.config.server_lr == 1.0
 

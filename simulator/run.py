@@ -79,7 +79,8 @@ def local_resources() -> dict:
         from ray._private.utils import get_num_cpus
         cpus = float(get_num_cpus())
     except Exception:                       # a Ray without the helper: the affinity mask
-        cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        affinity = getattr(os, "sched_getaffinity", None)
+        cpus = float(len(affinity(0)) if affinity else os.cpu_count() or 1)
     return {"CPU": cpus, "GPU": float(torch.cuda.device_count())}
 
 
