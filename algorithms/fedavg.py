@@ -15,7 +15,7 @@ import torch
 
 from fleetrec.algorithms import aggregate, privacy, server_opt, sparse_rows
 from fleetrec.algorithms.base import RoleModelAlgorithm
-from fleetrec.algorithms.protocol import CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Tensors, TrainPlan
+from fleetrec.algorithms.protocol import CENTRAL_DP, LOCAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Tensors, TrainPlan
 from fleetrec.algorithms.server_opt import ServerOptimizerConfig
 from fleetrec.algorithms.vectorized import train_cohort_sgd
 
@@ -41,7 +41,7 @@ class FedAvgConfig(AlgorithmConfig):
 
 class FedAvg(RoleModelAlgorithm):
     Config = FedAvgConfig
-    PRIVACY = frozenset({CENTRAL_DP})
+    PRIVACY = frozenset({CENTRAL_DP, LOCAL_DP})
     EXAMPLES = {"per_user": PER_USER_EXAMPLE,
                 # FedAdam: the server rule's moments must survive a resume and a worker loss
                 "fedadam": {**PER_USER_EXAMPLE, "algorithm.server_optimizer": "{name: adam}",
@@ -50,6 +50,8 @@ class FedAvg(RoleModelAlgorithm):
     def __init__(self, config: FedAvgConfig, setup):
         super().__init__(config, setup)
         self.dp = privacy.CentralDP(setup)
+        self.ldp = privacy.LocalDP(setup, {k: tuple(self._initial[k].shape) for k in self.shared_names})
+        self.sends_deltas = self.dp.enabled or self.ldp.enabled    # else the clients' new tensors are summed
 
     def init_server(self) -> Tensors:
         shared = super().init_server()
@@ -60,8 +62,8 @@ class FedAvg(RoleModelAlgorithm):
 
     def _row_vocab(self, batch: CohortBatch) -> dict[str, torch.Tensor]:
         """Shared embedding tables trained as per-client row subsets: name -> (K, U) vocab."""
-        if not self.config.sparse_rows or self.setup.train.weight_decay:
-            return {}
+        if not self.config.sparse_rows or self.setup.train.weight_decay or self.ldp.enabled:
+            return {}     # (local DP noises every row: sending touched rows only would reveal them)
         tables = self.model.row_tables()                            # param name -> categorical field
         out = {}
         for name, field in tables.items():
@@ -85,9 +87,10 @@ class FedAvg(RoleModelAlgorithm):
         ones = torch.ones(K, dtype=torch.float64, device=batch.mask.device)
         weights = batch.n_rows.double() if self.config.weighting == "examples" else ones
         acc = Accumulator()
-        dp = self.dp.enabled
-        if dp:               # central DP: clipped deltas, every client weight 1 (bounded sensitivity)
-            up, weights = self.dp.client({k: params[k] - start[k] for k in self.shared_names}, weights)
+        dp = self.sends_deltas
+        if dp:               # local DP: noisy deltas; central DP: clipped deltas, every client weight 1
+            up = self.ldp.apply({k: params[k] - start[k] for k in self.shared_names}, plan.round, batch.client_ids)
+            up, weights = self.dp.client(up, weights)
         else:
             up = {k: params[k] - start[k] if k in vocab else params[k] for k in self.shared_names}
         dense = {k: v for k, v in up.items() if k not in vocab}
@@ -103,10 +106,11 @@ class FedAvg(RoleModelAlgorithm):
 
     def aggregate_train(self, rnd: int, state: Tensors, acc: Accumulator) -> tuple[Tensors, dict]:
         opt, lr = self.config.server_optimizer, self.config.server_lr
-        if self.dp.enabled and acc.sums:        # the summed updates are deltas
+        if self.sends_deltas and acc.sums:      # the summed updates are deltas (central DP: their noisy mean)
             noisy = self.dp.mean_delta(acc, rnd)
             delta = {k: noisy[k].to(state[k].dtype) for k in self.shared_names}
-            return server_opt.apply(opt, lr, state, delta), {**aggregate.mean_stats(acc), **self.dp.metrics(rnd)}
+            return server_opt.apply(opt, lr, state, delta), {**aggregate.mean_stats(acc), **self.dp.metrics(rnd),
+                                                             **self.ldp.metrics(rnd)}
         if acc.weight > 0:                      # the summed updates are the clients' new tensors
             delta = {k: (acc.sums[k] / acc.weight).to(state[k].dtype) - state[k] for k in self.shared_names}
             return server_opt.apply(opt, lr, state, delta), aggregate.mean_stats(acc)

@@ -14,27 +14,17 @@ with its client); model flags select the trained tensors (see configs/fedpa_*.ya
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 
-from fleetrec.algorithms import aggregate, rng
+from fleetrec.algorithms import aggregate
+from fleetrec.algorithms.privacy import LocalDP
 from fleetrec.algorithms.base import RoleModelAlgorithm
-from fleetrec.algorithms.protocol import (GROUP, SHARED, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
+from fleetrec.algorithms.protocol import (GROUP, LOCAL_DP, SHARED, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
                                           Tensors, TrainPlan)
 from fleetrec.algorithms.vectorized import predict_cohort, train_cohort_sgd
-
-
-@dataclass(frozen=True)
-class LDPConfig:
-    """Local DP on every uploaded tensor (the paper's LDP; mechanism and clipping are not in the sources)."""
-    mechanism: str = "none"           # none | laplace (scale = b) | gaussian (scale = sigma)
-    scale: float = 0.0                # delta: Laplace b or Gaussian std of the elementwise noise; 0 = no noise
-    clip: float = 0.0                 # per-tensor L2 clip of each uploaded tensor before noise; 0 = off
-
-    CHECKS: ClassVar[dict] = {"mechanism": ("none", "laplace", "gaussian"), "scale": ">=0", "clip": ">=0"}
 
 
 @dataclass(frozen=True)
@@ -44,9 +34,14 @@ class FedPAConfig(AlgorithmConfig):
     aggregate: bool = True            # false: local fine-tuning only; every trained tensor stays private
     shared_weighting: str = "uniform" # gates / output layer mean: uniform (code) | examples (FedAvg)
     group_weighting: str = "uniform"  # group LoRA mean per value: uniform (code) | examples
-    ldp: LDPConfig = field(default_factory=LDPConfig)
 
     CHECKS: ClassVar[dict] = {"shared_weighting": ("uniform", "examples"), "group_weighting": ("uniform", "examples")}
+
+    def check_privacy(self, privacy) -> str | None:
+        if privacy.local.enabled and not (self.adapt and self.aggregate):
+            return ("privacy.local: with algorithm.adapt=false or algorithm.aggregate=false a FedPA client uploads "
+                    "nothing, so local DP would change nothing; drop privacy.local or aggregate")
+        return None
 
 
 # parameter-name prefix -> the part of the model it belongs to (for upload_floats)
@@ -61,14 +56,9 @@ def _weights(kind: str, batch: CohortBatch) -> torch.Tensor:
     return torch.ones(batch.size, dtype=torch.float64, device=batch.mask.device)
 
 
-def clip_l2(x: torch.Tensor, bound: float) -> torch.Tensor:
-    """Scale each client's slice of x (K, ...) to L2 norm <= bound."""
-    norm = x.reshape(x.shape[0], -1).norm(dim=1)                              # (K,)
-    return x * aggregate.bcast((bound / norm.clamp(min=1e-12)).clamp(max=1.0), x)
-
-
 class FedPA(RoleModelAlgorithm):
     Config = FedPAConfig
+    PRIVACY = frozenset({LOCAL_DP})   # the paper's LDP on each upload (privacy.local); uploads are not deltas
     EXAMPLES = {"synthetic": {
         "data.num_clients": 37, "data.num_items": 40, "data.rows_min": 5, "data.rows_max": 30,
         "federation.clients_per_round": 20, "resources.workers": 2, "resources.cpus_per_worker": 0.5,
@@ -85,6 +75,7 @@ class FedPA(RoleModelAlgorithm):
                 raise ValueError("algorithm.aggregate: false (local fine-tuning) needs model.group_lora: false")
             self.private_names = self.private_names + self.global_names
             self.global_names = []
+        self.ldp = LocalDP(setup, {k: tuple(self._initial[k].shape) for k in self.global_names + self.group_names})
         meta = self.model.backbone_meta
         private = meta.get("private_clients")
         if private is not None and private != setup.num_clients:
@@ -115,7 +106,7 @@ class FedPA(RoleModelAlgorithm):
             has = aggregate.bcast(w > 0, state[k])                            # (V, 1, 1)
             mean = acc.group_sums[k] / aggregate.bcast(w.clamp(min=1e-300), state[k])
             new[k] = torch.where(has, mean.to(state[k].dtype), state[k])
-        return new, aggregate.mean_stats(acc)
+        return new, {**aggregate.mean_stats(acc), **self.ldp.metrics(rnd)}
 
     # ---- client half
     def init_personal(self, client_ids: torch.Tensor) -> Tensors:
@@ -143,7 +134,8 @@ class FedPA(RoleModelAlgorithm):
             return CohortUpdate(personal=personal, acc=acc)
         params = self._cohort_params(plan.params, batch, personal)
         params, loss = train_cohort_sgd(self.model, params, self.frozen, batch, self.setup.train, batch.order)
-        up = self.privatize({k: params[k] for k in self.global_names + self.group_names}, plan.round, batch.client_ids)
+        # the paper's LDP (privacy.local): every uploaded tensor, the client's own group rows included
+        up = self.ldp.apply({k: params[k] for k in self.global_names + self.group_names}, plan.round, batch.client_ids)
         groups = {k: up[k] for k in self.group_names}
         ok = aggregate.finite_clients(groups) if groups else torch.ones_like(loss, dtype=torch.bool)
         loss = torch.where(ok, loss, torch.full_like(loss, float("nan")))   # a non-finite row drops the client
@@ -157,23 +149,6 @@ class FedPA(RoleModelAlgorithm):
         new_personal = {k: torch.where(aggregate.bcast(keep, params[k]), params[k], personal[k])
                         for k in self.private_names}
         return CohortUpdate(personal=new_personal, acc=acc)
-
-    def privatize(self, upload: Tensors, rnd: int, client_ids: torch.Tensor) -> Tensors:
-        """Per-tensor L2 clip, then elementwise noise drawn from (seed', NOISE, round, client),
-        seed' = hash(run seed, tensor index): every tensor and client gets its own draws."""
-        ldp = self.config.ldp
-        ids = client_ids.cpu().numpy().astype(np.uint64)
-        out = {}
-        for j, k in enumerate(sorted(upload)):
-            x = upload[k]
-            if ldp.clip > 0:
-                x = clip_l2(x, ldp.clip)
-            if ldp.mechanism != "none" and ldp.scale > 0:
-                seed = int(rng.hash_u64(self.setup.seed, j)[()])
-                draw = rng.laplace_tensor if ldp.mechanism == "laplace" else rng.normal_tensor
-                x = x + draw(tuple(x.shape[1:]), seed, rng.NOISE, rnd, ids, ldp.scale).to(x.device)
-            out[k] = x
-        return {k: out[k] for k in upload}
 
     def _loss(self, tables: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
         """(K,) mean BCE of each client's training rows under the current model (no training)."""

@@ -5,7 +5,7 @@ protocol only, registered in one line in `algorithms/__init__.py`. From the engi
 vectorized cohorts (`train_cohort_sgd` trains K clients in one call), checkpoint / resume and
 worker recovery (all its state is the server state and the personal state the engine owns),
 central DP (`privacy.CentralDP`: clipped deltas with unit weights, noise on their sum, ε per
-round), the server rules of `server_opt` (FedAvgM / FedAdam / FedYogi, moments in the server
+round) and local DP (`privacy.LocalDP`: every client's delta clipped and noised in the worker), the server rules of `server_opt` (FedAvgM / FedAdam / FedYogi, moments in the server
 state) and pointwise evaluation (`score_cohort`, inherited from RoleModelAlgorithm).
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from fleetrec.algorithms import aggregate, server_opt
 from fleetrec.algorithms.base import RoleModelAlgorithm
 from fleetrec.algorithms.fedavg import PER_USER_EXAMPLE
-from fleetrec.algorithms.privacy import CentralDP
-from fleetrec.algorithms.protocol import (CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
+from fleetrec.algorithms.privacy import CentralDP, LocalDP
+from fleetrec.algorithms.protocol import (CENTRAL_DP, LOCAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
                                           Tensors, TrainPlan)
 from fleetrec.algorithms.server_opt import ServerOptimizerConfig
 from fleetrec.algorithms.vectorized import train_cohort_sgd
@@ -37,12 +37,13 @@ class FedProxConfig(AlgorithmConfig):
 
 class FedProx(RoleModelAlgorithm):
     Config = FedProxConfig
-    PRIVACY = frozenset({CENTRAL_DP})         # the upload is a weighted sum of deltas
+    PRIVACY = frozenset({CENTRAL_DP, LOCAL_DP})   # the upload is a weighted sum of deltas
     EXAMPLES = {"per_user": {**PER_USER_EXAMPLE, "algorithm.mu": 0.1}}   # a tiny run, for the registry-wide tests
 
     def __init__(self, config: FedProxConfig, setup: Setup):
         super().__init__(config, setup)       # the model, its tensors split by role
         self.dp = CentralDP(setup)            # off unless privacy.enabled
+        self.ldp = LocalDP(setup, {k: tuple(self._initial[k].shape) for k in self.shared_names})   # privacy.local
 
     # ---- server half (the coordinator)
     def init_server(self) -> Tensors:        # the shared tensors and the server rule's moments
@@ -58,7 +59,7 @@ class FedProx(RoleModelAlgorithm):
         if mean is not None:                  # θ += η·Δ, or FedAvgM / FedAdam / FedYogi on Δ
             new = server_opt.apply(self.config.server_optimizer, self.config.server_lr, state,
                                    {k: mean[k].to(state[k].dtype) for k in self.shared_names})
-        return new, {**aggregate.mean_stats(acc), **self.dp.metrics(rnd)}
+        return new, {**aggregate.mean_stats(acc), **self.dp.metrics(rnd), **self.ldp.metrics(rnd)}
 
     # ---- client half (the workers), K clients at once
     def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
@@ -71,7 +72,8 @@ class FedProx(RoleModelAlgorithm):
         params = {**personal, **{k: v.clone() for k, v in start.items()}}
         params, loss = train_cohort_sgd(self.model, params, self.frozen, batch, self.setup.train, batch.order,
                                         extra_grad=proximal if mu > 0 else None)
-        deltas, weights = self.dp.client({k: params[k] - start[k] for k in start}, batch.n_rows.double())
+        deltas = self.ldp.apply({k: params[k] - start[k] for k in start}, plan.round, batch.client_ids)
+        deltas, weights = self.dp.client(deltas, batch.n_rows.double())
         acc = Accumulator()
         keep = aggregate.fold_weighted(acc, deltas, weights, {"train_loss": loss})   # NaN clients dropped
         new_personal = {k: torch.where(aggregate.bcast(keep, params[k]), params[k], personal[k])

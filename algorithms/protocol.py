@@ -29,7 +29,7 @@ from fleetrec.datasets.registry import Registry, TaggedUnion
 if TYPE_CHECKING:
     from fleetrec.algorithms.evaluation import EvalPartial
     from fleetrec.algorithms.models import ModelConfig
-    from fleetrec.algorithms.privacy import CentralDPConfig
+    from fleetrec.algorithms.privacy import CentralDPConfig, LocalDPConfig
 
 Tensors = dict[str, torch.Tensor]
 
@@ -113,6 +113,7 @@ class Setup:
     device: str = "cpu"
     privacy: "CentralDPConfig | None" = None   # central DP on the aggregate, or None (off)
     clients_per_round: int = 0       # cohort size the server expects (central DP's q * N)
+    local_dp: "LocalDPConfig | None" = None    # local DP on every client upload (privacy.local), or None (off)
     per_user_eval: bool = False      # ranking algorithms: also return each user's test metrics (RankingPartial.per_user)
 
 
@@ -202,6 +203,7 @@ POINTWISE = "pointwise"      # AUC / GAUC / log-loss / P-R-F1 per task (and per 
 RANKING = "ranking"          # full-ranking Recall@K / NDCG@K per user
 # Privacy mechanisms an algorithm may declare (`AlgorithmBase.PRIVACY`).
 CENTRAL_DP = "central"       # clipped client updates summed with unit weight, Gaussian noise on the sum
+LOCAL_DP = "local"           # every upload clipped and noised in the worker (privacy.LocalDP)
 
 
 class Algorithm(Protocol):
@@ -246,7 +248,7 @@ class AlgorithmBase(metaclass=ABCMeta):
     EXAMPLES: ClassVar[dict[str, dict]] = {}    # tiny runs every registered algorithm must declare
     # settings (dotted key -> value) its central DP needs beyond privacy.enabled; check_privacy refuses
     # a config without them, naming them; the registry-wide DP test adds them to an example
-    CENTRAL_DP_SETTINGS: ClassVar[dict[str, object]] = {}
+    DP_SETTINGS: ClassVar[dict[str, object]] = {}
 
     config: object
     setup: Setup
@@ -285,4 +287,6 @@ def make_algorithm(config: AlgorithmConfig, setup: Setup):
     cls = ALGORITHMS[config.name]
     if setup.privacy is not None and CENTRAL_DP not in cls.PRIVACY:   # the config loader refuses this first
         raise ValueError(f"privacy.enabled: algorithm {config.name!r} does not implement central DP")
+    if setup.local_dp is not None and LOCAL_DP not in cls.PRIVACY:
+        raise ValueError(f"privacy.local: algorithm {config.name!r} does not implement local DP")
     return cls(config, setup)

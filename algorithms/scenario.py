@@ -34,9 +34,9 @@ from fleetrec.algorithms import aggregate, rng, server_opt
 from fleetrec.algorithms.base import build_model
 from fleetrec.algorithms.models.template import bn_tensor
 from fleetrec.datasets.federated import CategoricalField
-from fleetrec.algorithms.privacy import CentralDP
+from fleetrec.algorithms.privacy import CentralDP, LocalDP
 from fleetrec.algorithms.server_opt import ServerOptimizerConfig
-from fleetrec.algorithms.protocol import (CENTRAL_DP, PRIVATE, SHARED, Accumulator, AlgorithmBase, AlgorithmConfig, CohortBatch,
+from fleetrec.algorithms.protocol import (CENTRAL_DP, LOCAL_DP, PRIVATE, SHARED, Accumulator, AlgorithmBase, AlgorithmConfig, CohortBatch,
                                           CohortUpdate, Setup, Tensors, TrainPlan)
 
 EVAL_CHUNK = 65536          # rows per forward pass in evaluation
@@ -100,6 +100,9 @@ class ScenarioFedAvgConfig(ScenarioBaseConfig):
         if privacy.enabled and self.embedding_average == "per_row":
             return ("privacy.enabled: algorithm.embedding_average=per_row divides each row by how many clients "
                     "used it, a count central DP does not cover; set algorithm.embedding_average=dense")
+        if privacy.local.enabled and self.embedding_average == "per_row":
+            return ("privacy.local: algorithm.embedding_average=per_row uploads which embedding rows a client used, "
+                    "which local DP does not hide; set algorithm.embedding_average=dense")
         return super().check_privacy(privacy)
 
 
@@ -181,6 +184,8 @@ class ScenarioAlgorithm(AlgorithmBase):
         self._initial = {k: v.detach().clone() for k, v in sd.items()}
         self.shared_names = self.select_shared()
         self.dp = CentralDP(setup)                # off unless privacy.enabled (declared: the FedAvg family)
+        self.ldp = LocalDP(setup, {n: tuple(self._initial[n].shape) for n in self.shared_names})   # privacy.local
+        self.sends_deltas = self.dp.enabled or self.ldp.enabled   # the clients' (noisy / clipped) deltas are summed
 
     # ---- which tensors the server holds, the proximal weight, client weights; subclasses override
     def select_shared(self) -> list[str]:
@@ -204,10 +209,10 @@ class ScenarioAlgorithm(AlgorithmBase):
 
     def aggregate_train(self, rnd: int, state: Tensors, acc: Accumulator) -> tuple[Tensors, dict]:
         stats = aggregate.mean_stats(acc)
-        if self.dp.enabled:                       # the noisy mean of the clipped deltas
+        if self.sends_deltas:                     # the (noisy) mean of the clipped / locally noised deltas
             mean = self.dp.mean_delta(acc, rnd)
             delta = {} if mean is None else {k: mean[k].to(state[k].dtype) for k in self.shared_names}
-            return self.server_step(state, delta), {**stats, **self.dp.metrics(rnd)}
+            return self.server_step(state, delta), {**stats, **self.dp.metrics(rnd), **self.ldp.metrics(rnd)}
         if acc.weight <= 0:
             return dict(state), stats
         means = {k: (acc.sums[k] / acc.weight).to(state[k].dtype) for k in self.shared_names}
@@ -221,7 +226,7 @@ class ScenarioAlgorithm(AlgorithmBase):
 
     def per_row_tables(self) -> list[str]:
         """Shared embedding tables averaged per row over the clients that used the row."""
-        if getattr(self.config, "embedding_average", "dense") != "per_row" or self.dp.enabled:
+        if getattr(self.config, "embedding_average", "dense") != "per_row" or self.sends_deltas:
             return []
         return [n for n in self.shared_names if embedding_field(n) is not None]
 
@@ -270,8 +275,10 @@ class ScenarioAlgorithm(AlgorithmBase):
         acc = Accumulator()
         shared = {n: new_personal[OWN_MODEL + n] for n in self.shared_names}
         weights = self.weights(batch)
-        if self.dp.enabled:      # central DP: deltas from the round's server tensors, clipped, unit weights
-            shared, weights = self.dp.client({n: v - plan.params[n] for n, v in shared.items()}, weights)
+        if self.sends_deltas:    # deltas from the round's server tensors; local DP noises them in place,
+            # central DP clips them and gives every client weight 1
+            shared = self.ldp.apply({n: v - plan.params[n] for n, v in shared.items()}, plan.round, batch.client_ids)
+            shared, weights = self.dp.client(shared, weights)
         for n in self.per_row_tables():          # a row's sum and weight only over the clients that used it
             touched = self.touched_rows(batch, n)
             shared[n] = shared[n] * touched.unsqueeze(2).to(shared[n].dtype)
@@ -379,8 +386,8 @@ class ScenarioAlgorithm(AlgorithmBase):
 class ScenarioFedAvg(ScenarioAlgorithm):
     """FedAvg / FedProx / FedBN / FedPer over scenario clients (see ScenarioFedAvgConfig)."""
     Config = ScenarioFedAvgConfig
-    PRIVACY = frozenset({CENTRAL_DP})
-    CENTRAL_DP_SETTINGS = {"algorithm.embedding_average": "dense"}
+    PRIVACY = frozenset({CENTRAL_DP, LOCAL_DP})
+    DP_SETTINGS = {"algorithm.embedding_average": "dense"}
 
     def select_shared(self) -> list[str]:
         cfg = self.config

@@ -231,7 +231,7 @@ def main(argv=None) -> int:
                     ldp_runs[-1].pop("method")
                     continue
                 r = _retry(_one, Path(f"{stem}.yaml"), [*common, f"model.backbone={bb}", f"rounds={args.rounds}",
-                                                "algorithm.ldp.mechanism=laplace", f"algorithm.ldp.scale={d}"])
+                                                "privacy.local.mechanism=laplace", f"privacy.local.scale={d}"])
                 ldp_runs.append({"delta": d, "seed": seed, **r})
                 print(f"[{dataset} seed {seed}] ldp δ={d}: test AUC {r['test/auc']:.4f} ({r['seconds']}s)",
                       file=sys.stderr, flush=True)

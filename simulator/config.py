@@ -14,7 +14,7 @@ from fleetrec.algorithms.models import ModelConfig
 from fleetrec.algorithms.models.per_user import PerUserModelConfig
 from fleetrec.algorithms.fedavg import FedAvgConfig
 from fleetrec.algorithms.privacy import CentralDPConfig
-from fleetrec.algorithms.protocol import CENTRAL_DP, RANKING, AlgorithmConfig, LocalTrainConfig, Setup
+from fleetrec.algorithms.protocol import CENTRAL_DP, LOCAL_DP, RANKING, AlgorithmConfig, LocalTrainConfig, Setup
 from fleetrec.datasets.sources import DataConfig
 from fleetrec.datasets.synthetic import SyntheticPerUserConfig
 from fleetrec.simulator.checkpoint import CheckpointConfig
@@ -148,6 +148,10 @@ class ExperimentConfig:
             return (f"privacy.enabled: algorithm {name!r} does not implement central DP (clipped updates, noise on "
                     f"their sum); it would train without noise. Central DP is implemented by: "
                     f"{', '.join(algorithms_supporting(CENTRAL_DP))}")
+        if self.privacy.local.enabled and LOCAL_DP not in algo.PRIVACY:
+            return (f"privacy.local: algorithm {name!r} does not implement local DP (each upload clipped and noised "
+                    f"in the worker); it would upload without noise. Local DP is implemented by: "
+                    f"{', '.join(algorithms_supporting(LOCAL_DP))}")
         return None
 
 
@@ -156,6 +160,7 @@ def make_setup(cfg: ExperimentConfig, ds) -> Setup:
     return Setup(schema=ds.schema, num_clients=ds.num_clients, seed=cfg.seed, train=cfg.train, model=cfg.model,
                  privacy=cfg.privacy if cfg.privacy.enabled else None,
                  clients_per_round=min(cfg.federation.clients_per_round, ds.num_clients),
+                 local_dp=cfg.privacy.local if cfg.privacy.local.enabled else None,
                  per_user_eval=cfg.eval.per_user)
 
 

@@ -5,7 +5,9 @@ up here without editing this file (it must declare `EXAMPLES`, tiny runs of itse
 - resume from the checkpoint of round 1, then kill a worker mid-run (checkpoints on): every
   round's metrics and the final server state equal an uninterrupted run's (1e-6);
 - `privacy.enabled=true` either trains with noise and logs `privacy/epsilon`, or is refused by
-  the config loader with one line naming `privacy.enabled` and the algorithm.
+  the config loader with one line naming `privacy.enabled` and the algorithm;
+- `privacy.local` (local DP in the worker) likewise: noise in the uploads and `privacy/local_epsilon`,
+  the noiseless chain leaves every result unchanged, or one line naming `privacy.local`.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 from fleetrec.algorithms import ALGORITHMS
-from fleetrec.algorithms.protocol import CENTRAL_DP, POINTWISE, RANKING, AlgorithmBase
+from fleetrec.algorithms.protocol import CENTRAL_DP, LOCAL_DP, POINTWISE, RANKING, AlgorithmBase
 from fleetrec.simulator import checkpoint
 from fleetrec.simulator.config import from_dict
 from fleetrec.simulator.config_loader import ConfigError, apply_overrides
@@ -41,7 +43,7 @@ def test_every_algorithm_declares_its_capabilities_and_a_tiny_example():
         assert issubclass(algo, AlgorithmBase), name
         assert algo.EXAMPLES, f"{name}: declare EXAMPLES (tiny runs) on the class"
         assert algo.EVALUATION in (POINTWISE, RANKING), name
-        assert algo.PRIVACY <= {CENTRAL_DP}, name
+        assert algo.PRIVACY <= {CENTRAL_DP, LOCAL_DP}, name
         for ex in algo.EXAMPLES:
             cfg = example_config(name, ex)
             assert cfg.algorithm.name == name
@@ -118,7 +120,7 @@ def test_central_dp_is_real_or_refused_before_anything_starts(name):
             example_config(name, next(iter(algo.EXAMPLES)), "privacy.enabled=true")
         return
     runnable = []
-    needs = [f"{k}={v}" for k, v in algo.CENTRAL_DP_SETTINGS.items()]
+    needs = [f"{k}={v}" for k, v in algo.DP_SETTINGS.items()]
     for example in algo.EXAMPLES:
         if needs:    # without the declared settings the loader refuses, naming them
             with pytest.raises(ConfigError, match="privacy.enabled") as e:
@@ -144,3 +146,54 @@ def test_central_dp_is_real_or_refused_before_anything_starts(name):
                        if v.is_floating_point() and not k.endswith("running_var")])
     expect = math.sqrt(rounds) * sigma * clip / sim.setup.clients_per_round
     assert moved.numel() > 100 and abs(float(moved.std()) / expect - 1) < 0.25, (name, float(moved.std()), expect)
+
+
+def _local_runnable(name: str) -> tuple[str, list[str]]:
+    algo, needs = ALGORITHMS[name], [f"{k}={v}" for k, v in ALGORITHMS[name].DP_SETTINGS.items()]
+    for example in algo.EXAMPLES:
+        try:
+            example_config(name, example, "privacy.local.mechanism=gaussian", *needs)
+            return example, needs
+        except ConfigError as e:
+            assert "privacy.local" in str(e) and len(str(e).splitlines()) == 1, (name, example, str(e))
+    raise AssertionError(f"{name} declares local DP but refuses it for every example")
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_local_dp_is_real_or_refused_before_anything_starts(name):
+    """With `privacy.local` on, a supporting algorithm's uploads carry the noise: with σ = 1000 on
+    every coordinate the server's shared tensors move by at least σ / (2·sqrt(K)) per coordinate
+    (K clients averaged; without noise they move by about the learning rate) and at most
+    1.25·σ·sqrt(R) after R rounds, and ε grows. The noiseless chain (gaussian, scale 0, no clip)
+    gives the same server state after one round as no local DP (1e-5): the chain's wiring (deltas
+    instead of new tensors, dense embedding rows) changes nothing else. (One round: the float
+    roundoff of the two sums, ~1e-7, is amplified by Adam's local steps in later rounds.)
+    Any other algorithm is refused by the loader, naming privacy.local and the algorithm."""
+    algo = ALGORITHMS[name]
+    if LOCAL_DP not in algo.PRIVACY:
+        with pytest.raises(ConfigError, match=rf"privacy\.local: algorithm '{name}' does not implement local DP"):
+            example_config(name, next(iter(algo.EXAMPLES)), "privacy.local.mechanism=gaussian")
+        return
+    example, needs = _local_runnable(name)
+    rounds, sigma = 2, 1000.0
+    runs = {}
+    for label, extra in (("plain", []), ("noiseless", ["privacy.local.mechanism=gaussian"]),
+                         ("noisy", ["privacy.local.mechanism=gaussian", f"privacy.local.scale={sigma}",
+                                    "privacy.local.clip=1.0"])):
+        sim = InProcess(example_config(name, example, *needs, *extra, f"rounds={rounds}"))
+        start = {k: v.clone() for k, v in sim.state.items()}
+        cohort = np.sort(np.random.default_rng(0).permutation(sim.ds.num_clients)[:sim.setup.clients_per_round])
+        stats = [sim.round(r, cohort) for r in range(rounds if label == "noisy" else 1)]
+        runs[label] = (sim, start, stats)
+    plain, noiseless = runs["plain"][0].state, runs["noiseless"][0].state
+    assert plain.keys() == noiseless.keys()
+    for k, v in plain.items():
+        torch.testing.assert_close(noiseless[k], v, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {k}: {m}")
+    sim, start, stats = runs["noisy"]
+    eps = [s["privacy/local_epsilon"] for s in stats]
+    assert 0 < eps[0] < eps[1], name
+    moved = torch.cat([(sim.state[k] - v).flatten().double() for k, v in start.items()
+                       if v.is_floating_point() and not k.endswith("running_var")])
+    K = sim.setup.clients_per_round
+    assert moved.numel() > 100, name
+    assert sigma / (2 * math.sqrt(K)) < float(moved.std()) < 1.25 * sigma * math.sqrt(rounds), (name, float(moved.std()))

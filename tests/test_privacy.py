@@ -1,4 +1,6 @@
 """Central DP building blocks: clipping, seeded server noise, the fixed-denominator mean, accounting."""
+import math
+
 import opacus.accountants as opacus_accountants
 import pytest
 import torch
@@ -191,3 +193,84 @@ def test_config_loads_through_the_project_loader():
     for bad in ({"clip": 0.0}, {"accountant": "moments"}, {"denominator": "both"}, {"delta": 1.0}):
         with pytest.raises(loader.ConfigError):
             load(P.CentralDPConfig, bad)
+
+
+# ---------------------------------------------------------------------------- local DP
+def _local(shapes, seed=7, **kw):
+    from types import SimpleNamespace
+    return P.LocalDP(SimpleNamespace(local_dp=P.LocalDPConfig(**kw), seed=seed, privacy=None), shapes)
+
+
+@pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
+def test_local_noise_std_within_two_percent_over_1e5_draws(mechanism):
+    scale = 0.3
+    ldp = _local({"x": (50,), "y": (50,)}, mechanism=mechanism, scale=scale)
+    ids = torch.arange(2000)
+    up = {"x": torch.zeros(2000, 50), "y": torch.zeros(2000, 50)}       # 10^5 draws per tensor
+    noisy = ldp.apply(up, 3, ids)
+    x = noisy["x"].double()
+    std = scale if mechanism == "gaussian" else math.sqrt(2) * scale   # Laplace(b): Var = 2 b^2
+    assert x.numel() == 100_000 and abs(float(x.std()) / std - 1) < 0.02
+    assert abs(float(x.mean())) < 0.01
+    assert not torch.equal(noisy["x"], noisy["y"])                      # own draws per tensor
+    assert torch.equal(ldp.apply(up, 3, ids)["x"], noisy["x"])          # a pure function of (seed, round, client)
+    assert not torch.equal(ldp.apply(up, 4, ids)["x"], noisy["x"])
+    # client 5's draws do not depend on which other clients share its cohort (any worker layout)
+    alone = ldp.apply({"x": torch.zeros(1, 50), "y": torch.zeros(1, 50)}, 3, torch.tensor([5]))
+    assert torch.equal(alone["x"][0], noisy["x"][5])
+
+
+def test_local_noise_is_the_counter_generator_at_the_tensor_index():
+    """Tensor j (sorted names) of client c in round r gets draws (hash(seed, j), NOISE, r, c): the
+    draws FedPA's own LDP used before it became this chain, so its results are unchanged."""
+    from fleetrec.algorithms import rng
+    ldp = _local({"b": (3,), "a": (2, 2)}, seed=11, mechanism="laplace", scale=0.5)
+    ids = torch.tensor([4, 9])
+    out = ldp.apply({"a": torch.ones(2, 2, 2), "b": torch.zeros(2, 3)}, 2, ids)
+    for j, k in enumerate(["a", "b"]):
+        seed = int(rng.hash_u64(11, j)[()])
+        draw = rng.laplace_tensor(tuple(out[k].shape[1:]), seed, rng.NOISE, 2, ids.numpy().astype("uint64"), 0.5)
+        base = torch.ones(2, 2, 2) if k == "a" else torch.zeros(2, 3)
+        torch.testing.assert_close(out[k], base + draw, atol=0, rtol=0)
+
+
+def test_local_clip_bounds_each_tensor_and_undeclared_uploads_are_refused():
+    ldp = _local({"x": (10,), "y": (4,)}, clip=1.0)
+    x, y = torch.randn(6, 10) * 5, torch.randn(6, 4) * 0.01
+    out = ldp.apply({"x": x, "y": y}, 0, torch.arange(6))
+    assert torch.all(out["x"].norm(dim=1) <= 1.0 + 1e-5)
+    torch.testing.assert_close(out["y"], y)                             # already inside the ball
+    with pytest.raises(ValueError, match="'z'.*not declared"):
+        ldp.apply({"z": x}, 0, torch.arange(6))
+    with pytest.raises(ValueError, match="'x' of shape \\(3,\\)"):
+        ldp.apply({"x": torch.zeros(6, 3)}, 0, torch.arange(6))
+    off = _local({"x": (10,)})
+    assert not off.enabled and off.apply({"x": x}, 0, torch.arange(6))["x"] is x
+
+
+def test_local_epsilon_gaussian_is_the_rdp_accountant_at_sample_rate_one():
+    C, sigma = 0.5, 2.0
+    ldp = _local({"x": (10,), "y": (4,), "z": (1,)}, mechanism="gaussian", scale=sigma, clip=C)
+    ref = opacus_accountants.RDPAccountant()
+    for _ in range(3):
+        ref.step(noise_multiplier=sigma / (2 * C * math.sqrt(3)), sample_rate=1.0)
+    assert ldp.epsilon(3) == pytest.approx(ref.get_epsilon(delta=1e-5), rel=1e-9)
+    assert ldp.metrics(2) == {"privacy/local_epsilon": pytest.approx(ldp.epsilon(3))}
+    assert 0 < ldp.epsilon(1) < ldp.epsilon(3)
+
+
+def test_local_epsilon_laplace_is_the_l1_bound_and_none_is_reported_without_clip():
+    C, b = 0.5, 4.0
+    ldp = _local({"x": (4, 4), "y": (9,)}, mechanism="laplace", scale=b, clip=C)
+    per_round = (2 * C * 4.0 + 2 * C * 3.0) / b                         # sum_t 2C sqrt(d_t) / b
+    assert ldp.epsilon(5) == pytest.approx(5 * per_round)
+    unbounded = _local({"x": (4,)}, mechanism="laplace", scale=b)       # no clip: no finite epsilon
+    assert unbounded.enabled and not unbounded.epsilon_bounded and unbounded.metrics(3) == {}
+
+
+def test_local_config_loads_and_refuses_a_scale_without_a_mechanism():
+    cfg = loader.build(P.CentralDPConfig, {"local": {"mechanism": "gaussian", "scale": 0.1, "clip": 1.0}})
+    assert cfg.local == P.LocalDPConfig("gaussian", 0.1, 1.0) and cfg.local.enabled and not cfg.enabled
+    for bad in ({"mechanism": "poisson"}, {"scale": -1.0}, {"scale": 0.5}):
+        with pytest.raises(loader.ConfigError, match="local"):
+            loader.build(P.CentralDPConfig, {"local": bad})
