@@ -39,9 +39,29 @@ from fleetrec.algorithms import pfmsm_math as pm
 from fleetrec.algorithms.protocol import (PERSONALIZED, PRIVATE, Accumulator, CohortBatch, CohortUpdate,
                                           Tensors, TrainPlan)
 from fleetrec.algorithms.scenario import OWN_MODEL, SCENARIO_EXAMPLE, ScenarioAlgorithm, ScenarioBaseConfig
+from fleetrec.algorithms.state import TensorState
 
-PERS, REF = "pers.", "ref."
 TOWER_MODES = ("cross_attention", "fallback", "none")
+
+
+@dataclass(frozen=True)
+class PFMSMServer(TensorState):
+    """Everything the PF-MSMTrec server carries from round to round (N clients)."""
+    pers: dict[str, torch.Tensor]             # every uploaded tensor, one personalized copy per client: (N, ...)
+    alpha: torch.Tensor                       # (N,) α_c of the expert groups
+    beta: torch.Tensor                        # (N, tower layers) β_c of the towers
+    alpha_momentum: torch.Tensor              # SGD momentum buffers of α and β
+    beta_momentum: torch.Tensor
+    has_prev: torch.Tensor                    # 0-d: 1 once a round has been aggregated (the hypergradient is one round late)
+    prev_d: dict[str, torch.Tensor]           # expert group -> d^(r-1), the last round's common delta (D,)
+    prev_dir: dict[str, torch.Tensor]         # tower layer -> ∂θ_c/∂β_c of the last round, (N, D_l)
+
+
+@dataclass(frozen=True)
+class PFMSMPlan(TensorState):
+    """What every client of a round receives."""
+    pers: dict[str, torch.Tensor]             # the personalized copies (each client reads its own row)
+    ref: dict[str, torch.Tensor]              # θ_ref of the proximal term (empty when μ = 0)
 
 
 @dataclass(frozen=True)
@@ -108,51 +128,48 @@ class PFMSMTrec(ScenarioAlgorithm):
     # ---- server half
     def init_server(self) -> Tensors:
         N, cfg = self.setup.num_clients, self.config
-        state = {PERS + n: self._initial[n].expand(N, *self._initial[n].shape).clone() for n in self.shared_names}
-        state["alpha"] = torch.full((N,), cfg.alpha_init)
-        state["beta"] = torch.full((N, len(self.layer_keys)), cfg.alpha_init)
-        state["alpha_momentum"] = torch.zeros(N)                 # SGD momentum buffers of α and β
-        state["beta_momentum"] = torch.zeros(N, len(self.layer_keys))
-        state["has_prev"] = torch.zeros(())
-        for g, names in self.expert_groups.items():
-            state[f"prev_d.{g}"] = torch.zeros(sum(self._initial[n].numel() for n in names))
-        for layer, names in self.tower_layers.items():     # ∂θ_c/∂β_c of the last round: (a V)_c or d
-            state[f"prev_dir.{layer}"] = torch.zeros(N, sum(self._initial[n].numel() for n in names))
-        return state
+        size = lambda names: sum(self._initial[n].numel() for n in names)
+        return PFMSMServer(
+            pers={n: self._initial[n].expand(N, *self._initial[n].shape).clone() for n in self.shared_names},
+            alpha=torch.full((N,), cfg.alpha_init), beta=torch.full((N, len(self.layer_keys)), cfg.alpha_init),
+            alpha_momentum=torch.zeros(N), beta_momentum=torch.zeros(N, len(self.layer_keys)),
+            has_prev=torch.zeros(()),
+            prev_d={g: torch.zeros(size(names)) for g, names in self.expert_groups.items()},
+            prev_dir={layer: torch.zeros(N, size(names)) for layer, names in self.tower_layers.items()},
+        ).flatten()
 
     def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan:
-        params = {PERS + n: state[PERS + n] for n in self.shared_names}
-        if self.config.mu > 0:
-            params.update({REF + n: state[PERS + n].mean(0) for n in self.shared_names})
-        return TrainPlan(round=rnd, params=params)
+        s = PFMSMServer.unflatten(state)
+        ref = {n: s.pers[n].mean(0) for n in self.shared_names} if self.config.mu > 0 else {}
+        return TrainPlan(round=rnd, params=PFMSMPlan(pers=dict(s.pers), ref=ref).flatten())
 
     def aggregate_train(self, rnd: int, state: Tensors, acc: Accumulator) -> tuple[Tensors, dict]:
         cfg, stats = self.config, aggregate.mean_stats(acc)
         ids = sorted(acc.per_client)
         if not ids:
             return state, stats
+        s = PFMSMServer.unflatten(state)
         idx = torch.tensor(ids)
-        new = dict(state)
         deltas = {n: torch.stack([acc.per_client[c][n] for c in ids]).float() for n in self.shared_names}
-        start = {n: state[PERS + n][idx] for n in self.shared_names}
-        alpha, beta = state["alpha"], state["beta"]
+        start = {n: s.pers[n][idx] for n in self.shared_names}
+        alpha, beta = s.alpha, s.beta
+        alpha_m, beta_m = s.alpha_momentum, s.beta_momentum
 
         # hypergradient step on α and β, one round late (module 3)
-        if cfg.personalized and float(state["has_prev"]) > 0 and cfg.alpha_lr > 0:
+        if cfg.personalized and float(s.has_prev) > 0 and cfg.alpha_lr > 0:
             hyper = dict(lr=cfg.alpha_lr, momentum=cfg.alpha_momentum, weight_decay=cfg.alpha_weight_decay)
             g_a = torch.zeros_like(alpha)
             for g, names in self.expert_groups.items():     # cosine: the mean over groups
-                h = pm.hypergrad(pm.flatten_group(deltas, names), state[f"prev_d.{g}"], cfg.hypergrad)
+                h = pm.hypergrad(pm.flatten_group(deltas, names), s.prev_d[g], cfg.hypergrad)
                 g_a[idx] += h.float() / (len(self.expert_groups) if cfg.hypergrad == "cosine" else 1)
             if self.expert_groups:
-                alpha, new["alpha_momentum"] = pm.momentum_step(alpha, state["alpha_momentum"], g_a, **hyper)
+                alpha, alpha_m = pm.momentum_step(alpha, alpha_m, g_a, **hyper)
             if self.layer_keys and cfg.tower_aggregation != "none":
                 g_b = torch.zeros_like(beta)
                 for j, (layer, names) in enumerate(self.tower_layers.items()):
                     flat = pm.flatten_group(deltas, names)
-                    g_b[idx, j] = pm.hypergrad(flat, state[f"prev_dir.{layer}"][idx], cfg.hypergrad).float()
-                beta, new["beta_momentum"] = pm.momentum_step(beta, state["beta_momentum"], g_b, **hyper)
-        new["alpha"], new["beta"] = alpha, beta
+                    g_b[idx, j] = pm.hypergrad(flat, s.prev_dir[layer][idx], cfg.hypergrad).float()
+                beta, beta_m = pm.momentum_step(beta, beta_m, g_b, **hyper)
 
         def norm(flat: torch.Tensor) -> torch.Tensor:
             return pm.server_norm(flat) if cfg.fedbn_mode == "server_norm" else flat
@@ -162,58 +179,53 @@ class PFMSMTrec(ScenarioAlgorithm):
                 return pm.conflict_averse_delta(flat, cfg.kappa, cfg.rescale)
             return flat.mean(0)
 
+        pers, prev_d, prev_dir = dict(s.pers), dict(s.prev_d), dict(s.prev_dir)
         # expert groups: federated BN, conflict coordination, personalized aggregation (modules 1-3)
         for g, names in self.expert_groups.items():
             G = pm.flatten_group(deltas, names)                               # (M, D)
-            s = pm.flatten_group(start, names)                                # (M, D)
+            st = pm.flatten_group(start, names)                               # (M, D)
             d = combine(norm(G))                                              # (D,)
             if cfg.personalized:
-                out = pm.personalized_update(s, G, d, alpha[idx])
+                out = pm.personalized_update(st, G, d, alpha[idx])
             else:
-                out = (s.mean(0) + d).expand_as(s)
-            self._write(new, idx, pm.unflatten_group(out, start, names))
-            new[f"prev_d.{g}"] = d.float()
+                out = (st.mean(0) + d).expand_as(st)
+            _write(pers, idx, pm.unflatten_group(out, start, names))
+            prev_d[g] = d.float()
 
         # task towers (module 4)
         for j, (layer, names) in enumerate(self.tower_layers.items()):
             G = pm.flatten_group(deltas, names)                               # (M, D_l)
-            s = pm.flatten_group(start, names)
+            st = pm.flatten_group(start, names)
             Gn, b = norm(G), beta[idx, j]
             if cfg.tower_aggregation == "cross_attention":
                 v = pm.tower_attention(Gn)                                    # (a V)_c, (M, D_l)
             else:                                                             # fallback: modules 2-3
                 v = combine(Gn).unsqueeze(0).expand_as(Gn)
             u = b.clamp(0, 1).to(v.dtype).unsqueeze(1) * v                    # β_c · v_c
-            self._write(new, idx, pm.unflatten_group(s + G + u, start, names))
-            prev = state[f"prev_dir.{layer}"].clone()
+            _write(pers, idx, pm.unflatten_group(st + G + u, start, names))
+            prev = s.prev_dir[layer].clone()
             prev[idx] = v.float()             # ∂θ_c/∂β_c = v_c (not β_c · v_c)
-            new[f"prev_dir.{layer}"] = prev
+            prev_dir[layer] = prev
 
-        new["has_prev"] = torch.ones(())
         stats["alpha_mean"] = float(alpha.mean())
         for c in ids:
             stats[f"pfmsm/alpha/{c}"] = float(alpha[c])
             if self.layer_keys:            # β_c: the mean over its tower layers
                 stats[f"pfmsm/beta/{c}"] = float(beta[c].mean())
-        return new, stats
-
-    def _write(self, new: Tensors, idx: torch.Tensor, values: Tensors) -> None:
-        for n, v in values.items():
-            t = new[PERS + n].clone()
-            t[idx] = v.to(t.dtype)
-            if n.endswith("running_var"):
-                t.clamp_(min=1e-5)      # aggregated variances must stay positive
-            new[PERS + n] = t
+        new = s.replace(pers=pers, alpha=alpha, beta=beta, alpha_momentum=alpha_m, beta_momentum=beta_m,
+                        has_prev=torch.ones(()), prev_d=prev_d, prev_dir=prev_dir)
+        return new.flatten(), stats
 
     # ---- client half
     def client_start(self, plan_or_state: Tensors, personal: Tensors, k: int, client: int) -> Tensors:
         own = {n: personal[OWN_MODEL + n][k] for n in self.all_names}
-        own.update({n: plan_or_state[PERS + n][client] for n in self.shared_names})
+        pers = {n[len("pers."):]: v for n, v in plan_or_state.items() if n.startswith("pers.")}   # plan or server state
+        own.update({n: pers[n][client] for n in self.shared_names})
         return own
 
     def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
         mu = self.config.mu
-        ref = {n: plan.params[REF + n] for n in self.shared_names} if mu > 0 else None
+        ref = PFMSMPlan.unflatten(plan.params).ref if mu > 0 else None
         starts, ends, losses = self.train_clients(plan, batch, personal, ref, mu)
         deltas = {int(c): {n: (end[n] - start[n]).double() for n in self.shared_names}
                   for c, start, end in zip(batch.client_ids, starts, ends)}
@@ -229,3 +241,13 @@ class PFMSMTrec(ScenarioAlgorithm):
                 acc.clients -= 1
                 acc.dropped += 1
         return CohortUpdate(personal=new_personal, acc=acc)
+
+
+def _write(pers: Tensors, idx: torch.Tensor, values: Tensors) -> None:
+    """Rows `idx` of the personalized copies set to `values` (new tensors; aggregated variances kept positive)."""
+    for n, v in values.items():
+        t = pers[n].clone()
+        t[idx] = v.to(t.dtype)
+        if n.endswith("running_var"):
+            t.clamp_(min=1e-5)
+        pers[n] = t

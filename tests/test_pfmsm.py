@@ -8,7 +8,7 @@ import torch
 
 from fleetrec.algorithms import make_algorithm
 from fleetrec.algorithms import pfmsm_math as pm
-from fleetrec.algorithms.pfmsm import PERS
+from fleetrec.algorithms.pfmsm import PFMSMServer
 from fleetrec.algorithms.scenario import OWN_MODEL, SCENARIO_EXAMPLE
 from fleetrec.simulator.cohort import DataView
 from fleetrec.simulator.config import from_dict, make_setup
@@ -121,7 +121,7 @@ def test_pfmsm_personalized_copies_differ_and_alpha_moves():
     init = sim.state["alpha"].clone()
     for r in range(3):
         stats = sim.round(r)
-    w = sim.state[PERS + "global_experts.0.lin0.weight"]
+    w = PFMSMServer.unflatten(sim.state).pers["global_experts.0.lin0.weight"]
     assert not torch.allclose(w[0], w[1]) and not torch.allclose(w[1], w[2])
     alpha = sim.state["alpha"]
     assert not torch.allclose(alpha, init) and len(set(alpha.tolist())) == 3
@@ -141,9 +141,9 @@ def test_pfmsm_expert_aggregation_is_the_personalized_conflict_averse_update():
     G = pm.flatten_group(deltas, names)
     d = pm.conflict_averse_delta(G, 0.4)
     assert names and sim.server.expert_groups.keys() == {pm.GLOBAL}
-    s = pm.flatten_group({n: start[PERS + n] for n in names}, names)
+    s = pm.flatten_group({n: PFMSMServer.unflatten(start).pers[n] for n in names}, names)
     expect = s + G + 0.1 * d.unsqueeze(0)                                 # α = 0.1 in round 0
-    got = pm.flatten_group({n: sim.state[PERS + n] for n in names}, names)
+    got = pm.flatten_group({n: PFMSMServer.unflatten(sim.state).pers[n] for n in names}, names)
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sim.state[f"prev_d.{pm.GLOBAL}"], d)
     # the client's own end state is start + Δ: the copy differs from it by exactly α d
@@ -221,7 +221,7 @@ def test_pfmsm_variants_run_and_differ_from_default(flags):
     assert torch.isfinite(sb).all()
     assert not torch.allclose(a.scores(), sb)
     if flags.get("algorithm.personalized") == "false":
-        w = b.state[PERS + "global_experts.0.lin0.weight"]
+        w = PFMSMServer.unflatten(b.state).pers["global_experts.0.lin0.weight"]
         torch.testing.assert_close(w[0], w[2])                            # one result for every client
 
 
@@ -260,7 +260,7 @@ def test_pfmsm_runs_on_shared_bottom_and_ple(model):
     up = algo.train_cohort(algo.configure_train(0, state, None), batch, personal)
     new, _ = algo.aggregate_train(0, state, up.acc)
     name = next(n for n in algo.expert_groups["global"] if n.endswith("weight"))
-    assert not torch.equal(new[PERS + name], state[PERS + name])
+    assert not torch.equal(PFMSMServer.unflatten(new).pers[name], PFMSMServer.unflatten(state).pers[name])
 
 
 def test_bad_config_names_the_key():
