@@ -38,7 +38,7 @@ from fleetrec.algorithms import aggregate
 from fleetrec.algorithms import pfmsm_math as pm
 from fleetrec.algorithms.protocol import (PERSONALIZED, PRIVATE, Accumulator, CohortBatch, CohortUpdate,
                                           Tensors, TrainPlan)
-from fleetrec.algorithms.scenario import OWN_MODEL, SCENARIO_EXAMPLE, ScenarioAlgorithm, ScenarioBaseConfig
+from fleetrec.algorithms.scenario import SCENARIO_EXAMPLE, ScenarioPersonal, ScenarioAlgorithm, ScenarioBaseConfig
 from fleetrec.algorithms.state import TensorState
 
 TOWER_MODES = ("cross_attention", "fallback", "none")
@@ -218,7 +218,8 @@ class PFMSMTrec(ScenarioAlgorithm):
 
     # ---- client half
     def client_start(self, plan_or_state: Tensors, personal: Tensors, k: int, client: int) -> Tensors:
-        own = {n: personal[OWN_MODEL + n][k] for n in self.all_names}
+        model = self.own_model(personal)
+        own = {n: model[n][k] for n in self.all_names}
         pers = {n[len("pers."):]: v for n, v in plan_or_state.items() if n.startswith("pers.")}   # plan or server state
         own.update({n: pers[n][client] for n in self.shared_names})
         return own
@@ -229,7 +230,7 @@ class PFMSMTrec(ScenarioAlgorithm):
         starts, ends, losses = self.train_clients(plan, batch, personal, ref, mu)
         deltas = {int(c): {n: (end[n] - start[n]).double() for n in self.shared_names}
                   for c, start, end in zip(batch.client_ids, starts, ends)}
-        new_personal = {OWN_MODEL + n: torch.stack([e[n] for e in ends]) for n in self.all_names}
+        new_personal = ScenarioPersonal(m={n: torch.stack([e[n] for e in ends]) for n in self.all_names}).flatten()
         acc = Accumulator()
         loss_t = torch.tensor(losses)
         keep = aggregate.fold_weighted(acc, {}, batch.n_rows.double(), {"train_loss": loss_t})

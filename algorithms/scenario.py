@@ -35,13 +35,25 @@ from fleetrec.algorithms.base import build_model
 from fleetrec.algorithms.models.template import bn_tensor
 from fleetrec.datasets.federated import CategoricalField
 from fleetrec.algorithms.privacy import CentralDP, LocalDP
+from fleetrec.algorithms.state import TensorState
 from fleetrec.algorithms.server_opt import ServerOptimizerConfig
 from fleetrec.algorithms.protocol import (CENTRAL_DP, LOCAL_DP, PRIVATE, SHARED, Accumulator, AlgorithmBase, AlgorithmConfig, CohortBatch,
                                           CohortUpdate, Setup, Tensors, TrainPlan)
 
 EVAL_CHUNK = 65536          # rows per forward pass in evaluation
-OWN_MODEL = "m."            # personal-state key prefix of the client's own model copy
-DITTO = "p."                # personal-state prefix of Ditto's personal model
+
+
+@dataclass(frozen=True)
+class ScenarioPersonal(TensorState):
+    """A scenario client's personal state: its own copy of every model tensor, (K, ...)."""
+    m: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DittoPersonal(TensorState):
+    """Ditto's: the model of the FedAvg local steps and the personal model it is evaluated with."""
+    m: dict[str, torch.Tensor]
+    p: dict[str, torch.Tensor]
 
 
 def scenario_input(schema) -> CategoricalField | None:
@@ -163,6 +175,7 @@ SCENARIO_EXAMPLE = {
 class ScenarioAlgorithm(AlgorithmBase):
     """Client half shared by every scenario algorithm, and the FedAvg-style server half."""
     EXAMPLES = {"mmoe": SCENARIO_EXAMPLE}
+    Personal: ClassVar[type] = ScenarioPersonal     # the typed personal state (Ditto adds its personal model)
 
     def __init__(self, config, setup: Setup):
         self.config = config
@@ -258,12 +271,17 @@ class ScenarioAlgorithm(AlgorithmBase):
     # ---- client half
     def init_personal(self, client_ids: torch.Tensor) -> Tensors:
         n = len(client_ids)
-        return {OWN_MODEL + k: v.expand(n, *v.shape).clone() for k, v in self._initial.items()}
+        return ScenarioPersonal(m={k: v.expand(n, *v.shape).clone() for k, v in self._initial.items()}).flatten()
+
+    def own_model(self, personal: Tensors) -> Tensors:
+        """The clients' own model tensors, (K, ...) by name."""
+        return self.Personal.unflatten(personal).m
 
     def client_start(self, plan_or_state: Tensors, personal: Tensors, k: int, client: int) -> Tensors:
         """Client k's model at the start of a round / for evaluation: its own tensors, with the
         server's tensors in place of the aggregated ones."""
-        own = {n: personal[OWN_MODEL + n][k] for n in self.all_names}
+        model = self.own_model(personal)
+        own = {n: model[n][k] for n in self.all_names}
         own.update({n: plan_or_state[n] for n in self.shared_names if n in plan_or_state})
         return own
 
@@ -271,9 +289,10 @@ class ScenarioAlgorithm(AlgorithmBase):
         mu = self.proximal_mu()
         ref = {n: plan.params[n] for n in self.shared_names} if mu > 0 else None
         _, ends, losses = self.train_clients(plan, batch, personal, ref, mu)
-        new_personal = {OWN_MODEL + n: torch.stack([e[n] for e in ends]) for n in self.all_names}
+        model = {n: torch.stack([e[n] for e in ends]) for n in self.all_names}
+        new_personal = ScenarioPersonal(m=model).flatten()
         acc = Accumulator()
-        shared = {n: new_personal[OWN_MODEL + n] for n in self.shared_names}
+        shared = {n: model[n] for n in self.shared_names}
         weights = self.weights(batch)
         if self.sends_deltas:    # deltas from the round's server tensors; local DP noises them in place,
             # central DP clips them and gives every client weight 1
@@ -438,27 +457,31 @@ class ScenarioDitto(ScenarioFedAvg):
     model (personal state `p.<name>`) with (λ/2)·||v − w_global||², and is evaluated with it."""
     Config = ScenarioDittoConfig
 
+    Personal = DittoPersonal
+
     def init_personal(self, client_ids: torch.Tensor) -> Tensors:
-        out = super().init_personal(client_ids)
-        out.update({DITTO + k[len(OWN_MODEL):]: v.clone() for k, v in out.items()})
-        return out
+        own = ScenarioPersonal.unflatten(super().init_personal(client_ids)).m
+        return DittoPersonal(m=own, p={k: v.clone() for k, v in own.items()}).flatten()
 
     def roles(self) -> dict[str, str]:
-        return {**super().roles(), **{DITTO + n: PRIVATE for n in self.all_names}}
+        return {**super().roles(), **{k: PRIVATE for k in DittoPersonal(m={}, p=self._initial).flatten()}}
 
     def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
         update = super().train_cohort(plan, batch, personal)      # the global model's local steps
         glob = {n: plan.params[n] for n in self.shared_names}
+        own = DittoPersonal.unflatten(personal).p
         ends = []
         for k in range(batch.size):
-            start = {n: personal[DITTO + n][k] for n in self.all_names}
+            start = {n: own[n][k] for n in self.all_names}
             end, _ = self.train_client(start, batch, k, plan.round, glob, self.config.ditto_lambda)
             ends.append(end)
-        update.personal.update({DITTO + n: torch.stack([e[n] for e in ends]) for n in self.all_names})
-        return update
+        model = ScenarioPersonal.unflatten(update.personal).m
+        new = DittoPersonal(m=model, p={n: torch.stack([e[n] for e in ends]) for n in self.all_names})
+        return CohortUpdate(personal=new.flatten(), acc=update.acc)
 
     def eval_tensors(self, state: Tensors, personal: Tensors, k: int, client: int) -> Tensors:
-        return {n: personal[DITTO + n][k] for n in self.all_names}
+        own = DittoPersonal.unflatten(personal).p
+        return {n: own[n][k] for n in self.all_names}
 
 
 class ScenarioCentralized(ScenarioAlgorithm):

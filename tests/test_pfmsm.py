@@ -9,7 +9,7 @@ import torch
 from fleetrec.algorithms import make_algorithm
 from fleetrec.algorithms import pfmsm_math as pm
 from fleetrec.algorithms.pfmsm import PFMSMServer
-from fleetrec.algorithms.scenario import OWN_MODEL, SCENARIO_EXAMPLE
+from fleetrec.algorithms.scenario import SCENARIO_EXAMPLE, DittoPersonal, ScenarioPersonal
 from fleetrec.simulator.cohort import DataView
 from fleetrec.simulator.config import from_dict, make_setup
 from fleetrec.simulator.config_loader import ConfigError, apply_overrides
@@ -18,6 +18,11 @@ from tests.in_process import InProcess
 # the registry-wide example of the scenario algorithms, in one worker, without dropout
 TINY = {**SCENARIO_EXAMPLE, "rounds": 2, "tracking.mlflow": False, "tracking.progress": False,
         "algorithm.name": "pf_msmtrec", "model.dropout": 0.0, "resources.workers": 1}
+
+
+def own(sim) -> dict:
+    """The clients' own model tensors (K, ...) from the typed personal state."""
+    return sim.client.own_model(sim.personal)
 
 
 def tiny(**extra):
@@ -38,8 +43,8 @@ def test_local_only_never_changes_other_clients():
     scores0 = sim.scores()
     sim.round(0, ids=[0])
     assert sim.state == {} and sim.server.traffic() == (0, 0)
-    w = OWN_MODEL + "global_experts.0.lin0.weight"
-    assert not torch.equal(sim.personal[w][0], before[w][0])           # client 0 trained
+    w = "global_experts.0.lin0.weight"
+    assert not torch.equal(own(sim)[w][0], ScenarioPersonal.unflatten(before).m[w][0])   # client 0 trained
     for k, v in sim.personal.items():
         assert torch.equal(v[1:], before[k][1:]), k                     # clients 1, 2 untouched
     scores1 = sim.scores()
@@ -52,7 +57,7 @@ def test_fedavg_server_state_is_row_weighted_mean_of_client_models():
     n = torch.from_numpy(sim.ds.rows_per_client(0)).double()
     for name in ("global_experts.0.lin0.weight", "towers.1.head.bias", "embed.emb.item_id.weight",
                  "global_experts.0.bn0.running_mean"):
-        ends = sim.personal[OWN_MODEL + name].double()
+        ends = own(sim)[name].double()
         expect = (n.view(-1, *[1] * (ends.dim() - 1)) * ends).sum(0) / n.sum()
         torch.testing.assert_close(sim.state[name].double(), expect, rtol=1e-5, atol=1e-6)
     # integer BatchNorm counters are never averaged
@@ -71,7 +76,7 @@ def test_fedavg_averages_an_embedding_row_over_the_clients_that_used_it():
     items = sim.ds.column("item_id")[sim.ds.column("split") == TRAIN]
     owner = sim.ds.column("client")[sim.ds.column("split") == TRAIN]
     name = "embed.emb.item_id.weight"
-    ends = sim.personal[OWN_MODEL + name].double()
+    ends = own(sim)[name].double()
     vocab = ends.shape[1]
     used = torch.zeros(3, vocab, dtype=torch.float64)
     for c in range(3):
@@ -88,13 +93,13 @@ def test_fedavg_averages_an_embedding_row_over_the_clients_that_used_it():
     for c in range(3):
         torch.testing.assert_close(ends[c][used[c] == 0], start[name].double()[used[c] == 0], rtol=0, atol=0)
     scen = "embed.emb.scenario.weight"
-    own_rows = torch.stack([sim.personal[OWN_MODEL + scen][c, c] for c in range(3)])
+    own_rows = torch.stack([own(sim)[scen][c, c] for c in range(3)])
     torch.testing.assert_close(sim.state[scen], own_rows, rtol=1e-6, atol=1e-7)
     # with l2 decay on embeddings (Adam's coupled form) the unused rows move
     l2 = Sim(**{"algorithm.name": "scenario_fedavg", "train.weight_decay": 0.01, "algorithm.embedding_decay": "l2"})
     l2.round(0)
     c = int((used == 0).sum(1).argmax())
-    moved = l2.personal[OWN_MODEL + name][c].double()[used[c] == 0] - start[name].double()[used[c] == 0]
+    moved = own(l2)[name][c].double()[used[c] == 0] - start[name].double()[used[c] == 0]
     assert float(moved.abs().max()) > 1e-4
 
 
@@ -147,8 +152,8 @@ def test_pfmsm_expert_aggregation_is_the_personalized_conflict_averse_update():
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sim.state[f"prev_d.{pm.GLOBAL}"], d)
     # the client's own end state is start + Δ: the copy differs from it by exactly α d
-    own = pm.flatten_group({n: sim.personal[OWN_MODEL + n] for n in names}, names)
-    torch.testing.assert_close(got - own, 0.1 * d.expand_as(got), rtol=1e-4, atol=1e-6)
+    ends = pm.flatten_group({n: own(sim)[n] for n in names}, names)
+    torch.testing.assert_close(got - ends, 0.1 * d.expand_as(got), rtol=1e-4, atol=1e-6)
 
 
 def test_pfmsm_ablation_flags_change_what_is_uploaded():
@@ -181,10 +186,10 @@ def test_pfmsm_template_keeps_specific_experts_on_the_client_and_differs_from_no
     for r in range(2):
         sim.round(r)
         flat.round(r)
-    own = sim.client.client_start(sim.state, sim.personal, 1, 1)
+    start = sim.client.client_start(sim.state, sim.personal, 1, 1)
     for n in sim.server.all_names:
         if n.startswith(("task_experts.", "scenario_experts.")):
-            assert torch.equal(own[n], sim.personal[OWN_MODEL + n][1]), n
+            assert torch.equal(start[n], own(sim)[n][1]), n
     assert not torch.allclose(sim.scores(), flat.scores())
 
 
@@ -229,10 +234,11 @@ def test_ditto_evaluates_the_personal_model():
     sim = Sim(**{"algorithm.name": "scenario_ditto", "algorithm.ditto_lambda": 0.5})
     sim.round(0)
     w = "towers.0.head.weight"
-    assert not torch.allclose(sim.personal["p." + w], sim.personal[OWN_MODEL + w])
+    ditto = DittoPersonal.unflatten(sim.personal)
+    assert not torch.allclose(ditto.p[w], ditto.m[w])
     glob = sim.client.client_start(sim.state, sim.personal, 0, 0)
     pers = sim.client.eval_tensors(sim.state, sim.personal, 0, 0)
-    assert torch.equal(pers[w], sim.personal["p." + w][0]) and not torch.equal(pers[w], glob[w])
+    assert torch.equal(pers[w], ditto.p[w][0]) and not torch.equal(pers[w], glob[w])
 
 
 def test_centralized_needs_every_scenario_in_one_call():
