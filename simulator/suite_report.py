@@ -300,12 +300,12 @@ def write_report(suite, log) -> str:
     Path(f"{stem}.md").write_text(text + "\n")
     with open(f"{stem}.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([header, *rows])
-    doc = {"suite": suite.name, "source": str(suite.source), "command": suite.command(),
+    doc = {"suite": suite.name, "source": rel(suite.source), "command": suite.command(),
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
            "reference": sc.reference, "metric": sc.metric, "report": list(sc.report),
            "budget": vars(sc.budget), "final": {**vars(sc.final), "seeds": list(sc.final.seeds)},
            "tests": vars(sc.tests), "missing": missing,
-           "methods": {k: {"label": r.label, "config": str(suite.methods[k].config_path), "tune": r.tune,
+           "methods": {k: {"label": r.label, "config": rel(suite.methods[k].config_path), "tune": r.tune,
                            "seeds_stage": r.seeds_stage, "vs_reference": stats.get(k, {}),
                            "runs": [{"seed": x.seed, "run_id": x.run_id, "best_round": x.best_round,
                                      "rounds_run": x.rounds_run, "at_cap": x.at_cap, **x.metrics} for x in r.runs]}
