@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fleetrec.algorithms import privacy, rng
-from fleetrec.algorithms.mf import MF_EXAMPLE, MFAlgorithm, local_slots
+from fleetrec.algorithms.mf import MF_EXAMPLE, MFAlgorithm, MFPersonal, MFServer, local_slots
 from fleetrec.algorithms.protocol import (CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
                                           Tensors, TrainPlan)
 
@@ -62,13 +62,13 @@ class FedAvgMF(MFAlgorithm):
         self.dp = privacy.CentralDP(setup)
 
     def init_server(self) -> Tensors:
-        return {"Q": self.init_table(self.num_items, rng.MF_INIT_ITEMS)}
+        return MFServer(Q=self.init_table(self.num_items, rng.MF_INIT_ITEMS)).flatten()
 
     def init_personal(self, client_ids: torch.Tensor) -> Tensors:
-        return {"p": self.init_user_rows(client_ids)}
+        return MFPersonal(p=self.init_user_rows(client_ids)).flatten()
 
     def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan:
-        return TrainPlan(round=rnd, params={"Q": state["Q"]})
+        return TrainPlan(round=rnd, params=MFServer.unflatten(state).tables())
 
     def traffic(self) -> tuple[int, int]:
         n = self.num_items * self.config.dim * 4
@@ -86,7 +86,7 @@ class FedAvgMF(MFAlgorithm):
         q0 = torch.zeros(K, 2 * L, c.dim)
         q0.scatter_(1, slot_sorted[..., None].expand(-1, -1, c.dim), Qpad[srt])      # local copies (by slot)
         q = q0.clone().requires_grad_(True)
-        p = personal["p"].clone().requires_grad_(True)
+        p = MFPersonal.unflatten(personal).p.clone().requires_grad_(True)
         opt = torch.optim.Adam([p, q], lr=tr.lr) if tr.optimizer == "adam" else torch.optim.SGD([p, q], lr=tr.lr)
         si, sj = slot[:, :L], slot[:, L:]
         loss_val = 0.0
@@ -111,20 +111,19 @@ class FedAvgMF(MFAlgorithm):
         cnt = torch.zeros(self.num_items, dtype=torch.float64)
         cnt.index_add_(0, items, torch.ones(len(items), dtype=torch.float64))
         acc.sums = {"dQ": dsum, "nQ": cnt}
-        new_p = p.detach()
-        return CohortUpdate(personal={**personal, "p": new_p}, acc=acc)
+        return CohortUpdate(personal=MFPersonal(p=p.detach()).flatten(), acc=acc)
 
 
     def aggregate_train(self, rnd: int, state: Tensors, acc: Accumulator) -> tuple[Tensors, dict]:
         if acc.weight <= 0:
             return state, {}
-        new = dict(state)
+        s = MFServer.unflatten(state)
         if self.dp.enabled:          # noise on the whole summed delta, the expected cohort size as denominator
             mean = self.dp.mean_delta(Accumulator(weight=acc.weight, clients=acc.clients, sums={"dQ": acc.sums["dQ"]}),
                                       rnd)["dQ"]
         else:
             denom = acc.sums["nQ"].clamp_min(1)[:, None] if self.config.item_average == "touched" else acc.weight
             mean = acc.sums["dQ"] / denom
-        new["Q"] = state["Q"] + self.config.server_lr * mean.float()
+        new = s.replace(Q=s.Q + self.config.server_lr * mean.float()).flatten()
         loss = acc.stats.get("train/bpr_loss", 0.0) / acc.weight
         return new, {"train/bpr_loss": loss, "train_loss": loss, "clients_trained": acc.clients, **self.dp.metrics(rnd)}

@@ -10,6 +10,8 @@ RankingPartial of per-user sums.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
@@ -17,7 +19,38 @@ from fleetrec.algorithms import rng
 from fleetrec.algorithms.evaluation import RankingPartial, ranking_metrics
 from fleetrec.algorithms.protocol import RANKING, AlgorithmBase, CohortBatch, Setup, Tensors
 from fleetrec.algorithms.ranking import full_ranking
+from fleetrec.algorithms.state import TensorState
 from fleetrec.datasets.federated import TEST, TRAIN, VAL
+
+@dataclass(frozen=True)
+class MFServer(TensorState):
+    """The server state of the MF algorithms: the tables and, where a trainer steps them with Adam on
+    the server, their moments and step count, and the multi-task combiner's history."""
+    Q: torch.Tensor                                    # (|I|, d) item table
+    P: torch.Tensor | None = None                      # (|U|, d) user table (centralized layout only)
+    W: torch.Tensor | None = None                      # category head (PMTRec's category task)
+    b: torch.Tensor | None = None
+    m: dict[str, torch.Tensor] = field(default_factory=dict)   # Adam first moments, by table name
+    v: dict[str, torch.Tensor] = field(default_factory=dict)   # Adam second moments
+    step: torch.Tensor | None = None                   # 0-d Adam step count
+    combiner: dict[str, torch.Tensor] = field(default_factory=dict)        # the combiner's history (DWA, GradNorm, ...)
+    combiner_adam: dict[str, torch.Tensor] = field(default_factory=dict)   # Adam state of its learned weights
+
+    def tables(self) -> Tensors:
+        return {k: t for k in TABLES if (t := getattr(self, k)) is not None}
+
+
+@dataclass(frozen=True)
+class MFPersonal(TensorState):
+    """A federated client's personal state: its user row and, when it steps it with Adam across
+    rounds, the row's moments and step count."""
+    p: torch.Tensor                                    # (K, d)
+    m: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    step: torch.Tensor | None = None                   # (K,)
+
+
+TABLES = ("Q", "P", "W", "b")
 
 MF_EXAMPLE = {"data.name": "mf_synthetic", "data.num_users": 40, "data.num_items": 30, "data.rows_per_user": 8,
               "data.num_categories": 4, "eval.metric": "recall@20", "federation.clients_per_round": 20,
@@ -123,7 +156,7 @@ class MFAlgorithm(AlgorithmBase):
 
     # ---- evaluation
     def _users(self, state: Tensors, personal: Tensors) -> torch.Tensor:
-        return state["P"] if self.centralized else personal["p"]
+        return MFServer.unflatten(state).P if self.centralized else MFPersonal.unflatten(personal).p
 
     def _pairs(self, b: CohortBatch) -> torch.Tensor:
         """(2, N) (user row of `_users`, item) of the real rows of a batch."""
@@ -135,11 +168,12 @@ class MFAlgorithm(AlgorithmBase):
 
     def score_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
         """Pointwise scores σ(p_u·q_i) of the rows (for inspection; the engine evaluates by ranking)."""
-        q = state["Q"][batch.categorical["item"]]
+        s = MFServer.unflatten(state)
+        q = s.Q[batch.categorical["item"]]
         if self.centralized:
-            p = state["P"][batch.categorical["user"]]
+            p = s.P[batch.categorical["user"]]
         else:
-            p = personal["p"][:, None, :].expand(-1, batch.mask.shape[1], -1)
+            p = MFPersonal.unflatten(personal).p[:, None, :].expand(-1, batch.mask.shape[1], -1)
         return torch.sigmoid((p * q).sum(-1, keepdim=True))
 
     def evaluate_cohort(self, state: Tensors, batches, personal: Tensors, split: int) -> RankingPartial:
@@ -151,7 +185,7 @@ class MFAlgorithm(AlgorithmBase):
         ids = None
         if self.setup.per_user_eval and split == TEST:           # global user id of each row of `users`
             ids = torch.arange(users.shape[0]) if self.centralized else batches[split].client_ids
-        return ranking_partial(users, state["Q"], test, exclude, tuple(self.config.ks), ids)
+        return ranking_partial(users, MFServer.unflatten(state).Q, test, exclude, tuple(self.config.ks), ids)
 
     def aggregate_evaluate(self, prefix: str, partial: RankingPartial) -> dict[str, float]:
         return ranking_metrics(prefix, partial)

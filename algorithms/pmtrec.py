@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 
 from fleetrec.algorithms.combiners import CombineInput, CombinerConfig, PMTRecConfig, make_combiner, pmtrec_combine
-from fleetrec.algorithms.mf import MF_EXAMPLE, MFAlgorithm
+from fleetrec.algorithms.mf import MF_EXAMPLE, MFAlgorithm, MFServer
 from fleetrec.algorithms.mf_tasks import FEDERATED_TASKS, MF_TASKS, TASK_ORDER
 from fleetrec.algorithms.pmtrec_central import CentralizedTrainer
 from fleetrec.algorithms.pmtrec_federated import FederatedTrainer
@@ -154,13 +154,10 @@ class PMTRecMF(MFAlgorithm):
             if problem:
                 raise ValueError(problem)
 
-    def with_moments(self, tables: Tensors) -> Tensors:
-        """Tables plus their Adam moments (`m/<name>`, `v/<name>`) and the step count."""
-        s = dict(tables)
-        for k in tables:
-            s[f"m/{k}"], s[f"v/{k}"] = torch.zeros_like(tables[k]), torch.zeros_like(tables[k])
-        s["step"] = torch.zeros(())
-        return s
+    def with_moments(self, tables: Tensors, **extra) -> MFServer:
+        """Server state of the tables with zero Adam moments and step count."""
+        zeros = {k: torch.zeros_like(t) for k, t in tables.items()}
+        return MFServer(**tables, m=zeros, v={k: t.clone() for k, t in zeros.items()}, step=torch.zeros(()), **extra)
 
     def head_tables(self) -> Tensors:
         if not self.head_names:

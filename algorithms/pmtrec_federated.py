@@ -12,6 +12,7 @@ import torch
 
 from fleetrec.algorithms import rng
 from fleetrec.algorithms.combiners import CombineInput, gather_rows, pmtrec_combine, task_row_grads, touched_mask
+from fleetrec.algorithms.mf import MFPersonal, MFServer
 from fleetrec.algorithms.mf_tasks import ClientRows
 from fleetrec.algorithms.optim import adam_rows
 from fleetrec.algorithms.protocol import Accumulator, CohortBatch, CohortUpdate, Tensors, TrainPlan
@@ -24,15 +25,15 @@ class FederatedTrainer:
     # ---- state
     def init_server(self) -> Tensors:
         a = self.algo
-        return a.with_moments({"Q": a.init_table(a.num_items, rng.MF_INIT_ITEMS), **a.head_tables()})
+        return a.with_moments({"Q": a.init_table(a.num_items, rng.MF_INIT_ITEMS), **a.head_tables()}).flatten()
 
     def init_personal(self, client_ids: torch.Tensor) -> Tensors:
         K, d = len(client_ids), self.algo.config.dim
-        return {"p": self.algo.init_user_rows(client_ids), "m/p": torch.zeros(K, d), "v/p": torch.zeros(K, d),
-                "step/p": torch.zeros(K)}
+        return MFPersonal(p=self.algo.init_user_rows(client_ids), m=torch.zeros(K, d), v=torch.zeros(K, d),
+                          step=torch.zeros(K)).flatten()
 
     def sent(self, state: Tensors) -> Tensors:
-        return {k: state[k] for k in ("Q", *self.algo.head_names)}
+        return MFServer.unflatten(state).tables()         # Q and the category head, without the moments
 
     def traffic(self) -> tuple[int, int]:
         a = self.algo
@@ -54,7 +55,8 @@ class FederatedTrainer:
         a = self.algo
         c, tr = a.config, a.setup.train
         K = batch.size
-        p_leaf = personal["p"].clone().requires_grad_(True)
+        own = MFPersonal.unflatten(personal)
+        p_leaf = own.p.clone().requires_grad_(True)
         i_all = batch.categorical["item"]
         j_all = a.negatives(batch, plan.round)
         real = batch.mask > 0
@@ -77,8 +79,8 @@ class FederatedTrainer:
                 losses=per_client[:, k], grads=Gp[:, k], step=plan.round * a.setup.num_clients
                 + int(batch.client_ids[k]), epoch=plan.round)).grad for k in range(K)]) if K else Gp[0]
         with torch.no_grad():
-            p, mp, vp = personal["p"].clone(), personal["m/p"].clone(), personal["v/p"].clone()
-            stp = personal["step/p"] + 1
+            p, mp, vp = own.p.clone(), own.m.clone(), own.v.clone()
+            stp = own.step + 1
             gp = gp + tr.weight_decay * p if tr.weight_decay else gp
             if tr.optimizer == "adam":
                 adam_rows(p, mp, vp, slice(None), gp, stp, tr.lr)
@@ -98,7 +100,7 @@ class FederatedTrainer:
             for k, g in zip(head, torch.autograd.grad(lc, list(head.values()), allow_unused=True)):
                 acc.sums[f"g{k}"] = (torch.zeros_like(head[k]) if g is None else g).double()
         acc.stats = {f"train/{t}_loss": float(per_client[x].sum()) for x, t in enumerate(c.tasks)}
-        return CohortUpdate(personal={"p": p, "m/p": mp, "v/p": vp, "step/p": stp}, acc=acc)
+        return CohortUpdate(personal=MFPersonal(p=p, m=mp, v=vp, step=stp).flatten(), acc=acc)
 
     # ---- server half
     def combine_item_rows(self, G: torch.Tensor, touched: torch.Tensor, losses: torch.Tensor, rnd: int) -> torch.Tensor:
@@ -113,16 +115,16 @@ class FederatedTrainer:
 
     def aggregate(self, rnd: int, state: Tensors, acc: Accumulator, stats: dict) -> Tensors:
         a = self.algo
-        new = {k: v.clone() for k, v in state.items()}
+        new = MFServer.unflatten({k: v.clone() for k, v in state.items()})   # stepped in place
+        tables = new.tables()
         G = torch.stack([acc.sums[f"gq/{t}"] for t in range(a.T)]).float() / acc.weight   # (T, I, d) means
         touched = torch.stack([acc.sums[f"nq/{t}"] for t in range(a.T)]) > 0
         losses = torch.tensor([stats[f"train/{t}_loss"] for t in a.config.tasks])
         gq = self.combine_item_rows(G, touched, losses, rnd)
-        step = float(state["step"]) + 1
+        step = float(new.step) + 1
         rows = torch.nonzero(touched.any(0)).flatten()
         lr = a.config.server_lr
-        adam_rows(new["Q"], new["m/Q"], new["v/Q"], rows, gq[rows], step, lr)
+        adam_rows(new.Q, new.m["Q"], new.v["Q"], rows, gq[rows], step, lr)
         for k in a.head_names:
-            adam_rows(new[k], new[f"m/{k}"], new[f"v/{k}"], slice(None), (acc.sums[f"g{k}"] / acc.weight).float(), step, lr)
-        new["step"] = torch.tensor(step)
-        return new
+            adam_rows(tables[k], new.m[k], new.v[k], slice(None), (acc.sums[f"g{k}"] / acc.weight).float(), step, lr)
+        return new.replace(step=torch.tensor(step)).flatten()

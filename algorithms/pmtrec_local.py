@@ -18,7 +18,7 @@ import torch
 
 from fleetrec.algorithms import privacy, rng
 from fleetrec.algorithms.combiners import pmtrec_combine, task_row_grads
-from fleetrec.algorithms.mf import local_slots
+from fleetrec.algorithms.mf import MFPersonal, MFServer, local_slots
 from fleetrec.algorithms.mf_tasks import ClientRows
 from fleetrec.algorithms.protocol import Accumulator, CohortBatch, CohortUpdate, Tensors, TrainPlan
 
@@ -45,13 +45,13 @@ class LocalStepsTrainer:
         self.dp = privacy.CentralDP(algo.setup)
 
     def init_server(self) -> Tensors:
-        return {"Q": self.algo.init_table(self.algo.num_items, rng.MF_INIT_ITEMS)}
+        return MFServer(Q=self.algo.init_table(self.algo.num_items, rng.MF_INIT_ITEMS)).flatten()
 
     def init_personal(self, client_ids: torch.Tensor) -> Tensors:
-        return {"p": self.algo.init_user_rows(client_ids)}
+        return MFPersonal(p=self.algo.init_user_rows(client_ids)).flatten()
 
     def sent(self, state: Tensors) -> Tensors:
-        return {"Q": state["Q"]}
+        return MFServer.unflatten(state).tables()
 
     def traffic(self) -> tuple[int, int]:
         n = self.algo.num_items * self.algo.config.dim * 4
@@ -76,7 +76,7 @@ class LocalStepsTrainer:
         q0 = torch.zeros(K, 2 * L, c.dim)
         q0.scatter_(1, slot_sorted[..., None].expand(-1, -1, c.dim), Qpad[srt])        # local copies by slot
         q = q0.clone().requires_grad_(True)
-        p = personal["p"].clone().requires_grad_(True)
+        p = MFPersonal.unflatten(personal).p.clone().requires_grad_(True)
         opt = torch.optim.Adam([p, q], lr=tr.lr) if tr.optimizer == "adam" else torch.optim.SGD([p, q], lr=tr.lr)
         si, sj = slot[:, :L, None].expand(-1, -1, c.dim), slot[:, L:, None].expand(-1, -1, c.dim)
         r = batch.numeric[..., 0]
@@ -104,15 +104,14 @@ class LocalStepsTrainer:
         cnt = torch.zeros(a.num_items, dtype=torch.float64)
         cnt.index_add_(0, items, torch.ones(len(items), dtype=torch.float64))
         acc.sums = {"dQ": dsum, "nQ": cnt}
-        return CohortUpdate(personal={**personal, "p": p.detach()}, acc=acc)
+        return CohortUpdate(personal=MFPersonal(p=p.detach()).flatten(), acc=acc)
 
     def aggregate(self, rnd: int, state: Tensors, acc: Accumulator, stats: dict) -> Tensors:
-        new = dict(state)
+        s = MFServer.unflatten(state)
         if self.dp.enabled:
             mean = self.dp.mean_delta(Accumulator(weight=acc.weight, clients=acc.clients, sums={"dQ": acc.sums["dQ"]}),
                                       rnd)["dQ"]
             stats.update(self.dp.metrics(rnd))
         else:
             mean = acc.sums["dQ"] / acc.sums["nQ"].clamp_min(1)[:, None]
-        new["Q"] = state["Q"] + self.algo.config.server_lr * mean.float()
-        return new
+        return s.replace(Q=s.Q + self.algo.config.server_lr * mean.float()).flatten()

@@ -197,3 +197,29 @@ def test_local_dp_is_real_or_refused_before_anything_starts(name):
     K = sim.setup.clients_per_round
     assert moved.numel() > 100, name
     assert sigma / (2 * math.sqrt(K)) < float(moved.std()) < 1.25 * sigma * math.sqrt(rounds), (name, float(moved.std()))
+
+
+def test_typed_state_round_trips_and_refuses_unknown_or_missing_keys():
+    from fleetrec.algorithms.mf import MFServer
+    from fleetrec.algorithms.pfmsm import PFMSMServer
+    from fleetrec.algorithms.scenario import DittoPersonal
+    from fleetrec.algorithms.state import TensorState
+    sim = InProcess(example_config("pf_msmtrec", "mmoe"))
+    s = PFMSMServer.unflatten(sim.state)
+    assert s.flatten().keys() == sim.state.keys() and all(s.flatten()[k] is v for k, v in sim.state.items())
+    assert set(s.prev_dir) and all(k.startswith("towers.") for k in s.prev_dir)
+    with pytest.raises(KeyError, match="unknown state key 'alpha_momentun'"):
+        PFMSMServer.unflatten({**sim.state, "alpha_momentun": torch.zeros(1)})
+    with pytest.raises(KeyError, match="no 'has_prev'"):
+        PFMSMServer.unflatten({k: v for k, v in sim.state.items() if k != "has_prev"})
+    with pytest.raises(KeyError, match="unknown state key 'q.x'"):
+        DittoPersonal.unflatten({"m.x": torch.zeros(1), "q.x": torch.zeros(1)})
+    mf = MFServer(Q=torch.zeros(3, 2))                       # optional tensors left out, empty groups
+    assert mf.flatten().keys() == {"Q"} and MFServer.unflatten(mf.flatten()).P is None
+    with pytest.raises(TypeError, match="a state field is a tensor"):
+        from dataclasses import dataclass
+
+        @dataclass(frozen=True)
+        class Bad(TensorState):
+            n: int
+        Bad.unflatten({})

@@ -10,6 +10,7 @@ import torch
 
 from fleetrec.algorithms.combiners import RowBatch, gather_rows, pmtrec_combine, task_row_grads, touched_mask
 from fleetrec.algorithms.fedavg_mf import FedAvgMF
+from fleetrec.algorithms.mf import MFServer
 from fleetrec.algorithms.mf_tasks import CentralRows
 from fleetrec.algorithms.pmtrec import PMTRecMF
 from fleetrec.datasets.graphs import MFSyntheticConfig, build_mf, kcore, to_federated
@@ -159,17 +160,17 @@ def test_huge_alpha_after_epoch_zero_trains_exactly_like_single_task_mf():
     single = _cfg("pmtrec_synthetic.yaml", **{"algorithm.tasks": "[bpr]", "algorithm.combiner": "{name: equal}"})
     (a, ds), (b, _) = _algo(multi), _algo(single)
     u, i, _, r, _ = _main_batch(a, ds)
-    sa, sb = a.init_server(), b.init_server()
+    sa, sb = MFServer.unflatten(a.init_server()), MFServer.unflatten(b.init_server())   # stepped in place
     la = a.trainer.step(sa, u, i, r, epoch=3)
     b.trainer.step(sb, u, i, r, epoch=3)
-    torch.testing.assert_close(sa["P"], sb["P"], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(sa["Q"], sb["Q"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sa.P, sb.P, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sa.Q, sb.Q, rtol=1e-5, atol=1e-7)
     assert math.isfinite(la["train/rating_loss"])
     # at epoch 0 there is no focusing yet: the auxiliary tasks move the rows
-    sa, sb = a.init_server(), b.init_server()
+    sa, sb = MFServer.unflatten(a.init_server()), MFServer.unflatten(b.init_server())
     a.trainer.step(sa, u, i, r, epoch=0)
     b.trainer.step(sb, u, i, r, epoch=0)
-    assert (sa["P"] - sb["P"]).abs().max() > 1e-4
+    assert (sa.P - sb.P).abs().max() > 1e-4
 
 
 def test_infinite_tau_with_raw_combination_is_equal_weighting_on_shared_rows():
