@@ -101,6 +101,10 @@ def check_resume_fits(ck, cfg: ExperimentConfig, ds: FederatedDataset) -> None:
     in the driver before any actor starts."""
     from fleetrec.algorithms import make_algorithm
     from fleetrec.simulator.config import make_setup
+    saved = ck.driver.get("data_fingerprint")
+    if saved is not None and saved != ds.fingerprint():
+        raise ConfigError(f"--resume: the data differs from the checkpoint's (content digest {saved} then, "
+                          f"{ds.fingerprint()} now) although data.* is the same: the file behind data.* changed")
     if len(ck.shards) != cfg.resources.workers:
         raise ConfigError(f"--resume: the checkpoint holds {len(ck.shards)} worker shards, resources.workers is "
                           f"{cfg.resources.workers}")
@@ -244,6 +248,7 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
             info["resumed_from_round"] = resume.round
         for cb in callbacks:
             cb.on_start(cfg, info)
+        data_fp = ds.fingerprint() if cfg.checkpoint.every else None
         for rnd in range(loop.next_round, cfg.rounds):
             due = (rnd + 1) % cfg.eval.every == 0 or rnd == cfg.rounds - 1
             rec = ray.get(coord.run_round.remote(rnd, due))
@@ -251,7 +256,8 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
             ck = cfg.checkpoint
             if ck.every and ((rnd + 1) % ck.every == 0 or rnd == cfg.rounds - 1 or stop):
                 server, shards = ray.get(coord.snapshot.remote())
-                checkpoint.save(ck.dir, rnd, cfg, server, shards, loop.state_dict(rnd), ck.keep)
+                checkpoint.save(ck.dir, rnd, cfg, server, shards, {**loop.state_dict(rnd), "data_fingerprint": data_fp},
+                                ck.keep)
             if stop:
                 break
         info["worker_recoveries"] = ray.get(coord.info.remote())["worker_recoveries"]

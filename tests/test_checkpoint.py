@@ -2,6 +2,8 @@
 the same metrics and server state as an uninterrupted run, in the same MLflow run."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -116,6 +118,16 @@ def test_resume_checks_tensors_in_the_driver_and_skips_a_damaged_newest_checkpoi
         check_resume_fits(ck, more, more.data.build(more.seed))
     with pytest.raises(ConfigError, match="the checkpoint holds 2 worker shards, resources.workers is 1"):
         check_resume_fits(ck, tiny_cfg(**{"resources.workers": 1}), ds)
+    # the same config over data whose content changed (an edited file behind data.path): refused
+    assert ck.driver["data_fingerprint"] == ds.fingerprint() == cfg.data.build(cfg.seed).fingerprint()
+    task = ds.schema.tasks[0]
+    labels = ds.column(task).copy()
+    labels[0] = 1 - labels[0]
+    import pyarrow as pa
+    edited = dataclasses.replace(ds, table=ds.table.set_column(ds.table.column_names.index(task), task,
+                                                               pa.array(labels)))
+    with pytest.raises(ConfigError, match=r"--resume: the data differs from the checkpoint's \(content digest"):
+        check_resume_fits(ck, cfg, edited)
     (d / "round_000002" / "server.pt").write_bytes(b"not a tensor file")  # the disk damaged the newest one
     said = []
     older = checkpoint.load(d, warn=lambda msg, file=None: said.append(msg))
