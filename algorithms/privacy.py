@@ -76,8 +76,9 @@ class LocalDPConfig:
     mechanism: str = "none"           # none | laplace | gaussian
     scale: float = 0.0                # Laplace b or Gaussian std of the elementwise noise; 0 = no noise
     clip: float = 0.0                 # L2 bound on each uploaded tensor of a client before noise; 0 = off
+    delta: float = 1e-5               # the delta at which the Gaussian mechanism's epsilon is reported
 
-    CHECKS: ClassVar[dict] = {"mechanism": LOCAL_MECHANISMS, "scale": ">=0", "clip": ">=0"}
+    CHECKS: ClassVar[dict] = {"mechanism": LOCAL_MECHANISMS, "scale": ">=0", "clip": ">=0", "delta": "0..1"}
 
     @property
     def enabled(self) -> bool:
@@ -85,6 +86,8 @@ class LocalDPConfig:
         return self.mechanism != "none" or self.clip > 0
 
     def validate(self) -> str | None:
+        if not 0.0 < self.delta < 1.0:
+            return f"delta must be in (0, 1), got {self.delta}"
         if self.mechanism == "none" and self.scale > 0:
             return f"scale={self.scale} has no effect with mechanism: none; pick laplace or gaussian"
         return None
@@ -346,8 +349,8 @@ class LocalDP:
     Noise for tensor j (the j-th declared name, sorted) of client c in round r is drawn from the
     counter-based generator at (hash(seed, j), NOISE, r, c): the same whatever the worker layout.
 
-    Epsilon (`privacy/local_epsilon`, for a client that takes part in every round so far, with
-    `privacy.delta`; a client's noisy upload is public, so no amplification by sampling):
+    Epsilon (`privacy/local_epsilon`, for a client that takes part in every round so far, at
+    `privacy.local.delta`; a client's noisy upload is public, so no amplification by sampling):
     - gaussian with clip C: two uploads differ by at most 2C per tensor, 2C*sqrt(T) over T
       tensors in L2; T rounds of the Gaussian mechanism with noise multiplier
       scale / (2C*sqrt(T)) are composed by Opacus' RDP accountant (sample rate 1).
@@ -360,7 +363,6 @@ class LocalDP:
     def __init__(self, setup, shapes: dict[str, tuple]):
         self.cfg: LocalDPConfig | None = setup.local_dp
         self.seed = setup.seed
-        self.delta = setup.privacy.delta if setup.privacy is not None else CentralDPConfig.delta
         self.shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
         self._index = {k: j for j, k in enumerate(sorted(self.shapes))}
 
@@ -402,7 +404,7 @@ class LocalDP:
         if cfg.mechanism == "laplace":
             l1 = sum(2.0 * cfg.clip * float(np.sqrt(np.prod(s) if s else 1)) for s in self.shapes.values())
             return rounds * l1 / cfg.scale
-        acct = PrivacyAccountant(cfg.scale / (2.0 * cfg.clip * np.sqrt(T)), 1.0, self.delta, "rdp")
+        acct = PrivacyAccountant(cfg.scale / (2.0 * cfg.clip * np.sqrt(T)), 1.0, cfg.delta, "rdp")
         acct.step(rounds)
         return acct.epsilon()
 

@@ -161,10 +161,29 @@ def cmd_ui(args) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.backend_store_uri,
            "--port", str(args.port), "--host", args.host]
     print("MLflow UI on http://%s:%d (Ctrl-C to stop)" % (args.host, args.port), file=sys.stderr)
+    for line in experiment_links(args.backend_store_uri, args.host, args.port):
+        print(line, file=sys.stderr)
     try:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
         return 0
+
+
+def experiment_links(store: str, host: str, port: int, limit: int = 8) -> list[str]:
+    """One line per experiment of the store (newest first): its name and the link to its runs."""
+    try:
+        from mlflow import MlflowClient
+        from fleetrec.simulator.tracking import mark_experiment, ui_link
+        client = MlflowClient(tracking_uri=store)
+        exps = [e for e in client.search_experiments(max_results=limit + 1, order_by=["last_update_time DESC"])
+                if e.name != "Default" or client.search_runs([e.experiment_id], max_results=1)]
+    except Exception as e:                                   # an unreadable store: the UI itself will say why
+        return [f"(could not list the experiments of {store}: {e})"]
+    out = []
+    for e in exps[:limit]:
+        mark_experiment(client, e.experiment_id)             # older experiments too open on their runs
+        out.append(f"  {e.name}: {ui_link(e.experiment_id, host=host, port=port)}")
+    return out
 
 
 PASS_THROUGH = {"data": "fleetrec.simulator.data_cli", "pretrain": "fleetrec.simulator.pretrain"}   # verbs with their own parser

@@ -185,7 +185,8 @@ def compare(tracking_uri: str, experiment: str | None = None, run_ids: list[str]
     if log:
         import mlflow
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(experiment or "fleetrec")
+        from fleetrec.simulator.tracking import use_experiment
+        use_experiment(experiment or "fleetrec")
         with mlflow.start_run(run_name=f"compare·{len(groups)} groups", tags={
                 "fleetrec.compare": "true", "mlflow.note.content": f"{group_by} x {', '.join(picked)}"}):
             mlflow.log_params({"group_by": group_by, "filter": filter_string[:500], "baseline": str(baseline),

@@ -146,7 +146,8 @@ def pretrain(cfg: ExperimentConfig, out: str | Path | None = None) -> Path:
 def _mlflow_run(cfg: ExperimentConfig):
     import mlflow
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
-    mlflow.set_experiment(cfg.tracking.experiment)
+    from fleetrec.simulator.tracking import use_experiment
+    use_experiment(cfg.tracking.experiment)
     mlflow.start_run(run_name=f"{cfg.tracking.run_name or cfg.name}-pretrain")
     mlflow.set_tags({"stage": "pretrain"})
     params = flatten({"data": to_dict(cfg.data), "model": to_dict(cfg.model), "seed": cfg.seed})

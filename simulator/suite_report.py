@@ -321,7 +321,8 @@ def write_report(suite, log) -> str:
 def _log(suite, client, uri: str, text: str, rows, header, stem: Path) -> None:
     import mlflow
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(suite.experiment)
+    from fleetrec.simulator.tracking import use_experiment
+    use_experiment(suite.experiment)
     with mlflow.start_run(run_name=f"suite·{suite.name}", tags={"fleetrec.suite": suite.name, "mlflow.note.content": text}):
         b = suite.cfg.budget
         mlflow.log_params({"reference": suite.cfg.reference, "metric": suite.cfg.metric, "trials": b.trials,

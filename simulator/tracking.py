@@ -63,6 +63,33 @@ def git_commit() -> str:
         return "unknown"
 
 
+# MLflow 3's UI opens an experiment on its GenAI (traces) view unless the experiment says it is
+# model development, or the link asks for the runs: fleetrec does both.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_QUERY = "workflowType=machine_learning"
+
+
+def mark_experiment(client, experiment_id: str) -> None:
+    """Tag an experiment as model development (once), so the UI opens it on its runs."""
+    exp = client.get_experiment(experiment_id)
+    if EXPERIMENT_KIND[0] not in (exp.tags or {}):
+        client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+
+
+def use_experiment(name: str) -> str:
+    """`mlflow.set_experiment(name)`, marked as model development; returns its id."""
+    import mlflow
+    exp = mlflow.set_experiment(name)
+    mark_experiment(mlflow.MlflowClient(), exp.experiment_id)
+    return exp.experiment_id
+
+
+def ui_link(experiment_id: str, run_id: str | None = None, host: str = "127.0.0.1", port: int = 5000) -> str:
+    """The `fleetrec ui` address of an experiment's runs, or of one run, on the runs view."""
+    path = f"/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"http://{host}:{port}/#{path}?{UI_QUERY}"
+
+
 def run_name(cfg: ExperimentConfig, dataset: str) -> str:
     return cfg.tracking.run_name or f"{cfg.algorithm.name}·{dataset}·seed{cfg.seed}"
 
@@ -79,12 +106,14 @@ def run_tags(cfg: ExperimentConfig, info: dict) -> dict[str, str]:
 def active_params(cfg: ExperimentConfig) -> dict[str, str]:
     """The flattened config without the keys of switched-off blocks (their on/off key stays),
     floats rounded to 6 significant digits."""
-    off = [p for p, on in (("privacy.", cfg.privacy.enabled), ("system.", cfg.system.active),
-                           ("checkpoint.", bool(cfg.checkpoint.every))) if not on]
-    keep = {"privacy.enabled", "system.availability", "checkpoint.every"}
+    # (block prefix, on, a sub-block with its own switch)
+    blocks = (("privacy.", cfg.privacy.enabled, "privacy.local."), ("privacy.local.", cfg.privacy.local.enabled, None),
+              ("system.", cfg.system.active, None), ("checkpoint.", bool(cfg.checkpoint.every), None))
+    keep = {"privacy.enabled", "privacy.local.mechanism", "system.availability", "checkpoint.every"}
     out = {}
     for k, v in flatten(to_dict(cfg)).items():
-        if any(k.startswith(p) for p in off) and k not in keep:
+        if k not in keep and any(k.startswith(p) and not on and not (sub and k.startswith(sub))
+                                 for p, on, sub in blocks):
             continue
         out[k] = (f"{v:.6g}" if isinstance(v, float) else str(v))[:500]
     return out
@@ -194,6 +223,8 @@ def summary_table(result: RunResult) -> str:
         rows.append(("client updates/s (median)", f"{sorted(r['client_updates_per_s'] for r in recs)[len(recs) // 2]:.0f}"))
     if result.run_id:
         rows.append(("mlflow run", result.run_id))
+    if result.info.get("mlflow_link"):
+        rows.append(("open it (after `fleetrec ui`)", result.info["mlflow_link"]))
     width = max(len(k) for k, _ in rows)
     lines = ["", "summary", "-" * (width + 14)] + [f"{k.ljust(width)}  {v}" for k, v in rows]
     return "\n".join(lines)
@@ -219,7 +250,7 @@ class MlflowLogger(Callback):
         import mlflow
         t = cfg.tracking
         mlflow.set_tracking_uri(t.tracking_uri)
-        mlflow.set_experiment(t.experiment)
+        self.experiment_id = use_experiment(t.experiment)
         sysm = {"log_system_metrics": True} if t.system_metrics else {}
         if self.run_id:                  # a resumed run continues its own MLflow run
             mlflow.start_run(run_id=self.run_id, **sysm)
@@ -268,6 +299,7 @@ class MlflowLogger(Callback):
     def on_end(self, result: RunResult) -> None:
         import mlflow
         result.run_id = self.run_id
+        result.info["mlflow_link"] = ui_link(self.experiment_id, self.run_id)
         best = {mlflow_name(f"best/{k}"): float(v) for k, v in result.summary().items() if v is not None}
         best["run/rounds_run"] = float(len(result.records))      # with rounds: did the best round sit at the cap?
         best["run/rounds_cap"] = float(self.cfg.rounds)

@@ -93,6 +93,8 @@ def _parent_run(sweep: Sweep, resume: bool) -> str | None:
             return run_id
     exp = client.get_experiment_by_name(sweep.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(sweep.experiment)
+    from fleetrec.simulator.tracking import mark_experiment
+    mark_experiment(client, exp_id)               # the UI opens it on its runs
     run = client.create_run(exp_id, run_name=sweep.name, tags={"tune.sweep": sweep.name, "tune.parent": "true"})
     rid = run.info.run_id
     sc = sweep.cfg

@@ -198,7 +198,7 @@ def test_config_loads_through_the_project_loader():
 # ---------------------------------------------------------------------------- local DP
 def _local(shapes, seed=7, **kw):
     from types import SimpleNamespace
-    return P.LocalDP(SimpleNamespace(local_dp=P.LocalDPConfig(**kw), seed=seed, privacy=None), shapes)
+    return P.LocalDP(SimpleNamespace(local_dp=P.LocalDPConfig(**kw), seed=seed), shapes)
 
 
 @pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
@@ -271,6 +271,8 @@ def test_local_epsilon_laplace_is_the_l1_bound_and_none_is_reported_without_clip
 def test_local_config_loads_and_refuses_a_scale_without_a_mechanism():
     cfg = loader.build(P.CentralDPConfig, {"local": {"mechanism": "gaussian", "scale": 0.1, "clip": 1.0}})
     assert cfg.local == P.LocalDPConfig("gaussian", 0.1, 1.0) and cfg.local.enabled and not cfg.enabled
+    assert _local({"x": (4,)}, mechanism="gaussian", scale=1.0, clip=1.0, delta=1e-3).epsilon(2) < \
+        _local({"x": (4,)}, mechanism="gaussian", scale=1.0, clip=1.0).epsilon(2)            # its own delta
     for bad in ({"mechanism": "poisson"}, {"scale": -1.0}, {"scale": 0.5}):
         with pytest.raises(loader.ConfigError, match="local"):
             loader.build(P.CentralDPConfig, {"local": bad})

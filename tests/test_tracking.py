@@ -45,10 +45,18 @@ def test_mlflow_run_has_per_round_metrics(ray_session, tiny_cfg, tmp_path, monke
     assert inp.dataset.name == "synthetic_per_user" and {t.key: t.value for t in inp.tags}["clients"] == "37"
     # switched-off blocks leave their on/off key only
     assert r.data.params["privacy.enabled"] == "False" and "privacy.noise_multiplier" not in r.data.params
+    assert r.data.params["privacy.local.mechanism"] == "none" and "privacy.local.scale" not in r.data.params
+    # the experiment opens on its runs in MLflow 3's UI, and the summary prints the run's link
+    assert client.get_experiment(r.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    link = f"/#/experiments/{r.info.experiment_id}/runs/{result.run_id}?workflowType=machine_learning"
+    assert result.info["mlflow_link"].endswith(link)
+    from fleetrec.simulator.cli import experiment_links
+    assert any(line.strip() == f"t: http://127.0.0.1:5000/#/experiments/{r.info.experiment_id}?workflowType=machine_learning"
+               for line in experiment_links(uri, "127.0.0.1", 5000))
     arts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "learning_curve.png"} <= arts
     text = out.getvalue()
-    assert "Bayes-optimal AUC" in text and "summary" in text and result.run_id in text
+    assert "Bayes-optimal AUC" in text and "summary" in text and result.run_id in text and link in text
 
 
 def test_scenario_run_logs_a_scenario_by_task_table_and_figure(ray_session, tmp_path):
