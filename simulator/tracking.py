@@ -295,6 +295,13 @@ class MlflowLogger(Callback):
             name, value = mlflow_metric(k, float(v))
             m[name] = value
         mlflow.log_metrics(m, step=record["round"])
+        frame = scenario_frame(record, self.scenario_names)
+        if frame is not None:       # an evaluation of a scenario run: one table over rounds, a figure per round
+            r = record["round"] + 1
+            frame.insert(0, "round", r)
+            mlflow.log_table(data=frame, artifact_file="scenarios/per_evaluation.json")
+            mlflow.log_figure(scenario_figure(frame.drop(columns="round"), f"at round {r}"),
+                              f"scenarios/round_{r:04d}_test_auc.png")
 
     def on_end(self, result: RunResult) -> None:
         import mlflow
@@ -352,7 +359,7 @@ def scenario_frame(best: dict, names: list[str] | None):
     return pd.DataFrame([{"split": s, "scenario": f"s{k}", "name": n, **v} for (s, k, n), v in sorted(rows.items())])
 
 
-def scenario_figure(frame):
+def scenario_figure(frame, when: str = "at the best round"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -366,7 +373,7 @@ def scenario_figure(frame):
                   ha="right", fontsize=8)
     lo = float(test[cols].min().min()) if cols else 0.5
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)
-    ax.set(ylabel="test AUC at the best round")
+    ax.set(ylabel=f"test AUC {when}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     plt.close(fig)

@@ -68,7 +68,7 @@ def test_scenario_run_logs_a_scenario_by_task_table_and_figure(ray_session, tmp_
     from fleetrec.simulator.config import from_dict
     from fleetrec.simulator.config_loader import apply_overrides
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    over = {**SCENARIO_EXAMPLE, "algorithm.name": "scenario_fedavg", "rounds": 1, "tracking.progress": False,
+    over = {**SCENARIO_EXAMPLE, "algorithm.name": "scenario_fedavg", "rounds": 2, "tracking.progress": False,
             "tracking.tracking_uri": uri, "eval.metric": "scenario_mean/auc"}
     cfg = from_dict(apply_overrides({}, [f"{k}={v}" for k, v in over.items()]), "tiny scenario")
     result = run(cfg, [MlflowLogger(cfg)])
@@ -76,9 +76,41 @@ def test_scenario_run_logs_a_scenario_by_task_table_and_figure(ray_session, tmp_
     r = client.get_run(result.run_id)
     assert [r.data.params[f"scenario.s{k}"] for k in range(3)] == ["s0", "s1", "s2"]
     arts = {a.path for a in client.list_artifacts(result.run_id, "scenarios")}
-    assert arts == {"scenarios/best_round.json", "scenarios/best_round_test_auc.png"}
+    assert arts == {"scenarios/best_round.json", "scenarios/best_round_test_auc.png", "scenarios/per_evaluation.json",
+                    "scenarios/round_0001_test_auc.png", "scenarios/round_0002_test_auc.png"}
+    every = json.loads(open(client.download_artifacts(result.run_id, "scenarios/per_evaluation.json")).read())
+    per = [dict(zip(every["columns"], row)) for row in every["data"]]          # one table, a row per (round, split, scenario)
+    assert len(per) == 12 and sorted({x["round"] for x in per}) == [1, 2]
+    last = next(x for x in per if (x["round"], x["split"], x["scenario"]) == (2, "test", "s1"))
+    assert last["click/auc"] == pytest.approx(result.records[1]["test/s1/click/auc"], abs=1e-6)
     table = json.loads(open(client.download_artifacts(result.run_id, "scenarios/best_round.json")).read())
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert len(rows) == 6 and {x["split"] for x in rows} == {"val", "test"}
     s1 = next(x for x in rows if x["split"] == "test" and x["scenario"] == "s1")
     assert s1["click/auc"] == pytest.approx(result.best["test/s1/click/auc"], abs=1e-6)
+
+
+def test_a_stopped_trial_gets_its_best_round_summary_from_its_history(tmp_path):
+    """ASHA ends a trial before its run logs `best/*`; fill_best reads the metric history and logs
+    the values at the round with the best validation metric (ties: the earlier round)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from fleetrec.simulator.tune_report import fill_best
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("t")
+    run_id = client.create_run(exp).info.run_id
+    val, test = [0.60, 0.71, 0.71, 0.65], [0.58, 0.69, 0.70, 0.66]
+    client.log_batch(run_id, metrics=[Metric("val/auc", v, 0, s) for s, v in enumerate(val)]
+                     + [Metric("test/auc", v, 0, s) for s, v in enumerate(test)]
+                     + [Metric("train/train_loss", 0.5, 0, s) for s in range(4)])
+    fill_best(client, client.get_run(run_id), "val/auc", "max")
+    m = client.get_run(run_id).data.metrics
+    assert (m["best/best_round"], m["best/val/auc"], m["best/test/auc"]) == (1.0, 0.71, 0.69)
+    assert "best/train/train_loss" not in m
+    fill_best(client, client.get_run(run_id), "test/auc", "max")        # a run with a summary is left alone
+    assert client.get_run(run_id).data.metrics["best/test/auc"] == 0.69
+    other = client.create_run(exp).info.run_id
+    client.log_batch(other, metrics=[Metric("val/logloss", v, 0, s) for s, v in enumerate([0.7, 0.6, 0.65])])
+    fill_best(client, client.get_run(other), "val/logloss", "min")
+    assert client.get_run(other).data.metrics["best/best_round"] == 1.0
