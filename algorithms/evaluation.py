@@ -56,6 +56,151 @@ class PointwisePartial:
         return self.scores is None or len(self.client) == 0
 
 
+# ----------------------------------------------------------------------------- summary partial
+HIST_BINS = 1 << 14             # logit bins of the pooled-AUC histograms (width 0.002 in logit)
+HIST_LOGIT = 16.0               # logits clipped to [-16, 16] (probabilities 1.1e-7 .. 1 - 1.1e-7)
+EPS = 1e-7                      # log-loss clipping, as metrics.log_loss
+
+
+def _bins(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p.astype(np.float64), EPS, 1 - EPS)
+    z = np.clip(np.log(q) - np.log1p(-q), -HIST_LOGIT, HIST_LOGIT)
+    return np.minimum(((z + HIST_LOGIT) / (2 * HIST_LOGIT) * HIST_BINS).astype(np.int64), HIST_BINS - 1)
+
+
+@dataclass
+class SummaryPartial:
+    """The pointwise partial whose size does not grow with the rows (`eval.pooled_auc: histogram`),
+    for federations whose evaluated rows would not fit the coordinator.
+
+    Per task: histograms of the scores of positive and negative rows over HIST_BINS logit bins
+    (pooled AUC, with a bound on its error), log-loss sums, the confusion counts at 0.5 (weighted
+    P / R / F1, exact), and the sum and count of per-client AUCs (GAUC, exact: a client's rows are
+    all in one cohort). With scenario clients, each client's AUC and log-loss per task (exact).
+    Merged by addition; per-client entries are disjoint (a client is owned by one worker).
+    """
+    pos: np.ndarray | None = None        # (T, B) int64
+    neg: np.ndarray | None = None        # (T, B) int64
+    loss_sum: np.ndarray | None = None   # (T,) float64
+    rows: int = 0
+    confusion: np.ndarray | None = None  # (T, 4) int64: tp, fp, fn, tn at threshold 0.5
+    gauc_sum: np.ndarray | None = None   # (T,) float64 sum of the eligible clients' AUCs
+    gauc_n: np.ndarray | None = None     # (T,) int64 eligible clients (both label classes)
+    clients: int = 0
+    per_client: dict[int, np.ndarray] = field(default_factory=dict)   # client -> (T, 2) auc, log-loss
+
+    @classmethod
+    def from_scores(cls, batch, prob: torch.Tensor, per_client: bool = False) -> "SummaryPartial":
+        rows = PointwisePartial.from_scores(batch, prob)
+        return cls.from_rows(rows.client, rows.scores, rows.labels, per_client)
+
+    @classmethod
+    def from_rows(cls, client: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                  per_client: bool = False) -> "SummaryPartial":
+        T = scores.shape[1] if scores.ndim == 2 else 0
+        if len(client) == 0:
+            return cls()
+        pos, neg = np.zeros((T, HIST_BINS), np.int64), np.zeros((T, HIST_BINS), np.int64)
+        loss, conf = np.zeros(T), np.zeros((T, 4), np.int64)
+        gsum, gn = np.zeros(T), np.zeros(T, np.int64)
+        for t in range(T):
+            p, y = scores[:, t].astype(np.float64), labels[:, t] > 0.5
+            b = _bins(p)
+            pos[t] = np.bincount(b[y], minlength=HIST_BINS)
+            neg[t] = np.bincount(b[~y], minlength=HIST_BINS)
+            q = np.clip(p, EPS, 1 - EPS)
+            loss[t] = float(-np.sum(np.where(y, np.log(q), np.log1p(-q))))
+            pred = p >= 0.5
+            conf[t] = [np.sum(pred & y), np.sum(pred & ~y), np.sum(~pred & y), np.sum(~pred & ~y)]
+            _, auc, _ = metrics._per_client_stats(client, p, y)
+            gsum[t], gn[t] = float(auc.sum()), auc.size
+        out = {}
+        if per_client:
+            for c in np.unique(client):
+                m = client == c
+                out[int(c)] = np.array([[metrics.pooled_auc_mw(scores[m, t], labels[m, t]),
+                                         metrics.log_loss(scores[m, t], labels[m, t])] for t in range(T)])
+        return cls(pos, neg, loss, int(len(client)), conf, gsum, gn, int(len(np.unique(client))), out)
+
+    @classmethod
+    def merge_many(cls, parts: list["SummaryPartial"]) -> "SummaryPartial":
+        parts = [p for p in parts if not p.empty()]
+        if not parts:
+            return cls()
+        add = lambda name: sum(getattr(p, name) for p in parts)
+        per: dict[int, np.ndarray] = {}
+        for p in parts:
+            per.update(p.per_client)
+        return cls(add("pos"), add("neg"), add("loss_sum"), add("rows"), add("confusion"), add("gauc_sum"),
+                   add("gauc_n"), add("clients"), per)
+
+    def empty(self) -> bool:
+        return self.rows == 0
+
+    def pooled_auc(self, t: int) -> tuple[float, float]:
+        """(AUC, bound on its error) of task t: pairs in one bin count 1/2, as exact ties do, so the
+        estimate differs from the exact AUC by at most half the fraction of pairs sharing a bin."""
+        P, N = int(self.pos[t].sum()), int(self.neg[t].sum())
+        if P == 0 or N == 0:
+            return NAN, NAN
+        pos, neg = self.pos[t].astype(np.float64), self.neg[t].astype(np.float64)
+        below = np.cumsum(neg) - neg                    # negatives in lower bins
+        same = float(np.dot(pos, neg))
+        return float((np.dot(pos, below) + 0.5 * same) / (P * N)), 0.5 * same / (P * N)
+
+
+NAN = float("nan")
+
+
+def _weighted_prf(tp: int, fp: int, fn: int, tn: int) -> tuple[float, float, float]:
+    """Support-weighted precision, recall and F1 over both classes from the confusion counts
+    (scikit-learn's average='weighted', zero_division=0)."""
+    def prf(tp_, fp_, fn_):
+        p = tp_ / (tp_ + fp_) if tp_ + fp_ else 0.0
+        r = tp_ / (tp_ + fn_) if tp_ + fn_ else 0.0
+        return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+    s1, s0 = tp + fn, tn + fp
+    if s1 + s0 == 0:
+        return NAN, NAN, NAN
+    one, zero = prf(tp, fp, fn), prf(tn, fn, fp)
+    return tuple(float((s1 * a + s0 * b) / (s1 + s0)) for a, b in zip(one, zero))
+
+
+def summary_metrics(prefix: str, tasks: tuple[str, ...], part: SummaryPartial,
+                    per_client: bool = False) -> dict[str, float]:
+    """The metrics of `pointwise_metrics` from a SummaryPartial, plus `<prefix>/auc_error_bound`
+    (the largest error of the pooled AUC over the tasks: it is the only approximate value)."""
+    if part is None or part.empty():
+        return {}
+    out, per, bound = {}, {"auc": [], "gauc": [], "logloss": [], "precision_w": [], "recall_w": [], "f1_w": []}, 0.0
+    for t, task in enumerate(tasks):
+        auc, b = part.pooled_auc(t)
+        bound = max(bound, b) if b == b else bound
+        m = {"auc": auc, "gauc": float(part.gauc_sum[t] / part.gauc_n[t]) if part.gauc_n[t] else NAN,
+             "logloss": float(part.loss_sum[t] / part.rows)}
+        m.update(zip(("precision_w", "recall_w", "f1_w"), _weighted_prf(*(int(x) for x in part.confusion[t]))))
+        for k, v in m.items():
+            per[k].append(v)
+            if len(tasks) > 1:
+                out[f"{prefix}/{task}/{k}"] = v
+    for k, v in per.items():
+        out[f"{prefix}/{k}"] = _nanmean(v)
+    out[f"{prefix}/auc_error_bound"] = bound
+    if per_client and part.per_client:
+        means: dict[str, list] = {}
+        for c in sorted(part.per_client):
+            vals = part.per_client[c]
+            for j, k in enumerate(("auc", "logloss")):
+                for t, task in enumerate(tasks):
+                    out[f"{prefix}/s{c}/{task}/{k}"] = float(vals[t, j])
+                    means.setdefault(f"{task}/{k}", []).append(float(vals[t, j]))
+                out[f"{prefix}/s{c}/{k}"] = _nanmean(vals[:, j])
+                means.setdefault(k, []).append(out[f"{prefix}/s{c}/{k}"])
+        out.update({f"{prefix}/scenario_mean/{k}": _nanmean(v) for k, v in means.items()})
+    out[f"{prefix}/clients"] = int(part.clients)
+    return out
+
+
 PER_USER = "per_user/test"     # round-record key of the test split's per-user values (eval.per_user)
 
 

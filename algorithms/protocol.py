@@ -115,6 +115,8 @@ class Setup:
     clients_per_round: int = 0       # cohort size the server expects (central DP's q * N)
     local_dp: "LocalDPConfig | None" = None    # local DP on every client upload (privacy.local), or None (off)
     per_user_eval: bool = False      # ranking algorithms: also return each user's test metrics (RankingPartial.per_user)
+    pooled_auc: str = "exact"        # pointwise evaluation: exact (the rows go to the coordinator) | histogram
+                                     # (SummaryPartial: a fixed size per worker, pooled AUC within a reported bound)
 
 
 @dataclass
@@ -262,14 +264,18 @@ class AlgorithmBase(metaclass=ABCMeta):
 
     def evaluate_cohort(self, state: Tensors, batches: SplitBatches, personal: Tensors,
                         split: int) -> "EvalPartial":
-        from fleetrec.algorithms.evaluation import PointwisePartial
+        from fleetrec.algorithms.evaluation import PointwisePartial, SummaryPartial
         batch = batches[split]
-        return PointwisePartial.from_scores(batch, self.score_cohort(state, batch, personal))
+        prob = self.score_cohort(state, batch, personal)
+        if self.setup.pooled_auc == "histogram":
+            return SummaryPartial.from_scores(batch, prob, per_client=self.setup.schema.scenario is not None)
+        return PointwisePartial.from_scores(batch, prob)
 
     def aggregate_evaluate(self, prefix: str, partial: "EvalPartial") -> dict[str, float]:
-        from fleetrec.algorithms.evaluation import pointwise_metrics
+        from fleetrec.algorithms.evaluation import pointwise_metrics, summary_metrics
         schema = self.setup.schema
-        return pointwise_metrics(prefix, schema.tasks, partial, per_client=schema.scenario is not None)
+        metrics = summary_metrics if self.setup.pooled_auc == "histogram" else pointwise_metrics
+        return metrics(prefix, schema.tasks, partial, per_client=schema.scenario is not None)
 
 
 def register(name: str, algorithm: type) -> type:

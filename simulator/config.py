@@ -68,8 +68,13 @@ class EvalConfig:
     clients: int = 0                   # evaluate a fixed seeded sample of this many clients; 0 = all
     per_user: bool = False             # keep every user's test metrics of the best round (ranking algorithms;
                                        # logged as per_user/test.csv, read by fleetrec suite's paired bootstrap)
+    # pointwise metrics: exact (every evaluated row's score goes to the coordinator) or histogram (each
+    # worker sends a fixed-size summary: GAUC, log-loss, P/R/F1 and per-scenario values stay exact, pooled
+    # AUC comes from 16,384 logit bins and <split>/auc_error_bound states its largest error, which grows when
+    # the scores bunch together, as an untrained model's do)
+    pooled_auc: str = "exact"
 
-    CHECKS: ClassVar[dict] = {"every": ">=1", "clients": ">=0", "mode": ("max", "min")}
+    CHECKS: ClassVar[dict] = {"every": ">=1", "clients": ">=0", "mode": ("max", "min"), "pooled_auc": ("exact", "histogram")}
     POINTWISE: ClassVar[tuple] = ("auc", "gauc", "logloss")
 
     def validate(self) -> str | None:
@@ -135,6 +140,9 @@ class ExperimentConfig:
         if self.eval.per_user and not ranking:
             return (f"eval.per_user: per-user test metrics are kept for ranking algorithms (recall@K / ndcg@K); "
                     f"algorithm {name!r} reports pooled auc, gauc and logloss")
+        if ranking and self.eval.pooled_auc != "exact":
+            return (f"eval.pooled_auc: algorithm {name!r} reports ranking metrics, whose partials are per-user sums "
+                    f"already; pooled_auc applies to pointwise algorithms (got {self.eval.pooled_auc!r})")
         if ranking and not m:
             return (f"eval.metric: algorithm {name!r} reports ranking metrics; use recall@K or "
                     f"ndcg@K with K in algorithm.ks {list(ks)}, not {self.eval.metric!r}")
@@ -161,7 +169,7 @@ def make_setup(cfg: ExperimentConfig, ds) -> Setup:
                  privacy=cfg.privacy if cfg.privacy.enabled else None,
                  clients_per_round=min(cfg.federation.clients_per_round, ds.num_clients),
                  local_dp=cfg.privacy.local if cfg.privacy.local.enabled else None,
-                 per_user_eval=cfg.eval.per_user)
+                 per_user_eval=cfg.eval.per_user, pooled_auc=cfg.eval.pooled_auc)
 
 
 def from_dict(data: dict, source: str = "config") -> ExperimentConfig:

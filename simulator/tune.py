@@ -73,11 +73,47 @@ def trainable(sweep: Sweep, parent_run_id: str | None):
     return tune.with_resources(fn, tune.PlacementGroupFactory(sweep.bundles()))
 
 
-def _reporter(sweep: Sweep):
-    from ray.tune import CLIReporter
-    return CLIReporter(metric_columns={sweep.cfg.metric: sweep.cfg.metric, "training_iteration": "rounds"},
-                       parameter_columns=list(sweep.space), max_report_frequency=10,
-                       sort_by_metric=True, metric=sweep.cfg.metric, mode=sweep.cfg.mode)
+class TrialLines(TuneCallback):
+    """The sweep's terminal output: one line when a trial starts, one per round it reports (the
+    optimized metric and the trial's best so far) and one when it ends -- instead of Tune's
+    tables and per-trial boxes, which are switched off (legacy output at verbosity 0)."""
+
+    def __init__(self, sweep: Sweep, stream=None):
+        self.metric, self.mode, self.total = sweep.cfg.metric, sweep.cfg.mode, sweep.cfg.num_samples
+        self.stream, self.t0 = stream, time.time()
+        self.best: dict[str, tuple[float, int]] = {}
+        self.index: dict[str, int] = {}
+
+    def _line(self, trial, text: str) -> None:
+        import sys
+        from fleetrec.simulator.tune_space import to_python, trial_label
+        k = self.index.setdefault(trial.trial_id, len(self.index) + 1)
+        label = trial_label({n: to_python(v) for n, v in (trial.config or {}).items()}) or trial.trial_id
+        print(f"[{time.time() - self.t0:6.0f}s] trial {k}/{self.total} {label}: {text}",
+              file=self.stream or sys.stderr, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._line(trial, "started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value, rnd = result.get(self.metric), int(result.get("training_iteration", 0))
+        if value is None or value != value:
+            return
+        best = self.best.get(trial.trial_id)
+        if best is None or (value > best[0] if self.mode == "max" else value < best[0]):
+            self.best[trial.trial_id] = best = (float(value), rnd)
+        self._line(trial, f"round {rnd}  {self.metric} {value:.4f}  (best {best[0]:.4f} at round {best[1]})")
+
+    def _ended(self, trial, how: str) -> None:
+        best = self.best.get(trial.trial_id)
+        self._line(trial, how + (f"; best {self.metric} {best[0]:.4f} at round {best[1]}" if best else ""))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        rounds = int((trial.last_result or {}).get("training_iteration", 0))
+        self._ended(trial, f"ended after {rounds} rounds")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trial, "FAILED (see its error file under the sweep folder)")
 
 
 def _parent_run(sweep: Sweep, resume: bool) -> str | None:
@@ -118,6 +154,9 @@ def tune_sweep(sweep: Sweep, resume: bool = False, verbose: int = 1) -> SweepRes
     from ray import tune
     from fleetrec.simulator.run import ensure_ray
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")      # trials keep the driver's working dir
+    # the legacy output engine honours verbosity 0 (the new one always prints a box per experiment);
+    # TrialLines prints the progress instead
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     ensure_ray(sweep.base_cfg)
     _check_fits(sweep, ray.cluster_resources())
     exp_dir = sweep.exp_dir
@@ -145,10 +184,9 @@ def tune_sweep(sweep: Sweep, resume: bool = False, verbose: int = 1) -> SweepRes
                                         search_alg=_search_alg(sweep), scheduler=_scheduler(sweep),
                                         max_concurrent_trials=sc.max_concurrent_trials),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(sweep.storage_path),
-                                      callbacks=[EndedTrials()],
+                                      callbacks=[EndedTrials()] + ([TrialLines(sweep)] if verbose else []),
                                       failure_config=tune.FailureConfig(max_failures=sc.max_failures),
-                                      progress_reporter=_reporter(sweep) if verbose else None,
-                                      verbose=verbose))
+                                      verbose=0))
     grid = tuner.fit()
     unfinished = len(grid) - len(_ENDED)
     if unfinished > 0:                 # interrupted (Ctrl-C): Tune saved its state; no summary yet
