@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fleetrec.datasets.federated import CLIENT, TEST, TRAIN, VAL, FederatedDataset
+from fleetrec.datasets.federated import CLIENT, TEST, TRAIN, VAL, DataError, FederatedDataset
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -180,3 +180,28 @@ def subset_clients(ds: FederatedDataset, keep: np.ndarray) -> FederatedDataset:
     attrs = {c: ds.client_attr(c)[keep] for c in ds.client_attrs.column_names if c != "_"}
     meta = {**ds.meta, "clients_kept": int(len(keep)), "clients_before": ds.num_clients}
     return FederatedDataset.from_columns(ds.name, cols, ds.schema, attrs, len(keep), meta)
+
+
+def select_open(ds: FederatedDataset, fraction: float, seed: int, attribute: str = "", rule: str = "random",
+                attribute_key: str = "model.pretrain.open_attribute") -> np.ndarray:
+    """Sorted ids of the clients held out of a federation (FedPA's open clients, `data.hold_out`):
+    those whose 0/1 client attribute `attribute` is 1, or (attribute "") round(fraction * C) clients:
+    by `open_clients(C, fraction, seed)` (rule "random", seeded hash order) or the ones with the most
+    rows (rule "most_active"; ties by the seeded hash order). `attribute_key` names the setting in errors."""
+    if not attribute and rule == "most_active":
+        n = int(round(fraction * ds.num_clients))
+        rows = np.diff(ds.offsets)
+        rank = np.empty(ds.num_clients, np.int64)
+        rank[hash_order(np.arange(ds.num_clients), seed)] = np.arange(ds.num_clients)
+        return np.sort(np.lexsort((rank, -rows))[:n]).astype(np.int64)
+    if not attribute:
+        return open_clients(ds.num_clients, fraction, seed)
+    names = [f.name for f in ds.schema.client_categorical]
+    if attribute not in names:
+        raise DataError(f"{attribute_key}: the data has no client attribute {attribute!r}; "
+                        f"expected one of {', '.join(names) or '(none)'} or '' (a fraction)")
+    flag = np.asarray(ds.client_attr(attribute))
+    if not np.isin(flag, (0, 1)).all():
+        raise DataError(f"{attribute_key}: client attribute {attribute!r} has values other than 0/1; "
+                        "expected 1 = held out (open), 0 = federated (private)")
+    return np.flatnonzero(flag == 1).astype(np.int64)

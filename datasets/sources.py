@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from fleetrec.datasets.registry import Registry, TaggedUnion
@@ -39,8 +39,35 @@ def register_source(name: str, config_cls: type) -> type:
 
 
 @dataclass(frozen=True)
+class HoldOutConfig:
+    """Clients held out of the federation (the `data.hold_out:` block of any source): e.g. the open
+    clients a FedPA backbone was pre-trained on, so that a baseline federates the same private
+    clients as FedPA and is tested on the same rows. Held-out clients are dropped and the rest
+    renumbered 0..P-1; schema and vocabularies are unchanged."""
+    fraction: float = 0.0             # share of clients held out; 0 = none
+    rule: str = "random"              # random (seeded hash order) | most_active (the clients with the most rows)
+    attribute: str = ""               # instead of a fraction: the clients whose 0/1 client attribute is 1
+    seed: int | None = None           # seed of the random order; null = the experiment seed (as FedPA's stage 1)
+
+    CHECKS: ClassVar[dict] = {"fraction": "0..1", "rule": ("random", "most_active")}
+
+    @property
+    def active(self) -> bool:
+        return self.fraction > 0 or bool(self.attribute)
+
+    def select(self, ds, seed: int):
+        """Sorted ids of the held-out clients of `ds` (None when inactive)."""
+        if not self.active:
+            return None
+        from fleetrec.datasets.partition import select_open
+        return select_open(ds, self.fraction, seed if self.seed is None else self.seed, self.attribute, self.rule,
+                           attribute_key="data.hold_out.attribute")
+
+
+@dataclass(frozen=True)
 class DataConfig(TaggedUnion):
     name: str = "synthetic_per_user"
+    hold_out: HoldOutConfig = field(default_factory=HoldOutConfig)   # clients left out of the federation
 
     REGISTRY: ClassVar[Registry] = SOURCES
 

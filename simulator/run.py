@@ -169,18 +169,26 @@ def _better(a: float, b: float | None, mode: str) -> bool:
 
 def federated_dataset(cfg: ExperimentConfig) -> FederatedDataset:
     """The dataset a run federates: the data config's build, without the clients a pre-trained part
-    of the model has already seen (`ModelConfig.pretrained_clients`: FedPA's open clients), whose
-    ids are renumbered 0..P-1 with schema and vocabularies unchanged."""
+    of the model has already seen (`ModelConfig.pretrained_clients`: FedPA's open clients) or that
+    `data.hold_out` names (the same clients, for a baseline), whose ids are renumbered 0..P-1 with
+    schema and vocabularies unchanged."""
     ds = cfg.data.build(cfg.seed)
     seen = cfg.model.pretrained_clients(ds)
-    if seen is None:
+    held = cfg.data.hold_out.select(ds, cfg.seed)
+    if seen is not None and held is not None and not np.array_equal(seen, held):
+        raise ConfigError(f"data.hold_out: holds out {len(held)} clients, but model.backbone was pre-trained on "
+                          f"{len(seen)} others; drop data.hold_out (the backbone's open clients are held out) or "
+                          "make it match model.pretrain")
+    if seen is None and held is None:
         return ds
+    pretrained, seen = seen is not None, held if seen is None else seen
     private = np.setdiff1d(np.arange(ds.num_clients), seen)
     coverage = open_coverage(ds, seen, private)
     out = subset_clients(ds, private)
     out.meta["open_item_coverage"] = coverage
+    out.meta["held_out_clients"] = int(len(seen))
     low = {f: c for f, c in coverage.items() if c < COVERAGE_WARNING}
-    if low:
+    if low and pretrained:      # (a model trained from scratch does not score through the open clients' rows)
         print("fleetrec: warning: model.pretrain.open_fraction: only "
               + ", ".join(f"{100 * c:.0f}% of the private test rows' {f}" for f, c in low.items())
               + " occur in the open clients' rows, so the rest score through untrained backbone embeddings",

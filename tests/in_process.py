@@ -54,4 +54,5 @@ class InProcess:
         ids = self.ids if ids is None else np.asarray(ids)
         splits = {s: self.view.batch(ids, s) for s in (0, 1, 2)}
         own = {k: v[ids] for k, v in self.personal.items()}
-        return self.client.aggregate_evaluate(split, self.client.evaluate_cohort(self.state, splits, own, 1))
+        index = {"train": 0, "val": 1, "test": 2}[split]
+        return self.client.aggregate_evaluate(split, self.client.evaluate_cohort(self.state, splits, own, index))

@@ -523,3 +523,55 @@ def test_item_coverage_of_private_test_rows_is_reported_and_warned(tmp_path, cap
     assert out.num_clients == len(private) and out.meta["open_item_coverage"]["item_id"] == pytest.approx(expect)
     err = capsys.readouterr().err
     assert (expect < 0.5) == ("model.pretrain.open_fraction: only" in err)
+
+
+def test_data_hold_out_gives_a_baseline_the_private_clients_of_fedpa(tmp_path):
+    """`data.hold_out` with FedPA's open fraction and rule holds out the clients its backbone was
+    pre-trained on, so a from-scratch baseline federates (and is tested on) exactly FedPA's rows; a
+    hold-out that disagrees with the backbone is refused, naming the key."""
+    from fleetrec.simulator.config_loader import ConfigError
+    from fleetrec.simulator.run import federated_dataset
+    cfg = _cfg()
+    ds = cfg.data.build(cfg.seed)
+    model = FedPAModel(dataclasses.replace(cfg.model, user_lora="none", group_lora=False), ds.schema)
+    for rule in ("random", "most_active"):
+        meta = {"open_clients": 9, "total_clients": ds.num_clients, "open_fraction": 0.25, "seed": cfg.seed,
+                "open_rule": rule}
+        bb = save_backbone(tmp_path / f"bb_{rule}.pt", model.backbone_tensors(), meta)
+        fedpa = federated_dataset(_cfg(f"model.backbone={bb}"))
+        base = [o for o in tiny_overrides() if not o.startswith("model.")]
+        baseline = federated_dataset(from_dict(apply_overrides({}, base + [
+            "model.name=fedrap", "data.hold_out.fraction=0.25", f"data.hold_out.rule={rule}"]), "baseline"))
+        assert baseline.num_clients == fedpa.num_clients == ds.num_clients - 9
+        assert baseline.table.equals(fedpa.table) and baseline.meta["held_out_clients"] == 9
+        with pytest.raises(ConfigError, match="data.hold_out: holds out 4 clients, but model.backbone"):
+            federated_dataset(_cfg(f"model.backbone={bb}", "data.hold_out.fraction=0.1"))
+
+
+def test_fedrap_personal_and_global_item_parts_and_its_penalty():
+    """FedRAP's model: a private additive item table and head, the shared item table C; the local loss
+    adds -λ·mean((D−C)²) + μ·mean|C| per row (hand-computed); under fedavg only C is uploaded and
+    averaged, and each client scores with its own D_u."""
+    from fleetrec.algorithms.models.fedrap import FedRAPModel, FedRAPModelConfig
+    from tests.in_process import InProcess
+    base = [o for o in tiny_overrides() if not o.startswith("model.")]
+    cfg = from_dict(apply_overrides({}, base + ["model.name=fedrap", "model.dim=4", "model.lam=0.5",
+                                                "model.mu=0.2", "algorithm.weighting=uniform"]), "fedrap")
+    sim = InProcess(cfg)
+    assert set(sim.state) == {"item_common"} and set(sim.personal) == {"item_personal", "head.weight", "head.bias"}
+    assert sim.client.traffic()[0] == sim.state["item_common"].numel() * 4
+    m = FedRAPModel(FedRAPModelConfig(dim=4, lam=0.5, mu=0.2), sim.ds.schema)
+    with torch.no_grad():
+        m.item_personal.normal_()
+    i = torch.tensor([0, 3, 3])
+    logits, pen = m({"item_id": i}, torch.zeros(3, 0), {}, penalty=True)
+    D, C = m.item_personal[i], m.item_common[i]
+    torch.testing.assert_close(pen, -0.5 * ((D - C) ** 2).mean(-1) + 0.2 * C.abs().mean(-1))
+    torch.testing.assert_close(logits, m.head(D + C))
+    before = {k: v.clone() for k, v in sim.personal.items()}
+    sim.round(0)
+    moved = (sim.personal["item_personal"] - before["item_personal"]).flatten(1).abs().sum(1)
+    assert (moved > 0).all()                                        # every client trained its own D_u
+    assert not torch.allclose(sim.personal["head.weight"][0], sim.personal["head.weight"][1])
+    with pytest.raises(Exception, match="model.item_field"):
+        FedRAPModel(FedRAPModelConfig(item_field="movie"), sim.ds.schema)

@@ -29,6 +29,7 @@ MODELS: Registry[type] = Registry("model", {
     "star": _M + "star:Star",
     "pepnet": _M + "pepnet:PEPNet",
     "m2m": _M + "m2m:M2M",
+    "fedrap": _M + "fedrap:FedRAPModel",
 }, config_of=lambda model: model.Config, base=lambda: RoleModule)
 
 
@@ -48,6 +49,9 @@ class ModelConfig(TaggedUnion):
 class RoleModule(nn.Module, metaclass=ABCMeta):
     Config: ClassVar[type]                    # its ModelConfig subclass (the YAML `model:` block)
     MULTI_TASK: ClassVar[bool] = False        # one output per task with template roles (algorithms/models/mtl.py)
+    # forward(..., penalty=True) also returns a (B,) regularizer per row that local training adds to the
+    # loss (FedRAP's); evaluation calls forward without it
+    HAS_PENALTY: ClassVar[bool] = False
 
     def __init__(self):
         super().__init__()

@@ -30,7 +30,7 @@ from torch import nn
 from fleetrec.algorithms.models.base import ModelConfig, RoleModule
 from fleetrec.algorithms.protocol import FROZEN, GROUP, PRIVATE, SHARED, Tensors
 from fleetrec.datasets.federated import DataError, DatasetSchema, FederatedDataset
-from fleetrec.datasets.partition import hash_order, open_clients
+from fleetrec.datasets.partition import select_open
 
 
 @dataclass(frozen=True)
@@ -124,30 +124,6 @@ class FedPAModelConfig(ModelConfig):
     @property
     def scale(self) -> float:
         return self.lora_alpha / self.rank
-
-
-def select_open(ds: FederatedDataset, fraction: float, seed: int, attribute: str = "",
-                rule: str = "random") -> np.ndarray:
-    """Stage 1's open clients: those whose 0/1 client attribute `attribute` is 1, or (attribute "")
-    round(fraction * C) clients: by `open_clients(C, fraction, seed)` (rule "random", seeded hash
-    order) or the ones with the most rows (rule "most_active"; ties by the seeded hash order)."""
-    if not attribute and rule == "most_active":
-        n = int(round(fraction * ds.num_clients))
-        rows = np.diff(ds.offsets)
-        rank = np.empty(ds.num_clients, np.int64)
-        rank[hash_order(np.arange(ds.num_clients), seed)] = np.arange(ds.num_clients)
-        return np.sort(np.lexsort((rank, -rows))[:n]).astype(np.int64)
-    if not attribute:
-        return open_clients(ds.num_clients, fraction, seed)
-    names = [f.name for f in ds.schema.client_categorical]
-    if attribute not in names:
-        raise DataError(f"model.pretrain.open_attribute: the data has no client attribute {attribute!r}; "
-                          f"expected one of {', '.join(names) or '(none)'} or '' (open_fraction)")
-    flag = np.asarray(ds.client_attr(attribute))
-    if not np.isin(flag, (0, 1)).all():
-        raise DataError(f"model.pretrain.open_attribute: client attribute {attribute!r} has values other than 0/1; "
-                          "expected 1 = open, 0 = private")
-    return np.flatnonzero(flag == 1).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------- backbone files

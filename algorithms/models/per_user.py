@@ -67,8 +67,15 @@ class PerUserModel(RoleModule):
         return {f"item_emb.{name}.weight": name for name in self.item_emb}
 
     def init_private(self, normal: callable, client_ids: torch.Tensor) -> Tensors:
-        """Fresh private tensors for K clients; `normal(shape_tail)` draws (K, *shape_tail)."""
-        return {"user_emb": normal(tuple(self.user_emb.shape)) * self.cfg.init_std}
+        """Fresh private tensors for K clients; `normal(shape_tail)` draws (K, *shape_tail). The user
+        vector is drawn per client; any other private tensor (e.g. the scorer, with `private:
+        [user_emb, mlp, head]`, PFedRec's personal score function) starts from the shared initial value."""
+        K, roles = len(client_ids), self.roles()
+        out = {"user_emb": normal(tuple(self.user_emb.shape)) * self.cfg.init_std} if roles["user_emb"] == PRIVATE else {}
+        for name, v in self.named_parameters():
+            if roles[name] == PRIVATE and name not in out:
+                out[name] = v.detach().expand(K, *v.shape).clone()
+        return out
 
     def forward(self, categorical: Tensors, numeric: torch.Tensor, attrs: Tensors) -> torch.Tensor:
         # categorical: name -> (B,) ; numeric: (B, M) ; attrs: name -> () ; returns (B, T) logits
