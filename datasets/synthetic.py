@@ -30,6 +30,7 @@ class SyntheticPerUserConfig(DataConfig):
     user_groups: tuple[int, ...] = (4, 6)      # vocab sizes of user attributes group_0, group_1, ...
     item_features: tuple[int, ...] = (20, 8)   # vocab sizes of item features item_f0, item_f1, ...
     group_share: float = 0.95          # share of a user's taste explained by its groups
+    group_weights: tuple[float, ...] = ()   # weight of each user attribute in that group part; () = all equal
     item_share: float = 0.95           # share of an item's vector explained by its features
     signal: float = 2.0                # logit scale of the ground truth
     bias: float = -0.5                 # logit offset (sets the positive rate)
@@ -44,19 +45,27 @@ class SyntheticPerUserConfig(DataConfig):
     def validate(self) -> str | None:
         if self.rows_max < self.rows_min:
             return f"data.rows_max: got {self.rows_max}, expected >= rows_min ({self.rows_min})"
+        if self.group_weights and len(self.group_weights) != len(self.user_groups):
+            return (f"data.group_weights: got {len(self.group_weights)} weights, expected one per user attribute "
+                    f"({len(self.user_groups)}, data.user_groups) or none")
+        if any(not w >= 0 for w in self.group_weights) or (self.group_weights and not any(self.group_weights)):
+            return f"data.group_weights: expected weights >= 0, not all 0, got {list(self.group_weights)}"
         return None
 
     def build(self, seed: int) -> FederatedDataset:
         return synthetic_per_user(self, seed if self.seed is None else self.seed)
 
 
-def _mixed(rng, n: int, d: int, codes: list[np.ndarray], vocabs, share: float) -> np.ndarray:
-    """Latent vectors = sqrt(share) * normalized sum of per-code vectors + sqrt(1-share) * own noise."""
+def _mixed(rng, n: int, d: int, codes: list[np.ndarray], vocabs, share: float,
+           weights: tuple[float, ...] = ()) -> np.ndarray:
+    """Latent vectors = sqrt(share) * normalized weighted sum of per-code vectors + sqrt(1-share) *
+    own noise (unit variance either way). Equal weights give the unweighted sum, draw for draw."""
+    w = np.asarray(weights, dtype=np.float64) if weights else np.ones(len(codes))
     part = np.zeros((n, d))
-    for c, v in zip(codes, vocabs):
-        part += rng.normal(size=(v, d))[c]
+    for c, v, wj in zip(codes, vocabs, w):
+        part += wj * rng.normal(size=(v, d))[c]
     if codes:
-        part /= np.sqrt(len(codes))
+        part /= np.sqrt(np.sum(w ** 2))
     return np.sqrt(share) * part + np.sqrt(1 - share) * rng.normal(size=(n, d))
 
 
@@ -81,7 +90,7 @@ def synthetic_per_user(cfg: SyntheticPerUserConfig, seed: int) -> FederatedDatas
     U, I, d = cfg.num_clients, cfg.num_items, cfg.latent_dim
     groups = [rng.integers(0, v, size=U) for v in cfg.user_groups]
     feats = [rng.integers(0, v, size=I) for v in cfg.item_features]
-    u_lat = _mixed(rng, U, d, groups, cfg.user_groups, cfg.group_share)            # (U, d)
+    u_lat = _mixed(rng, U, d, groups, cfg.user_groups, cfg.group_share, cfg.group_weights)   # (U, d)
     v_lat = _mixed(rng, I, d, feats, cfg.item_features, cfg.item_share)            # (I, d)
     n_rows = rng.integers(cfg.rows_min, cfg.rows_max + 1, size=U)
     client = np.repeat(np.arange(U), n_rows)

@@ -325,3 +325,25 @@ def test_kuairand_malformed_table(tmp_path):
         tmp_path / "video_features_basic_pure.csv.gz", index=False, compression="gzip")
     with pytest.raises(DataError, match=r"video_features_basic_pure\.csv\.gz: missing column 'upload_dt'"):
         load_video_features(tmp_path)
+
+
+def test_group_weights_pick_which_user_attributes_carry_the_taste():
+    """synthetic_per_user's `group_weights`: equal weights are the unweighted mixture draw for draw;
+    weight on one attribute alone makes users that share its value share their group taste; a
+    wrong count or all-zero weights are refused with one line."""
+    import numpy as np
+    import pytest
+    from fleetrec.datasets.synthetic import SyntheticPerUserConfig, _mixed
+    from fleetrec.simulator.config import load
+    from fleetrec.simulator.config_loader import ConfigError
+    codes = [np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])]
+    plain = _mixed(np.random.default_rng(5), 4, 3, codes, (2, 2), 0.5)
+    equal = _mixed(np.random.default_rng(5), 4, 3, codes, (2, 2), 0.5, (1.0, 1.0))
+    assert np.array_equal(plain, equal)
+    only_first = _mixed(np.random.default_rng(5), 4, 3, codes, (2, 2), 1.0, (1.0, 0.0))
+    assert np.allclose(only_first[0], only_first[1]) and not np.allclose(only_first[0], only_first[2])
+    assert load(None, []).data.build(0).fingerprint() == load(None, ["data.group_weights=[1, 1]"]).data.build(0).fingerprint()
+    for bad in ("data.group_weights=[1]", "data.group_weights=[0, 0]", "data.group_weights=[1, -1]"):
+        with pytest.raises(ConfigError, match="data.group_weights"):
+            load(None, [bad])
+    assert SyntheticPerUserConfig().group_weights == ()
