@@ -38,10 +38,17 @@ class FedAvgConfig(AlgorithmConfig):
 
     CHECKS: ClassVar[dict] = {"server_lr": ">0", "weighting": ("examples", "uniform")}
 
+    def check_privacy(self, privacy) -> str | None:
+        if privacy.local.enabled and self.weighting == "examples":
+            return ("privacy.local: algorithm.weighting=examples sends each client's row count with its noisy update, "
+                    "which local DP does not hide; set algorithm.weighting=uniform")
+        return None
+
 
 class FedAvg(RoleModelAlgorithm):
     Config = FedAvgConfig
     PRIVACY = frozenset({CENTRAL_DP, LOCAL_DP})
+    LOCAL_DP_SETTINGS = {"algorithm.weighting": "uniform"}
     EXAMPLES = {"per_user": PER_USER_EXAMPLE,
                 # FedAdam: the server rule's moments must survive a resume and a worker loss
                 "fedadam": {**PER_USER_EXAMPLE, "algorithm.server_optimizer": "{name: adam}",
@@ -108,9 +115,11 @@ class FedAvg(RoleModelAlgorithm):
         opt, lr = self.config.server_optimizer, self.config.server_lr
         if self.sends_deltas and acc.sums:      # the summed updates are deltas (central DP: their noisy mean)
             noisy = self.dp.mean_delta(acc, rnd)
+            privacy_metrics = {**self.dp.metrics(rnd), **self.ldp.metrics(rnd)}
+            if noisy is None:                   # no update kept (all dropped): the state stays
+                return dict(state), {**aggregate.mean_stats(acc), **privacy_metrics}
             delta = {k: noisy[k].to(state[k].dtype) for k in self.shared_names}
-            return server_opt.apply(opt, lr, state, delta), {**aggregate.mean_stats(acc), **self.dp.metrics(rnd),
-                                                             **self.ldp.metrics(rnd)}
+            return server_opt.apply(opt, lr, state, delta), {**aggregate.mean_stats(acc), **privacy_metrics}
         if acc.weight > 0:                      # the summed updates are the clients' new tensors
             delta = {k: (acc.sums[k] / acc.weight).to(state[k].dtype) - state[k] for k in self.shared_names}
             return server_opt.apply(opt, lr, state, delta), aggregate.mean_stats(acc)

@@ -38,6 +38,10 @@ class FedPAConfig(AlgorithmConfig):
     CHECKS: ClassVar[dict] = {"shared_weighting": ("uniform", "examples"), "group_weighting": ("uniform", "examples")}
 
     def check_privacy(self, privacy) -> str | None:
+        for key in ("shared_weighting", "group_weighting"):
+            if privacy.local.enabled and getattr(self, key) == "examples":
+                return (f"privacy.local: algorithm.{key}=examples sends each client's row count with its noisy "
+                        f"upload, which local DP does not hide; set algorithm.{key}=uniform")
         if privacy.local.enabled and not (self.adapt and self.aggregate):
             return ("privacy.local: with algorithm.adapt=false or algorithm.aggregate=false a FedPA client uploads "
                     "nothing, so local DP would change nothing; drop privacy.local or aggregate")

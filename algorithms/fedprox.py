@@ -31,13 +31,20 @@ class FedProxConfig(AlgorithmConfig):
     mu: float = 0.01                  # proximal weight; 0 = FedAvg
     server_lr: float = 1.0            # η of the server rule
     server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)   # sgd / adam / ...
+    weighting: str = "examples"       # examples: weight by training rows; uniform: every client 1 (local DP)
 
-    CHECKS: ClassVar[dict] = {"mu": ">=0", "server_lr": ">0"}
+    CHECKS: ClassVar[dict] = {"mu": ">=0", "server_lr": ">0", "weighting": ("examples", "uniform")}
+
+    def check_privacy(self, privacy) -> str | None:   # a row count would travel un-noised beside the update
+        if privacy.local.enabled and self.weighting == "examples":
+            return "privacy.local: algorithm.weighting=examples reveals row counts; set algorithm.weighting=uniform"
+        return None
 
 
 class FedProx(RoleModelAlgorithm):
     Config = FedProxConfig
     PRIVACY = frozenset({CENTRAL_DP, LOCAL_DP})   # the upload is a weighted sum of deltas
+    LOCAL_DP_SETTINGS = {"algorithm.weighting": "uniform"}
     EXAMPLES = {"per_user": {**PER_USER_EXAMPLE, "algorithm.mu": 0.1}}   # a tiny run, for the registry-wide tests
 
     def __init__(self, config: FedProxConfig, setup: Setup):
@@ -73,7 +80,8 @@ class FedProx(RoleModelAlgorithm):
         params, loss = train_cohort_sgd(self.model, params, self.frozen, batch, self.setup.train, batch.order,
                                         extra_grad=proximal if mu > 0 else None)
         deltas = self.ldp.apply({k: params[k] - start[k] for k in start}, plan.round, batch.client_ids)
-        deltas, weights = self.dp.client(deltas, batch.n_rows.double())
+        ones = torch.ones(batch.size, dtype=torch.float64, device=batch.mask.device)
+        deltas, weights = self.dp.client(deltas, batch.n_rows.double() if self.config.weighting == "examples" else ones)
         acc = Accumulator()
         keep = aggregate.fold_weighted(acc, deltas, weights, {"train_loss": loss})   # NaN clients dropped
         new_personal = {k: torch.where(aggregate.bcast(keep, params[k]), params[k], personal[k])

@@ -82,8 +82,8 @@ class LocalDPConfig:
 
     @property
     def enabled(self) -> bool:
-        """True when the chain changes an upload (noise, or clipping alone)."""
-        return self.mechanism != "none" or self.clip > 0
+        """True when the chain changes an upload: noise (a mechanism with scale > 0), or clipping."""
+        return (self.mechanism != "none" and self.scale > 0) or self.clip > 0
 
     def validate(self) -> str | None:
         if not 0.0 < self.delta < 1.0:

@@ -251,6 +251,7 @@ class AlgorithmBase(metaclass=ABCMeta):
     # settings (dotted key -> value) its central DP needs beyond privacy.enabled; check_privacy refuses
     # a config without them, naming them; the registry-wide DP test adds them to an example
     DP_SETTINGS: ClassVar[dict[str, object]] = {}
+    LOCAL_DP_SETTINGS: ClassVar[dict[str, object]] = {}      # the same for privacy.local
 
     config: object
     setup: Setup

@@ -115,6 +115,12 @@ class ScenarioFedAvgConfig(ScenarioBaseConfig):
         if privacy.local.enabled and self.embedding_average == "per_row":
             return ("privacy.local: algorithm.embedding_average=per_row uploads which embedding rows a client used, "
                     "which local DP does not hide; set algorithm.embedding_average=dense")
+        if privacy.local.enabled and self.weighting == "examples":
+            return ("privacy.local: algorithm.weighting=examples sends each client's row count with its noisy update, "
+                    "which local DP does not hide; set algorithm.weighting=uniform")
+        if privacy.local.enabled and not self.local_bn:
+            return ("privacy.local: noise on BatchNorm running variances (clamped at 1e-5 by the server) can blow up "
+                    "activations; keep BatchNorm local with algorithm.local_bn=true (FedBN)")
         return super().check_privacy(privacy)
 
 
@@ -407,6 +413,8 @@ class ScenarioFedAvg(ScenarioAlgorithm):
     Config = ScenarioFedAvgConfig
     PRIVACY = frozenset({CENTRAL_DP, LOCAL_DP})
     DP_SETTINGS = {"algorithm.embedding_average": "dense"}
+    LOCAL_DP_SETTINGS = {"algorithm.embedding_average": "dense", "algorithm.local_bn": "true",
+                         "algorithm.weighting": "uniform"}
 
     def select_shared(self) -> list[str]:
         cfg = self.config

@@ -105,19 +105,22 @@ class FederatedDataset:
 
     def fingerprint(self) -> str:
         """A digest of the dataset's content (every row and client attribute, the client offsets and
-        the side tables), hashed from the Arrow buffers without copies. Checkpoints record it, so a
-        resume on data that changed behind the same config (an edited file) is refused."""
+        the side tables): numeric columns by their values (zero-copy views; the same for any chunk
+        layout), other columns by value. Checkpoints record it, so a resume on data that changed
+        behind the same config (an edited file) is refused."""
         h = hashlib.sha256(np.ascontiguousarray(self.offsets).tobytes())
         tables = [("rows", self.table), ("clients", self.client_attrs)] + sorted(self.side.items())
         for label, table in tables:
             h.update(label.encode())
             for name in sorted(table.column_names):
-                h.update(name.encode())
-                for chunk in table.column(name).chunks:
-                    h.update(str(chunk.type).encode())
-                    for buf in chunk.buffers():
-                        if buf is not None:
-                            h.update(memoryview(buf))
+                col = table.column(name)
+                h.update(f"{name}|{col.type}|{len(col)}".encode())
+                if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
+                    for chunk in col.chunks:          # the values of the slice (no parent bytes, any chunking)
+                        h.update(np.ascontiguousarray(chunk.to_numpy(zero_copy_only=False)).tobytes())
+                        h.update(np.asarray(chunk.is_null()).tobytes() if chunk.null_count else b"")
+                else:                                 # strings, dictionaries, ...: small tables, by value
+                    h.update(repr(col.to_pylist()).encode())
         return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ construction

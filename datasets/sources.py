@@ -51,17 +51,31 @@ class HoldOutConfig:
 
     CHECKS: ClassVar[dict] = {"fraction": "0..1", "rule": ("random", "most_active")}
 
+    def validate(self) -> str | None:
+        if self.attribute and self.fraction > 0:
+            return (f"set either fraction ({self.fraction}) or attribute ({self.attribute!r}), not both: the "
+                    "attribute alone decides who is held out")
+        return None
+
     @property
     def active(self) -> bool:
         return self.fraction > 0 or bool(self.attribute)
 
     def select(self, ds, seed: int):
-        """Sorted ids of the held-out clients of `ds` (None when inactive)."""
+        """Sorted ids of the held-out clients of `ds` (None when inactive); refuses holding out no
+        client or every client."""
         if not self.active:
             return None
+        from fleetrec.datasets.federated import DataError
         from fleetrec.datasets.partition import select_open
-        return select_open(ds, self.fraction, seed if self.seed is None else self.seed, self.attribute, self.rule,
+        held = select_open(ds, self.fraction, seed if self.seed is None else self.seed, self.attribute, self.rule,
                            attribute_key="data.hold_out.attribute")
+        what = f"attribute {self.attribute!r}" if self.attribute else f"fraction {self.fraction}"
+        if len(held) == 0:
+            raise DataError(f"data.hold_out: {what} holds out no client of {ds.num_clients}; expected at least one")
+        if len(held) == ds.num_clients:
+            raise DataError(f"data.hold_out: {what} holds out every client; expected some to federate")
+        return held
 
 
 @dataclass(frozen=True)

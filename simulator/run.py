@@ -231,6 +231,10 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
     from fleetrec.simulator.coordinator import Coordinator
     if resume is None and cfg.checkpoint.every:
         checkpoint.refuse_foreign(cfg.checkpoint.dir)
+    ldp = cfg.privacy.local
+    if ldp.enabled and ldp.mechanism != "none" and ldp.clip == 0:
+        print(f"fleetrec: warning: privacy.local: {ldp.mechanism} noise without privacy.local.clip bounds nothing: "
+              "no finite epsilon exists and none is logged", file=sys.stderr)
     ensure_ray(cfg)
     check_fits(cfg, ray.cluster_resources())
     t0 = time.perf_counter()

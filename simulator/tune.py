@@ -79,7 +79,9 @@ class TrialLines(TuneCallback):
     tables and per-trial boxes, which are switched off (legacy output at verbosity 0)."""
 
     def __init__(self, sweep: Sweep, stream=None):
-        self.metric, self.mode, self.total = sweep.cfg.metric, sweep.cfg.mode, sweep.cfg.num_samples
+        self.metric, self.mode = sweep.cfg.metric, sweep.cfg.mode
+        # (a grid multiplies num_samples by its size: no total then)
+        self.total = "" if sweep.cfg.search_alg == "grid" else f"/{sweep.cfg.num_samples}"
         self.stream, self.t0 = stream, time.time()
         self.best: dict[str, tuple[float, int]] = {}
         self.index: dict[str, int] = {}
@@ -89,7 +91,7 @@ class TrialLines(TuneCallback):
         from fleetrec.simulator.tune_space import to_python, trial_label
         k = self.index.setdefault(trial.trial_id, len(self.index) + 1)
         label = trial_label({n: to_python(v) for n, v in (trial.config or {}).items()}) or trial.trial_id
-        print(f"[{time.time() - self.t0:6.0f}s] trial {k}/{self.total} {label}: {text}",
+        print(f"[{time.time() - self.t0:6.0f}s] trial {k}{self.total} {label}: {text}",
               file=self.stream or sys.stderr, flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):

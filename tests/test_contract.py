@@ -149,10 +149,10 @@ def test_central_dp_is_real_or_refused_before_anything_starts(name):
 
 
 def _local_runnable(name: str) -> tuple[str, list[str]]:
-    algo, needs = ALGORITHMS[name], [f"{k}={v}" for k, v in ALGORITHMS[name].DP_SETTINGS.items()]
+    algo, needs = ALGORITHMS[name], [f"{k}={v}" for k, v in ALGORITHMS[name].LOCAL_DP_SETTINGS.items()]
     for example in algo.EXAMPLES:
         try:
-            example_config(name, example, "privacy.local.mechanism=gaussian", *needs)
+            example_config(name, example, "privacy.local.mechanism=gaussian", "privacy.local.scale=0.1", *needs)
             return example, needs
         except ConfigError as e:
             assert "privacy.local" in str(e) and len(str(e).splitlines()) == 1, (name, example, str(e))
@@ -164,20 +164,21 @@ def test_local_dp_is_real_or_refused_before_anything_starts(name):
     """With `privacy.local` on, a supporting algorithm's uploads carry the noise: with σ = 1000 on
     every coordinate the server's shared tensors move by at least σ / (2·sqrt(K)) per coordinate
     (K clients averaged; without noise they move by about the learning rate) and at most
-    1.25·σ·sqrt(R) after R rounds, and ε grows. The noiseless chain (gaussian, scale 0, no clip)
+    1.25·σ·sqrt(R) after R rounds, and ε grows. The chain with a clip no update reaches and no noise
     gives the same server state after one round as no local DP (1e-5): the chain's wiring (deltas
-    instead of new tensors, dense embedding rows) changes nothing else. (One round: the float
+    instead of new tensors, dense embedding rows, unit weights where the example weights are
+    uniform) changes nothing else. (One round: the float
     roundoff of the two sums, ~1e-7, is amplified by Adam's local steps in later rounds.)
     Any other algorithm is refused by the loader, naming privacy.local and the algorithm."""
     algo = ALGORITHMS[name]
     if LOCAL_DP not in algo.PRIVACY:
         with pytest.raises(ConfigError, match=rf"privacy\.local: algorithm '{name}' does not implement local DP"):
-            example_config(name, next(iter(algo.EXAMPLES)), "privacy.local.mechanism=gaussian")
+            example_config(name, next(iter(algo.EXAMPLES)), "privacy.local.mechanism=gaussian", "privacy.local.scale=0.1")
         return
     example, needs = _local_runnable(name)
     rounds, sigma = 2, 1000.0
     runs = {}
-    for label, extra in (("plain", []), ("noiseless", ["privacy.local.mechanism=gaussian"]),
+    for label, extra in (("plain", []), ("noiseless", ["privacy.local.clip=1.0e+9"]),   # the chain on, changing nothing
                          ("noisy", ["privacy.local.mechanism=gaussian", f"privacy.local.scale={sigma}",
                                     "privacy.local.clip=1.0"])):
         sim = InProcess(example_config(name, example, *needs, *extra, f"rounds={rounds}"))

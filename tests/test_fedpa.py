@@ -546,6 +546,12 @@ def test_data_hold_out_gives_a_baseline_the_private_clients_of_fedpa(tmp_path):
         assert baseline.table.equals(fedpa.table) and baseline.meta["held_out_clients"] == 9
         with pytest.raises(ConfigError, match="data.hold_out: holds out 4 clients, but model.backbone"):
             federated_dataset(_cfg(f"model.backbone={bb}", "data.hold_out.fraction=0.1"))
+    from fleetrec.datasets.federated import DataError
+    with pytest.raises(ConfigError, match="data.hold_out: set either fraction"):
+        _cfg("data.hold_out.fraction=0.2", "data.hold_out.attribute=group_0")
+    for frac, what in (("0.001", "holds out no client"), ("1.0", "holds out every client")):
+        with pytest.raises(DataError, match=f"data.hold_out: fraction {frac} {what}"):
+            federated_dataset(_cfg(f"data.hold_out.fraction={frac}"))
 
 
 def test_fedrap_personal_and_global_item_parts_and_its_penalty():

@@ -12,7 +12,9 @@ their defaults λ = μ = 0.1 with l1. Not reproduced: its round schedule of λ a
 embeddings and their per-batch / per-round decay, and its tolerance-based early exit from local
 epochs; here λ and μ are fixed and every tensor uses `train:`'s optimizer and learning rate.
 Runs under `fedavg` (the item-common table is the only shared tensor; weighting uniform, as
-the official plain mean).
+the official plain mean). The logged training loss is the whole local objective, penalty included,
+so it can be negative and does not compare with other models' BCE; the −λ term is unbounded below
+(as in the official code, where the tanh ramp only delays it), so watch D_u's scale in long runs.
 """
 from __future__ import annotations
 
