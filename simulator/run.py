@@ -101,10 +101,6 @@ def check_resume_fits(ck, cfg: ExperimentConfig, ds: FederatedDataset) -> None:
     in the driver before any actor starts."""
     from fleetrec.algorithms import make_algorithm
     from fleetrec.simulator.config import make_setup
-    saved = ck.driver.get("data_fingerprint")
-    if saved is not None and saved != ds.fingerprint():
-        raise ConfigError(f"--resume: the data differs from the checkpoint's (content digest {saved} then, "
-                          f"{ds.fingerprint()} now) although data.* is the same: the file behind data.* changed")
     if len(ck.shards) != cfg.resources.workers:
         raise ConfigError(f"--resume: the checkpoint holds {len(ck.shards)} worker shards, resources.workers is "
                           f"{cfg.resources.workers}")
@@ -130,6 +126,10 @@ def check_resume_fits(ck, cfg: ExperimentConfig, ds: FederatedDataset) -> None:
             if a != b or v.dtype != want.dtype:
                 raise ConfigError(f"--resume: {what} {k!r} is {a} {str(v.dtype).replace('torch.', '')} in the "
                                   f"checkpoint, {b} {str(want.dtype).replace('torch.', '')} for this config")
+    saved = ck.driver.get("data_fingerprint")          # same shapes, other rows: e.g. an edited data file
+    if saved is not None and saved != ds.fingerprint():
+        raise ConfigError(f"--resume: the data this config builds differs from the checkpoint's (content digest "
+                          f"{saved} then, {ds.fingerprint()} now); was the file behind data.* changed?")
 
 
 def check_fits(cfg: ExperimentConfig, cluster: dict) -> None:
