@@ -3,6 +3,9 @@
 It builds the dataset, puts it in the object store once, starts the coordinator (which
 starts the workers), then asks for one round record per round and hands each record to the
 callbacks (progress bar, MLflow, early stop). Best-validation selection happens here.
+
+Length: the driver's checks before any actor starts (resources, the Ray address, a resumed
+checkpoint's fit, the federated dataset and its hold-out) sit beside the loop they guard.
 """
 from __future__ import annotations
 
