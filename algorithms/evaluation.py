@@ -103,24 +103,25 @@ class SummaryPartial:
         pos, neg = np.zeros((T, HIST_BINS), np.int64), np.zeros((T, HIST_BINS), np.int64)
         loss, conf = np.zeros(T), np.zeros((T, 4), np.int64)
         gsum, gn = np.zeros(T), np.zeros(T, np.int64)
+        ids, row_client = np.unique(client, return_inverse=True)
+        counts = np.bincount(row_client, minlength=len(ids)).astype(np.float64)
+        per = np.full((len(ids), T, 2), NAN)                 # per client and task: AUC, log-loss
         for t in range(T):
             p, y = scores[:, t].astype(np.float64), labels[:, t] > 0.5
             b = _bins(p)
             pos[t] = np.bincount(b[y], minlength=HIST_BINS)
             neg[t] = np.bincount(b[~y], minlength=HIST_BINS)
             q = np.clip(p, EPS, 1 - EPS)
-            loss[t] = float(-np.sum(np.where(y, np.log(q), np.log1p(-q))))
+            row_loss = -np.where(y, np.log(q), np.log1p(-q))
+            loss[t] = float(row_loss.sum())
             pred = p >= 0.5
             conf[t] = [np.sum(pred & y), np.sum(pred & ~y), np.sum(~pred & y), np.sum(~pred & ~y)]
-            _, auc, _ = metrics._per_client_stats(client, p, y)
+            eligible, auc, _ = metrics._per_client_stats(client, p, y)   # one pass: GAUC and per-client AUC
             gsum[t], gn[t] = float(auc.sum()), auc.size
-        out = {}
-        if per_client:
-            for c in np.unique(client):
-                m = client == c
-                out[int(c)] = np.array([[metrics.pooled_auc_mw(scores[m, t], labels[m, t]),
-                                         metrics.log_loss(scores[m, t], labels[m, t])] for t in range(T)])
-        return cls(pos, neg, loss, int(len(client)), conf, gsum, gn, int(len(np.unique(client))), out)
+            per[np.searchsorted(ids, eligible), t, 0] = auc
+            per[:, t, 1] = np.bincount(row_client, weights=row_loss, minlength=len(ids)) / counts
+        out = {int(c): per[i] for i, c in enumerate(ids)} if per_client else {}
+        return cls(pos, neg, loss, int(len(client)), conf, gsum, gn, int(len(ids)), out)
 
     @classmethod
     def merge_many(cls, parts: list["SummaryPartial"]) -> "SummaryPartial":

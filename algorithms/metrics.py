@@ -55,14 +55,6 @@ def pooled_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(y, s))
 
 
-def pooled_auc_mw(scores: np.ndarray, labels: np.ndarray) -> float:
-    """`pooled_auc` by the Mann-Whitney statistic (ties count 1/2, as in scikit-learn), without
-    importing scikit-learn: for workers."""
-    s = _np(scores, np.float64)
-    _, auc, _ = _per_client_stats(np.zeros(s.size, np.int64), s, labels)
-    return float(auc[0]) if auc.size else NAN
-
-
 def log_loss(scores: np.ndarray, labels: np.ndarray, eps: float = 1e-7) -> float:
     """Mean binary cross-entropy of probabilities `scores` [N] against `labels` [N].
 
