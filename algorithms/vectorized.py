@@ -23,9 +23,10 @@ def _client_loss(model, params: Tensors, frozen: Tensors, cat: Tensors, num, att
     # cat: name -> (B,), num: (B, M), y: (B, T), m: (B,) ; returns mean BCE over real rows and tasks
     if model.HAS_PENALTY:                        # the model's own regularizer per row (FedRAP's)
         logits, pen = functional_call(model, {**frozen, **params}, (cat, num, attrs), {"penalty": True})
+        per_row = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(-1) + pen    # (B,)
     else:
-        logits, pen = functional_call(model, {**frozen, **params}, (cat, num, attrs)), 0.0   # (B, T)
-    per_row = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(-1) + pen  # (B,)
+        logits = functional_call(model, {**frozen, **params}, (cat, num, attrs))                     # (B, T)
+        per_row = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(-1)          # (B,)
     return (per_row * m).sum() / m.sum().clamp(min=1.0)
 
 
