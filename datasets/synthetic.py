@@ -69,20 +69,65 @@ def _mixed(rng, n: int, d: int, codes: list[np.ndarray], vocabs, share: float,
     return np.sqrt(share) * part + np.sqrt(1 - share) * rng.normal(size=(n, d))
 
 
+def within_client_ranks(rng, n_rows: np.ndarray) -> np.ndarray:
+    """Each row's position after shuffling inside its client (rows grouped by client, client c
+    owning n_rows[c] consecutive rows): a random key per row (one draw each, in row order),
+    ranked inside the client, ties by row order. This is the rank `lexsort((keys, client))`
+    gives, computed one row length at a time as a 2-D argsort: O(rows) memory and no global
+    sort, so 10^8 rows take seconds, with the same result for the same draws."""
+    keys = rng.random(int(n_rows.sum()))
+    starts = np.cumsum(n_rows) - n_rows
+    pos = np.empty(len(keys), dtype=np.int64)
+    lengths = np.unique(n_rows)
+    for n in lengths:
+        if n == 0:
+            continue
+        if len(lengths) == 1:                                              # every client has n rows
+            rows, block = None, keys.reshape(-1, n)
+        else:
+            rows = starts[n_rows == n][:, None] + np.arange(n)             # (k, n) rows of these clients
+            block = np.take(keys, rows)
+        order = np.argsort(block, axis=1, kind="stable")
+        ranks = np.empty_like(order)
+        np.put_along_axis(ranks, order, np.arange(n)[None, :], axis=1)
+        if rows is None:
+            pos = ranks.reshape(-1)
+        else:
+            pos[rows] = ranks
+    return pos
+
+
 def assign_splits(rng, client: np.ndarray, n_rows: np.ndarray, val_fraction: float,
                   test_fraction: float) -> np.ndarray:
-    """Random per-client split; every client with >= 3 rows gets >= 1 val and >= 1 test row."""
-    order = np.lexsort((rng.random(len(client)), client))          # shuffle inside clients
-    starts = np.repeat(np.cumsum(n_rows) - n_rows, n_rows)
-    pos = np.empty(len(client), dtype=np.int64)
-    pos[order] = np.arange(len(client)) - starts                   # position after shuffling
-    n = np.repeat(n_rows, n_rows)
+    """Random per-client split; every client with >= 3 rows gets >= 1 val and >= 1 test row.
+    Rows are grouped by client (`client` = repeat(arange(C), n_rows))."""
+    pos = within_client_ranks(rng, n_rows)                         # position after shuffling
+    n = np.asarray(n_rows, dtype=np.int64)                         # per client, repeated per row below
     n_test = np.where(n >= 3, np.maximum(1, np.round(n * test_fraction)), 0) if test_fraction > 0 else 0 * n
     n_val = np.where(n >= 3, np.maximum(1, np.round(n * val_fraction)), 0) if val_fraction > 0 else 0 * n
-    split = np.full(len(client), TRAIN, dtype=np.int8)
-    split[pos >= n - n_test - n_val] = VAL
-    split[pos >= n - n_test] = TEST
+    split = (pos >= np.repeat((n - n_test - n_val).astype(np.int64), n)).astype(np.int8)     # VAL or TEST
+    split += pos >= np.repeat((n - n_test).astype(np.int64), n)                               # TEST
     return split
+
+
+CHUNK_ROWS = 1 << 14        # rows per block of the label draw: small blocks stay in cache (2x faster than 2M)
+
+
+def true_labels(rng, u_lat: np.ndarray, v_lat: np.ndarray, client: np.ndarray, item: np.ndarray,
+                signal: float, bias: float) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (probability, label) per row: p = sigmoid(signal * <u, v> / sqrt(dim) + bias), label
+    ~ Bernoulli(p). Computed in blocks of CHUNK_ROWS rows with one uniform draw per row in row
+    order, so the values equal the one-block computation for any block size."""
+    n, d = len(client), u_lat.shape[1]
+    prob, label = np.empty(n, np.float32), np.empty(n, np.float32)
+    for s in range(0, n, CHUNK_ROWS):
+        e = min(n, s + CHUNK_ROWS)
+        u, v = np.take(u_lat, client[s:e], axis=0), np.take(v_lat, item[s:e], axis=0)   # 4x faster than [ ]
+        logit = signal * np.einsum("nd,nd->n", u, v) / np.sqrt(d) + bias
+        p = 1.0 / (1.0 + np.exp(-logit))
+        label[s:e] = rng.random(e - s) < p
+        prob[s:e] = p
+    return prob, label
 
 
 def synthetic_per_user(cfg: SyntheticPerUserConfig, seed: int) -> FederatedDataset:
@@ -95,12 +140,10 @@ def synthetic_per_user(cfg: SyntheticPerUserConfig, seed: int) -> FederatedDatas
     n_rows = rng.integers(cfg.rows_min, cfg.rows_max + 1, size=U)
     client = np.repeat(np.arange(U), n_rows)
     item = rng.integers(0, I, size=len(client))        # repeats inside a user are allowed (re-visits)
-    logit = cfg.signal * np.einsum("nd,nd->n", u_lat[client], v_lat[item]) / np.sqrt(d) + cfg.bias
-    prob = 1.0 / (1.0 + np.exp(-logit))
-    label = (rng.random(len(prob)) < prob).astype(np.float32)
+    prob, label = true_labels(rng, u_lat, v_lat, client, item, cfg.signal, cfg.bias)
     split = assign_splits(rng, client, n_rows, cfg.val_fraction, cfg.test_fraction)
     cols = {CLIENT: client, SPLIT: split, "item_id": item, "click": label,
-            oracle_column("click"): prob.astype(np.float32)}
+            oracle_column("click"): prob}
     for j, f in enumerate(feats):
         cols[f"item_f{j}"] = f[item]
     schema = DatasetSchema(
@@ -110,5 +153,6 @@ def synthetic_per_user(cfg: SyntheticPerUserConfig, seed: int) -> FederatedDatas
         client_categorical=tuple(CategoricalField(f"group_{j}", v) for j, v in enumerate(cfg.user_groups)))
     attrs = {f"group_{j}": g for j, g in enumerate(groups)}
     meta = {"positive_rate": float(label.mean())}
-    ds = FederatedDataset.from_columns("synthetic_per_user", cols, schema, attrs, U, meta)
+    del client, item, label, prob, split
+    ds = FederatedDataset.from_columns("synthetic_per_user", cols, schema, attrs, U, meta, hand_over=True)
     return ds
