@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from fleetrec.datasets.federated import (CLIENT, SPLIT, TEST, TRAIN, VAL, CategoricalField, DatasetSchema,
+from fleetrec.datasets.federated import (CLIENT, SPLIT, CategoricalField, DatasetSchema,
                                          FederatedDataset, oracle_column)
 from fleetrec.datasets.sources import DataConfig
 
