@@ -11,7 +11,8 @@ the last line of output:
     client_updates_per_s    K / seconds_per_round
     peak_rss_mb/peak_pss_mb peak summed RSS / PSS of the driver and its descendant processes
     dataset_build_seconds   building the FederatedDataset (NumPy + from_columns)
-    startup_seconds         run()'s put of the dataset + coordinator/worker start (includes the
+    put_seconds             the one ray.put of the dataset (the driver then drops its private copy)
+    startup_seconds         run()'s coordinator/worker start (includes the
                             workers' personal-state init)
     personal_state          raw bytes (N x dim x 4) vs what the workers report (`info()`'s
                             personal_bytes) vs measured resident memory (see below)
@@ -30,6 +31,8 @@ anonymous memory; the dataset's object-store pages are shared memory and not in 
     python benchmarks/scale.py                                   # N=1,000,000, K=100,000, 1+2 rounds
     python benchmarks/scale.py --clients 200000 --clients-per-round 20000
     python benchmarks/scale.py --freeze-items                     # item table frozen (no item grads)
+    python benchmarks/scale.py --clients 10000000 --per-round 1000000 --data synthetic_per_user \
+        --rows-min 12 --rows-max 12 --eval-clients 0 --pooled-auc histogram --no-probe   # 10M clients
 """
 from __future__ import annotations
 
@@ -51,7 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=1_000_000, help="registered clients N")
-    p.add_argument("--clients-per-round", type=int, default=100_000, help="K")
+    p.add_argument("--clients-per-round", "--per-round", type=int, default=100_000, help="K")
+    p.add_argument("--data", choices=("light", "synthetic_per_user"), default="light",
+                   help="light: the side-path NumPy build below (item_id only; the earlier figures); "
+                        "synthetic_per_user: the engine's generator (item_id + 2 item features, known Bayes AUC)")
+    p.add_argument("--pooled-auc", choices=("exact", "histogram"), default="exact",
+                   help="eval.pooled_auc: histogram keeps the coordinator's evaluation memory independent of rows")
     p.add_argument("--rounds", type=int, default=2, help="timed rounds after 1 warm-up round")
     p.add_argument("--rows-min", type=int, default=5)
     p.add_argument("--rows-max", type=int, default=20)
@@ -61,10 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--cohort-size", type=int, default=256)
-    p.add_argument("--eval-clients", type=int, default=1000)
+    p.add_argument("--eval-clients", type=int, default=1000, help="clients evaluated at the end; 0 = all")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--object-store-gb", type=float, default=None,
+                   help="object store size when Ray is started here (default: Ray's, 30%% of free memory); "
+                        "give room for the dataset, or Ray spills it to disk")
     p.add_argument("--no-probe", action="store_true", help="skip the personal-state probe actor")
     p.add_argument("--trim-workers", action="store_true",
                    help="what-if: right after start, run glibc malloc_trim(0) inside each worker actor "
@@ -109,7 +120,7 @@ def build_config(args, rounds: int):
         "train": {"optimizer": "sgd", "lr": 0.1, "batch_size": args.batch_size, "local_epochs": 1},
         "federation": {"clients_per_round": args.clients_per_round, "cohort_size": args.cohort_size},
         "resources": {"workers": args.workers, "cpus_per_worker": args.cpus_per_worker},
-        "eval": {"every": rounds + 1, "clients": args.eval_clients},
+        "eval": {"every": rounds + 1, "clients": args.eval_clients, "pooled_auc": args.pooled_auc},
         "tracking": {"mlflow": False, "progress": False},
     }, "benchmarks/scale.py")
 
@@ -201,30 +212,39 @@ def main(argv=None) -> dict:
 
     t_start = time.perf_counter()
     t0 = time.perf_counter()
-    ds = build_dataset(args.clients, args.rows_min, args.rows_max, args.items, args.seed)
+    if args.data == "light":
+        ds = build_dataset(args.clients, args.rows_min, args.rows_max, args.items, args.seed)
+    else:
+        from fleetrec.datasets.synthetic import SyntheticPerUserConfig
+        ds = SyntheticPerUserConfig(num_clients=args.clients, num_items=args.items, rows_min=args.rows_min,
+                                    rows_max=args.rows_max).build(args.seed)
     build_s = time.perf_counter() - t0
     rounds = WARMUP_ROUNDS + args.rounds
     cfg = build_config(args, rounds)
 
     started_ray = False
     if not ray.is_initialized():
+        store = int(args.object_store_gb * 2 ** 30) if args.object_store_gb else None
         ray.init(num_cpus=args.num_cpus or os.cpu_count(), num_gpus=0, include_dashboard=False,
-                 configure_logging=False, log_to_driver=True)
+                 configure_logging=False, log_to_driver=True, object_store_memory=store)
         started_ray = True
     probes = []
+    rows_total, train_rows = ds.num_rows, int(ds.rows_per_client(0).sum())
+    t_put = time.perf_counter()
+    ds_ref = ray.put(ds)       # once: the probe and the run read the object store's copy
+    put_s = time.perf_counter() - t_put
+    del ds                     # the driver keeps no private copy
     try:
         if not args.no_probe:
-            ds_ref = ray.put(ds)
             Probe = make_probe()
             for i in range(args.workers):
                 p = Probe.remote()
                 probes.append(ray.get(p.measure.remote(ds_ref, cfg, i, args.workers)))
                 ray.kill(p)
-            del ds_ref
         with MemSampler(args.mem_interval) as mem:
             watch = Watch(mem, args.trim_workers)
             t_run = time.perf_counter()
-            result = run(cfg, callbacks=[watch], dataset=ds)
+            result = run(cfg, callbacks=[watch], dataset=ds_ref)
             run_s = time.perf_counter() - t_run
     finally:
         if started_ray:
@@ -266,6 +286,7 @@ def main(argv=None) -> dict:
         "peak_rss_mb": mem.peak_rss / 2 ** 20, "peak_pss_mb": mem.peak_pss / 2 ** 20,
         "memory_processes_at_peak": mem.peak_procs,
         "dataset_build_seconds": build_s,
+        "put_seconds": put_s,
         "startup_seconds": result.info.get("startup_seconds"),
         "final_eval_seconds": final.get("eval_seconds"),
         "val_auc": final.get("val/auc"), "test_auc": final.get("test/auc"),
@@ -273,8 +294,9 @@ def main(argv=None) -> dict:
         "train_loss": [r.get("train/train_loss") for r in recs],
         "personal_state": pers,
         "run_seconds": run_s, "total_seconds": time.perf_counter() - t_start,
-        "config": {"clients": args.clients, "trim_workers": args.trim_workers, "rows": [args.rows_min, args.rows_max], "rows_total": ds.num_rows,
-                   "train_rows": int(ds.rows_per_client(0).sum()), "items": args.items, "dim": args.dim,
+        "config": {"clients": args.clients, "trim_workers": args.trim_workers, "rows": [args.rows_min, args.rows_max], "rows_total": rows_total, "data": args.data, "pooled_auc": args.pooled_auc,
+                   "object_store_gb": args.object_store_gb,
+                   "train_rows": train_rows, "items": args.items, "dim": args.dim,
                    "freeze_items": args.freeze_items, "workers": args.workers,
                    "cpus_per_worker": args.cpus_per_worker, "cohort_size": args.cohort_size,
                    "eval_clients": args.eval_clients, "warmup_rounds": WARMUP_ROUNDS, "timed_rounds": args.rounds,

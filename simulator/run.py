@@ -229,6 +229,8 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
         resume=None):
     """Run one experiment. Returns a RunResult (and the coordinator handle if keep_actors).
 
+    `dataset`: None (built from `cfg.data`), a `FederatedDataset`, or a `ray.ObjectRef` to one (put
+    once by the caller, so a large dataset is not held privately by the driver as well).
     `resume`: a `fleetrec.simulator.checkpoint.Checkpoint` to continue from (its round + 1 onwards).
     """
     from fleetrec.simulator.coordinator import Coordinator
@@ -241,18 +243,25 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
     ensure_ray(cfg)
     check_fits(cfg, ray.cluster_resources())
     t0 = time.perf_counter()
-    if dataset is None:
-        dataset = federated_dataset(cfg)
-    ds = dataset
+    if isinstance(dataset, ray.ObjectRef):        # already in the object store (large runs put it once)
+        ds_ref = dataset
+        ds = ray.get(ds_ref)
+    else:
+        ds = federated_dataset(cfg) if dataset is None else dataset
+        ds_ref = ray.put(ds)
+        if dataset is None:    # built here: read the object store's copy from now on, free the private one
+            ds = ray.get(ds_ref)
+    del dataset
     if resume is not None:
         check_resume_fits(resume, cfg, ds)
-    ds_ref = ray.put(ds)
     coord = Coordinator.options(num_cpus=0).remote(cfg, [ds_ref])
+    approx = cfg.eval.pooled_auc == "histogram"      # reference AUCs by the evaluation's own approximation
     try:
         info = ray.get(coord.info.remote())
         info.update(dataset=ds.name, num_clients=ds.num_clients, num_rows=ds.num_rows, meta=ds.meta,
-                    ceiling=ceiling(ds, cfg.algorithm.ranking_ks() or (20, 40)),
-                    floor=({} if cfg.algorithm.ranking_ks() else {"client_rate_auc": client_rate_auc(ds)}),
+                    ceiling=ceiling(ds, cfg.algorithm.ranking_ks() or (20, 40), approximate=approx),
+                    floor=({} if cfg.algorithm.ranking_ks() else
+                           {"client_rate_auc": client_rate_auc(ds, approximate=approx)}),
                     scenario_names=_scenario_names(ds),
                     startup_seconds=time.perf_counter() - t0,
                     worker_handles=ray.get(coord.worker_handles.remote()))

@@ -1,5 +1,5 @@
-"""Smoke test of benchmarks/throughput.py at a tiny size: it runs, and its last output line is
-the JSON summary with positive numbers. No timing assertions."""
+"""Smoke tests of benchmarks/throughput.py, scale.py and generate.py at tiny sizes: each runs, and
+its last output line is the JSON summary with positive numbers. No timing assertions."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO.parent / "shared" / "bench"
 
 
-def _load_throughput():
-    spec = importlib.util.spec_from_file_location("bench_throughput", REPO / "benchmarks" / "throughput.py")
+def _load(name: str = "throughput"):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -21,7 +21,7 @@ def _load_throughput():
 
 @pytest.mark.skipif(not (BENCH_DIR / "workload.py").exists(), reason="reference bench folder not present")
 def test_throughput_smoke(ray_session, tmp_path, capsys):
-    mod = _load_throughput()
+    mod = _load()
     out = mod.main(["--users", "60", "--clients-per-round", "20", "--rounds", "1", "--workers", "1",
                     "--cpus-per-worker", "1", "--seed", "7", "--bench-dir", str(BENCH_DIR),
                     "--cache-dir", str(tmp_path / "workload"), "--pretrain-users", "200", "--mem-interval", "0.1", "--check"])
@@ -40,3 +40,20 @@ def test_throughput_smoke(ray_session, tmp_path, capsys):
     check = summary["check"]
     assert check["max_abs_diff_lora_a"] < 1e-4 and check["max_abs_diff_lora_b"] < 1e-4
     assert check["reference_train_loss"] == pytest.approx(check["fleetrec_train_loss"], abs=1e-4)
+
+
+def test_scale_smoke_on_the_generator_with_every_client_evaluated(ray_session, capsys):
+    out = _load("scale").main(["--clients", "3000", "--per-round", "300", "--rounds", "1", "--workers", "1",
+                               "--data", "synthetic_per_user", "--rows-min", "12", "--rows-max", "12",
+                               "--eval-clients", "0", "--pooled-auc", "histogram", "--no-probe",
+                               "--mem-interval", "0.1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(out))
+    assert out["config"]["rows_total"] == 36000 and out["config"]["data"] == "synthetic_per_user"
+    assert out["eval_clients"] == 3000 and out["clients_per_round"] == 300
+    assert 0 < out["test_auc"] < 1 and out["put_seconds"] >= 0 and out["client_updates_per_s"] > 0
+
+
+def test_generate_smoke(capsys):
+    out = _load("generate").main(["--clients", "500", "--rows-min", "12", "--rows-max", "12"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(out))
+    assert out["rows"] == 6000 and out["rows_per_s"] > 0 and out["peak_rss_mb"] > 0

@@ -41,6 +41,14 @@ def test_cohort_size_one_equals_256(ray_session, tiny_cfg, reference_run):
     _assert_same_run(reference_run, one)
 
 
+def test_a_dataset_put_by_the_caller_gives_the_same_run(ray_session, tiny_cfg, reference_run):
+    import ray
+
+    from fleetrec.simulator.run import federated_dataset
+    cfg = tiny_cfg(**{"resources.workers": 1})
+    _assert_same_run(reference_run, run(cfg, dataset=ray.put(federated_dataset(cfg))))
+
+
 def test_workers_read_the_dataset_zero_copy(reference_run):
     assert all(w["zero_copy"] for w in reference_run.info["workers"])
 

@@ -98,3 +98,19 @@ def test_ranking_algorithms_refuse_the_histogram_option():
     from tests.test_contract import example_config
     with pytest.raises(ConfigError, match="eval.pooled_auc: algorithm 'pmtrec' reports ranking metrics"):
         example_config("pmtrec", "centralized", "eval.pooled_auc=histogram")
+
+
+def test_the_runs_reference_aucs_use_the_histogram_when_the_evaluation_does():
+    from fleetrec.algorithms.evaluation import histogram_auc
+    from fleetrec.algorithms.metrics import pooled_auc
+    from fleetrec.datasets.synthetic import SyntheticPerUserConfig
+    from fleetrec.simulator.ceiling import ceiling, client_rate_auc
+    g = np.random.default_rng(4)
+    p = g.random(20000)
+    y = g.random(20000) < p
+    assert abs(histogram_auc(p, y) - pooled_auc(p, y)) < 1e-3
+    ds = SyntheticPerUserConfig(num_clients=200).build(0)
+    exact, approx = ceiling(ds)["bayes_auc"], ceiling(ds, approximate=True)["bayes_auc"]
+    assert exact.keys() == approx.keys() and all(abs(exact[k] - approx[k]) < 1e-3 for k in exact)
+    exact, approx = client_rate_auc(ds), client_rate_auc(ds, approximate=True)
+    assert exact.keys() == approx.keys() and all(abs(exact[k] - approx[k]) < 1e-3 for k in exact)
