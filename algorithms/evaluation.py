@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -88,6 +88,7 @@ class SummaryPartial:
     gauc_n: np.ndarray | None = None     # (T,) int64 eligible clients (both label classes)
     clients: int = 0
     per_client: dict[int, np.ndarray] = field(default_factory=dict)   # client -> (T, 2) auc, log-loss
+    FIXED_SIZE: ClassVar[bool] = True    # merging two gives one of the same size: workers fold as they go
 
     @classmethod
     def from_scores(cls, batch, prob: torch.Tensor, per_client: bool = False) -> "SummaryPartial":

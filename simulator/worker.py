@@ -153,7 +153,11 @@ class Worker:
             personal = {k: v[self._slots(ids)].to(dev) for k, v in self.personal.items()}
             batches = _SplitBatches(self.data, ids, dev)
             for split in chunk_splits:
-                parts[split].append(self.algo.evaluate_cohort(state, batches, personal, split))
+                part = self.algo.evaluate_cohort(state, batches, personal, split)
+                if getattr(part, "FIXED_SIZE", False):     # fold now: memory independent of the cohort count
+                    parts[split] = [merge_all(parts[split] + [part])]
+                else:
+                    parts[split].append(part)
         return {split: merge_all(p) for split, p in parts.items()}
 
     def personal_state(self, client_ids: np.ndarray) -> Tensors:
