@@ -76,24 +76,21 @@ def within_client_ranks(rng, n_rows: np.ndarray) -> np.ndarray:
     gives, computed one row length at a time as a 2-D argsort: O(rows) memory and no global
     sort, so 10^8 rows take seconds, with the same result for the same draws."""
     keys = rng.random(int(n_rows.sum()))
+
+    def ranks(block: np.ndarray) -> np.ndarray:                           # (k, n) keys -> their ranks per row
+        order = np.argsort(block, axis=1, kind="stable")
+        out = np.empty_like(order)
+        np.put_along_axis(out, order, np.arange(block.shape[1])[None, :], axis=1)
+        return out
+
+    lengths = np.unique(n_rows)
+    if len(lengths) == 1 and lengths[0] > 0:                              # every client has n rows: a view
+        return ranks(keys.reshape(-1, int(lengths[0]))).reshape(-1)
     starts = np.cumsum(n_rows) - n_rows
     pos = np.empty(len(keys), dtype=np.int64)
-    lengths = np.unique(n_rows)
-    for n in lengths:
-        if n == 0:
-            continue
-        if len(lengths) == 1:                                              # every client has n rows
-            rows, block = None, keys.reshape(-1, n)
-        else:
-            rows = starts[n_rows == n][:, None] + np.arange(n)             # (k, n) rows of these clients
-            block = np.take(keys, rows)
-        order = np.argsort(block, axis=1, kind="stable")
-        ranks = np.empty_like(order)
-        np.put_along_axis(ranks, order, np.arange(n)[None, :], axis=1)
-        if rows is None:
-            pos = ranks.reshape(-1)
-        else:
-            pos[rows] = ranks
+    for n in lengths[lengths > 0]:
+        rows = starts[n_rows == n][:, None] + np.arange(n)                 # (k, n) rows of these clients
+        pos[rows] = ranks(np.take(keys, rows))
     return pos
 
 
