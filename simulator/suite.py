@@ -24,6 +24,7 @@ nor the Tune folders: a suite's state folder can be committed and continued on a
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -94,6 +95,15 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
+class PretrainStageConfig:
+    """A backbone every FedPA-style method of the suite shares: stage 1 (`fleetrec pretrain`) of
+    `config` runs once before any method, into <storage_path>/<name>/pretrain/backbone.pt, which
+    method overrides name as `{backbone}` (e.g. `model.backbone={backbone}`)."""
+    config: str = ""                   # experiment YAML whose model.pretrain block is run
+    overrides: tuple[str, ...] = ()    # on top of the suite's overrides (and the command line's)
+
+
+@dataclass(frozen=True)
 class SuiteConfig:
     name: str | None = None            # default: the file's stem
     reference: str = ""                # the method every other one is tested against
@@ -109,6 +119,7 @@ class SuiteConfig:
     tracking_uri: str | None = None    # MLflow store; null = the method configs' (made absolute)
     experiment: str | None = None      # MLflow experiment; null = the method configs'
     methods: Any = None                # method key -> MethodConfig
+    pretrain: Any = None               # PretrainStageConfig: one shared stage-1 backbone, `{backbone}` in overrides
 
     CHECKS: ClassVar[dict] = {"mode": ("max", "min")}
 
@@ -132,6 +143,13 @@ class Method:
 
 
 @dataclass
+class PretrainStage:
+    config_path: Path
+    overrides: tuple[str, ...]         # every override of stage 1, in order
+    backbone: str                      # the file, as methods' overrides name it (relative to the working dir)
+
+
+@dataclass
 class Suite:
     cfg: SuiteConfig
     source: Path
@@ -142,6 +160,7 @@ class Suite:
     all_overrides: tuple[str, ...] = ()   # every command-line override, suite.* included (for the command)
     tracking_uri: str = ""             # MLflow store of every run (absolute)
     experiment: str = ""
+    pretrain: PretrainStage | None = None
 
     @property
     def dir(self) -> Path:
@@ -186,12 +205,16 @@ def load_suite(path: str | Path, overrides: list[str] = ()) -> Suite:
         raise ConfigError(f"{source}: reference: got {sc.reference!r}, expected one of the methods: "
                           f"{', '.join(map(str, sc.methods))}")
     per_user = all(RANKING_METRIC.fullmatch(m) for m in sc.report)
+    name = sc.name or source.stem
+    pre, sub = _pretrain_stage(sc, source, name, method_over)
+    sc = dataclasses.replace(sc, overrides=sub(sc.overrides, "overrides"))
     methods = {}
     for key, entry in sc.methods.items():
         try:
             mc: MethodConfig = build(MethodConfig, entry, f"methods.{key}")
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        mc = dataclasses.replace(mc, overrides=sub(mc.overrides, f"methods.{key}.overrides"))
         if not mc.config:
             raise ConfigError(f"{source}: methods.{key}.config: expected the method's experiment YAML")
         if mc.tuned_as is not None:
@@ -217,8 +240,8 @@ def load_suite(path: str | Path, overrides: list[str] = ()) -> Suite:
             if getattr(sc, k):
                 tune_yaml[k] = getattr(sc, k)
         methods[str(key)] = Method(str(key), mc.label or str(key), mc, cpath, tune_yaml)
-    suite = Suite(sc, source.resolve(), sc.name or source.stem, methods, tuple(method_over), per_user,
-                  all_overrides=tuple(overrides))
+    suite = Suite(sc, source.resolve(), name, methods, tuple(method_over), per_user,
+                  all_overrides=tuple(overrides), pretrain=pre)
     stores = set()
     for m in methods.values():                 # every method's sweeps must load: paths, metric, end points
         sw = _sweep(suite, m, "tune", check=True)
@@ -233,6 +256,80 @@ def load_suite(path: str | Path, overrides: list[str] = ()) -> Suite:
                           f"({sorted(stores)}); set tracking_uri / experiment in the suite")
     suite.tracking_uri, suite.experiment = stores.pop()
     return suite
+
+
+BACKBONE = "{backbone}"
+
+
+def _pretrain_stage(sc: SuiteConfig, source: Path, name: str, method_over: list[str]):
+    """The suite's shared stage 1 (or None) and the function that puts its file in for `{backbone}`."""
+    if sc.pretrain is None:
+        def keep(overrides, where):
+            if any(BACKBONE in o for o in overrides):
+                raise ConfigError(f"{source}: {where}: {BACKBONE} names the suite's pre-trained backbone, but the "
+                                  "suite has no pretrain block (pretrain: {config: ..., overrides: [...]})")
+            return tuple(overrides)
+        return None, keep
+    try:
+        pc: PretrainStageConfig = build(PretrainStageConfig, sc.pretrain, "pretrain")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if not pc.config:
+        raise ConfigError(f"{source}: pretrain.config: expected the experiment YAML whose stage 1 the methods share")
+    backbone = str(Path(sc.storage_path) / name / "pretrain" / "backbone.pt")
+    track = ["tracking.mlflow=true", *(f"tracking.{k}={getattr(sc, k)}" for k in ("tracking_uri", "experiment")
+                                       if getattr(sc, k))]
+    stage = PretrainStage(resolve_config(pc.config, source, "pretrain.config"),
+                          (*sc.overrides, *pc.overrides, *method_over, *track), backbone)
+    from fleetrec.simulator.pretrain import _fedpa_model
+    try:
+        _fedpa_model(_pretrain_cfg(stage))                 # the config loads and has a FedPA model
+    except ConfigError as e:
+        raise ConfigError(f"{source}: pretrain ({_rel(stage.config_path)}): "
+                          f"{str(e).removeprefix(str(stage.config_path) + ': ')}") from None
+    return stage, lambda overrides, where: tuple(o.replace(BACKBONE, backbone) for o in overrides)
+
+
+def _pretrain_cfg(stage: PretrainStage):
+    from fleetrec.simulator.config import load
+    return load(str(stage.config_path), [*stage.overrides, "model.backbone="])
+
+
+def run_pretrain(suite: Suite, log) -> dict | None:
+    """Stage 1 of the suite's shared backbone, unless its record and file are there already.
+    A record made from another config or overrides is refused, as a finished stage's is."""
+    stage = suite.pretrain
+    if stage is None:
+        return None
+    from fleetrec.simulator.pretrain import pretrain
+    from fleetrec.algorithms.models.fedpa import load_backbone
+    out, done = Path(stage.backbone), suite.dir / "pretrain" / "pretrain.json"
+    data = apply_overrides(read_yaml(stage.config_path), [o for o in stage.overrides if not o.startswith("tracking.")])
+    fp = hashlib.sha256(json.dumps({"config": _portable(str(stage.config_path)), "data": data},
+                                   sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if done.is_file():
+        rec = json.loads(done.read_text())
+        if rec.get("fingerprint") != fp:
+            raise ConfigError(f"{done}: the suite's backbone was pre-trained with a different config or overrides "
+                              f"(fingerprint {rec.get('fingerprint')} vs {fp}); remove {suite.dir} to redo the suite, "
+                              "or give the suite another name")
+        if out.is_file() and _digest(out) == rec.get("sha256"):
+            log(f"pretrain: done before ({out})")
+            return rec
+        log(f"pretrain: {out} is missing or changed; pre-training it again")
+    log(f"pretrain: stage 1 of {_rel(stage.config_path)} into {out}")
+    path = pretrain(_pretrain_cfg(stage), out)
+    _, meta = load_backbone(path)
+    rec = {"fingerprint": fp, "sha256": _digest(path), "backbone": stage.backbone, "meta": meta,
+           "command": f"fleetrec pretrain {_rel(stage.config_path)} model.backbone={stage.backbone}"
+                      + "".join(f" {shlex.quote(o)}" for o in stage.overrides)}
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(rec, indent=1, default=str))
+    return rec
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _lookup(tree: dict, dotted: str):
@@ -265,11 +362,15 @@ def _sweep(suite: Suite, m: Method, stage: str, values: dict | None = None, chec
         yaml.safe_dump(y, sort_keys=False)
     name = f"{suite.name}.{m.key}.{stage}"                   # the Tune experiment and MLflow parent run
     if check:
+        extra = []           # a backbone that stage 1 has not written yet: check the rest with a random init
+        if suite.pretrain and not Path(suite.pretrain.backbone).is_file() and \
+                any(o.startswith("model.backbone=") and suite.pretrain.backbone in o for o in y["overrides"]):
+            extra = ["model.backbone="]
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / f"{stage}.yaml"
             p.write_text(text)
             try:
-                return load_sweep(p, list(suite.cli_overrides), name=name, storage_path=str(suite.dir))
+                return load_sweep(p, [*suite.cli_overrides, *extra], name=name, storage_path=str(suite.dir))
             except ConfigError as e:
                 raise ConfigError(f"{suite.source}: methods.{m.key} ({stage} stage): "
                                   f"{str(e).removeprefix(str(p) + ': ')}") from None
@@ -354,6 +455,8 @@ def run_suite(suite: Suite, resume: bool = False, only: list[str] = (), report_o
     if suite.dir.exists() and not resume and not report_only and not only:
         raise ConfigError(f"{suite.dir} already exists: pass --resume to continue that suite, or suite.name=... "
                           "(or storage_path) for a new one")
+    if not report_only:
+        run_pretrain(suite, log)
     order = sorted(suite.methods, key=lambda k: suite.methods[k].cfg.tuned_as is not None)   # tuned ones first
     for key in order:
         m = suite.methods[key]

@@ -36,6 +36,7 @@ class SeedRun:
     rounds_run: int
     rounds_cap: int
     per_user: object = None            # pandas DataFrame (user, metrics...) or None
+    floor: dict | None = None          # test/<metric> of the no-model client-rate heuristic on the run's data
 
     @property
     def at_cap(self) -> bool:
@@ -163,9 +164,11 @@ def _seed_runs_from_mlflow(suite, client, parent: str) -> list[SeedRun]:
                     except Exception:          # an MLflow store without the artifact: no bootstrap for it
                         per = None
             br = r.data.metrics.get("best/best_round")
+            floor = r.data.params.get(f"data.{FLOOR_PARAM}.test")
             runs.append(SeedRun(seed, r.info.run_id, met, None if br is None else int(br),
                                 int(r.data.metrics.get("run/rounds_run", 0)),
-                                int(r.data.metrics.get("run/rounds_cap", suite.cfg.final.rounds)), per))
+                                int(r.data.metrics.get("run/rounds_cap", suite.cfg.final.rounds)), per,
+                                None if floor is None else {"test/auc": float(floor)}))
     return sorted(runs, key=lambda r: r.seed)
 
 
@@ -179,7 +182,8 @@ def record_seed_runs(suite, method_dir: Path, parent: str) -> list[dict]:
             (method_dir / "per_user").mkdir(exist_ok=True)
             r.per_user.to_csv(method_dir / "per_user" / f"seed{r.seed}.csv.gz", index=False, float_format="%.9g")
         out.append({"seed": r.seed, "run_id": r.run_id, "metrics": r.metrics, "best_round": r.best_round,
-                    "rounds_run": r.rounds_run, "rounds_cap": r.rounds_cap})
+                    "rounds_run": r.rounds_run, "rounds_cap": r.rounds_cap,
+                    **({"floor": r.floor} if r.floor else {})})
     return out
 
 
@@ -199,11 +203,24 @@ def collect(suite, client) -> dict[str, MethodResult]:
                 f = d / "per_user" / f"seed{x['seed']}.csv.gz"
                 per = pd.read_csv(f) if suite.per_user and f.is_file() else None
                 res.runs.append(SeedRun(int(x["seed"]), x["run_id"], {k: float(v) for k, v in x["metrics"].items()},
-                                        x["best_round"], int(x["rounds_run"]), int(x["rounds_cap"]), per))
+                                        x["best_round"], int(x["rounds_run"]), int(x["rounds_cap"]), per,
+                                        x.get("floor")))
         else:
             res.runs = _seed_runs_from_mlflow(suite, client, seeds["parent_run_id"])
         out[key] = res
+    ref = out.get(suite.cfg.reference)
+    if ref is not None and "auc" in suite.cfg.report and any(r.floor for r in ref.runs):
+        out[FLOOR_KEY] = MethodResult(FLOOR_KEY, FLOOR_LABEL, {"trials": 0, "best": {}}, {}, [
+            SeedRun(r.seed, r.run_id, dict(r.floor), None, 0, 0) for r in ref.runs if r.floor])
     return out
+
+
+# The no-model row of every pointwise table with test AUC: each row scored by its client's smoothed
+# training positive rate (simulator/ceiling.py), on the reference's seed runs' own data -- what a
+# per-client bias alone scores, so a method's lead over it is what the model adds.
+FLOOR_PARAM = "client_rate_auc"
+FLOOR_KEY = "_client_rate"
+FLOOR_LABEL = "client positive rate (no model)"
 
 
 # ------------------------------------------------------------------------------ the table
@@ -236,10 +253,12 @@ def table(suite, results: dict[str, MethodResult]) -> tuple[list[str], list[list
         r = results[key]
         brs = [x.best_round for x in r.runs if x.best_round is not None]
         tuned = (f"as {suite.methods[r.tune['tuned_as']].label}" if r.tune.get("tuned_as") in suite.methods
-                 else str(r.tune.get("trials", 0) if suite.methods[key].tune_yaml["space"] else 0))
+                 else str(r.tune.get("trials", 0) if key in suite.methods and suite.methods[key].tune_yaml["space"]
+                          else 0))
         row = [r.label, tuned,
                _values_text(r.tune.get("best", {})), *[_cell(list(r.values(m).values())) for m in metrics],
-               str(len(r.runs)), f"{int(np.median(brs)) + 1 if brs else '-'}; {sum(x.at_cap for x in r.runs)}/{len(r.runs)}"]
+               str(len(r.runs)), (f"{int(np.median(brs)) + 1 if brs else '-'}; {sum(x.at_cap for x in r.runs)}/{len(r.runs)}"
+                                  if key != FLOOR_KEY else "-")]
         stats[key] = {}
         for m in metrics:
             if ref is None:
@@ -247,6 +266,9 @@ def table(suite, results: dict[str, MethodResult]) -> tuple[list[str], list[list
                 continue
             if key == suite.cfg.reference:
                 row.append("reference")
+                continue
+            if key == FLOOR_KEY and not r.values(m):
+                row.append("-")
                 continue
             c = compare_to_reference(r, ref, m, suite)
             stats[key][m] = c
@@ -305,7 +327,7 @@ def write_report(suite, log) -> str:
            "reference": sc.reference, "metric": sc.metric, "report": list(sc.report),
            "budget": vars(sc.budget), "final": {**vars(sc.final), "seeds": list(sc.final.seeds)},
            "tests": vars(sc.tests), "missing": missing,
-           "methods": {k: {"label": r.label, "config": rel(suite.methods[k].config_path), "tune": r.tune,
+           "methods": {k: {"label": r.label, "config": rel(suite.methods[k].config_path) if k in suite.methods else None, "tune": r.tune,
                            "seeds_stage": r.seeds_stage, "vs_reference": stats.get(k, {}),
                            "runs": [{"seed": x.seed, "run_id": x.run_id, "best_round": x.best_round,
                                      "rounds_run": x.rounds_run, "at_cap": x.at_cap, **x.metrics} for x in r.runs]}
@@ -352,6 +374,8 @@ def describe(suite) -> str:
              f"tests: Wilcoxon over seeds" + (f" + paired bootstrap over users ({sc.tests.bootstrap_samples})"
                                               if suite.per_user and sc.tests.bootstrap_samples else ""),
              f"state {suite.dir}; results {suite.results_dir}"]
+    if suite.pretrain:
+        lines.append(f"  stage 1 once, shared: {rel(suite.pretrain.config_path)} -> {suite.pretrain.backbone}")
     for m in suite.methods.values():
         space = m.tune_yaml["space"]
         how = (f" searching {', '.join(space)}" if space else

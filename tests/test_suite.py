@@ -97,7 +97,11 @@ def test_shipped_suites_load_and_give_every_method_the_same_budget():
         assert len(suite.cfg.final.seeds) >= 6, path    # >= 6: Wilcoxon can reach 0.05
         assert suite.per_user == all("@" in m for m in suite.cfg.report), path
         for m in suite.methods.values():          # the untuned config is the first trial of every method
-            assert bool(m.tune_yaml["space"]) != bool(m.cfg.tuned_as), (path, m.key)
+            assert not (m.tune_yaml["space"] and m.cfg.tuned_as), (path, m.key)
+            if not m.tune_yaml["space"] and not m.cfg.tuned_as:   # untuned only where nothing trains
+                from fleetrec.simulator.suite import _sweep
+                assert getattr(_sweep(suite, m, "tune", check=True).base_cfg.algorithm, "adapt", True) is False, \
+                    (path, m.key)
             if m.tune_yaml["space"]:
                 (point,) = m.tune_yaml["points_to_evaluate"]
                 assert set(point) == set(m.tune_yaml["space"]), (path, m.key)
@@ -160,6 +164,64 @@ def test_a_pointwise_report_is_built_from_the_stage_records_alone(tmp_path, monk
     assert "| PF-MSMTrec w/o template | as PF-MSMTrec |" in md
     assert doc["methods"]["no_template"]["vs_reference"]["test/scenario_mean/auc"]["wilcoxon_p"] == pytest.approx(2 / 64)
     assert (tmp_path / "out" / "pf_msmtrec_epinions.png").is_file()
+
+
+def test_a_shared_pretrain_stage_runs_once_and_is_refused_when_changed(tmp_path, monkeypatch):
+    """`pretrain:` -- stage 1 once into <state>/<suite>/pretrain/backbone.pt, which `{backbone}` names
+    in method overrides; --check before it exists; a second sitting reuses it; a changed stage-1
+    config is refused; `{backbone}` without the block is one line."""
+    from fleetrec.simulator.suite import run_pretrain
+    monkeypatch.chdir(tmp_path)
+    cfg = ROOT / "configs" / "fedpa_synthetic.yaml"
+    tiny = "[data.num_clients=60, data.rows_min=20, data.rows_max=30, model.pretrain.epochs=2]"
+    text = (f"reference: a\nstorage_path: state\ntracking_uri: sqlite:///{tmp_path / 'm.db'}\nexperiment: t\n"
+            f"pretrain: {{config: {cfg}, overrides: PRE}}\n"
+            f"methods:\n  a: {{config: {cfg}, overrides: ['model.backbone={{backbone}}'], "
+            "space: {train.lr: {choice: [0.01, 0.1]}}}\n"
+            f"  b: {{config: {cfg}, overrides: ['model.backbone={{backbone}}', model.user_lora=none]}}\n"
+            f"metric: val/auc\nreport: [auc]\noverrides: {tiny}\n")
+    suite = load_suite(_suite(tmp_path, text.replace("PRE", "[]")))     # checked with a random init: no file yet
+    backbone = "state/s/pretrain/backbone.pt"
+    assert suite.pretrain.backbone == backbone and not Path(backbone).exists()
+    assert f"model.backbone={backbone}" in suite.methods["b"].tune_yaml["overrides"]
+    logs = []
+    rec = run_pretrain(suite, logs.append)
+    assert Path(backbone).is_file() and rec["meta"]["open_clients"] == 12 and rec["meta"]["best_epoch"] >= 0
+    stamp = Path(backbone).stat().st_mtime_ns
+    suite = load_suite(_suite(tmp_path, text.replace("PRE", "[]")))     # now checked with the real file
+    assert run_pretrain(suite, logs.append)["sha256"] == rec["sha256"] and Path(backbone).stat().st_mtime_ns == stamp
+    assert logs[-1].startswith("pretrain: done before")
+    changed = load_suite(_suite(tmp_path, text.replace("PRE", "[model.pretrain.epochs=3]")))
+    with pytest.raises(ConfigError, match="pre-trained with a different config or overrides"):
+        run_pretrain(changed, logs.append)
+    with pytest.raises(ConfigError, match=r"methods.a.overrides: \{backbone\} names the suite's pre-trained backbone"):
+        load_suite(_suite(tmp_path, text.replace("pretrain: {config: " + str(cfg) + ", overrides: PRE}\n", "")))
+
+
+def test_the_client_rate_floor_is_a_row_of_a_pointwise_auc_table(tmp_path, monkeypatch):
+    """The reference's seed runs carry the no-model client-rate AUC of their data; the report adds
+    it as a row, tested against the reference like a method (here lower on every seed: p = 2/2^6)."""
+    from fleetrec.simulator.suite_report import FLOOR_LABEL, write_report
+    monkeypatch.chdir(tmp_path)
+    cfg = ROOT / "configs" / "fedpa_synthetic.yaml"
+    text = (f"reference: a\nstorage_path: state\nresults_dir: out\ntracking_uri: sqlite:///{tmp_path / 'm.db'}\n"
+            f"experiment: t\nmetric: val/auc\nreport: [auc, gauc]\nmethods:\n"
+            f"  a: {{config: {cfg}, overrides: [model.backbone=], space: {{train.lr: {{choice: [0.01, 0.1]}}}}}}\n"
+            f"  b: {{config: {cfg}, overrides: [model.backbone=, model.user_lora=none]}}\n")
+    suite = load_suite(_suite(tmp_path, text))
+    for key, d in (("a", 0.0), ("b", -0.01)):
+        mdir = suite.method_dir(key)
+        mdir.mkdir(parents=True)
+        (mdir / "tune.json").write_text(json.dumps({"best": {}, "trials": 8}))
+        runs = [{"seed": s, "run_id": f"{key}{s}", "best_round": 3, "rounds_run": 12, "rounds_cap": 100,
+                 "metrics": {"test/auc": 0.70 + d + 0.001 * s, "test/gauc": 0.6}, "floor": {"test/auc": 0.65}}
+                for s in range(6)]
+        (mdir / "seeds.json").write_text(json.dumps({"parent_run_id": "x", "runs": runs}))
+    md = write_report(suite, log=lambda s: None)
+    row = next(line for line in md.splitlines() if FLOOR_LABEL in line)
+    assert "0.6500 ± 0.0000" in row and "Wilcoxon p=0.031: worse" in row and "| - |" in row
+    doc = json.loads((tmp_path / "out" / "s.json").read_text())
+    assert doc["methods"]["_client_rate"]["vs_reference"]["test/auc"]["wilcoxon_p"] == pytest.approx(2 / 64)
 
 
 def test_points_to_evaluate_are_checked(tmp_path):
