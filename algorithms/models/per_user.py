@@ -29,6 +29,16 @@ class PerUserModelConfig(ModelConfig):
     private: tuple[str, ...] = ("user_emb",)  # parameter-name prefixes kept per client
 
     CHECKS: ClassVar[dict] = {"dim": ">=1", "init_std": ">=0", "hidden": ">=1"}
+    # the model's parameter-name roots: a freeze / private prefix must name one (or a part of one)
+    ROOTS: ClassVar[tuple[str, ...]] = ("user_emb", "attr_emb", "item_emb", "num_proj", "mlp", "head")
+
+    def validate(self) -> str | None:
+        for key in ("freeze", "private"):
+            for p in getattr(self, key):
+                if not p or not any(r.startswith(p) or p.startswith(r + ".") for r in self.ROOTS):
+                    return (f"model.{key}: prefix {p!r} matches no parameter; expected a prefix of one of "
+                            f"{', '.join(self.ROOTS)} (or of a parameter inside one, e.g. item_emb.item_id)")
+        return None
 
 
 class PerUserModel(RoleModule):
