@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fleetrec.datasets.federated import DataError
-from fleetrec.datasets.io import numeric_column, read_csv
+from fleetrec.datasets.io import line_of, numeric_column, read_csv
 from fleetrec.datasets.tabular import TabularConfig, check_tasks
 
 NUMERIC = ("age", "det_ind_code", "det_occ_code", "wage_per_hour", "capital_gains", "capital_losses",
@@ -69,7 +69,7 @@ class CensusIncomeConfig(TabularConfig):
         if inc.isna().any():
             i = int(np.flatnonzero(inc.isna().to_numpy())[0])
             raise DataError(f"{p}: column '{INCOME}' must be '50000+' or '- 50000', "
-                            f"found {raw[INCOME].iloc[i]!r} at line {i + 2}")
+                            f"found {raw[INCOME].iloc[i]!r} at line {line_of(p, i)}")
         out[INCOME] = inc.to_numpy().astype(np.int64)
         for c in NUMERIC:
             out[c] = numeric_column(raw, c, p, integer=False)

@@ -66,25 +66,44 @@ def read_csv(path: Path, columns: tuple[str, ...], *, sep: str = ",", header: bo
     return df
 
 
+def line_of(path: Path, row: int, header: bool = True) -> int:
+    """The physical (1-based) line of data row `row` of a file `read_csv` read. pandas skips blank
+    lines, so `row + 2` is wrong below one; the file is counted again only when an error names a line."""
+    import bz2
+    import gzip
+    import lzma
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(Path(path).suffix, open)
+    want, seen = row + (1 if header else 0), -1         # non-blank lines before it (the header is one)
+    try:
+        with opener(path, "rb") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    seen += 1
+                    if seen == want:
+                        return n
+    except (OSError, EOFError):
+        pass
+    return row + (2 if header else 1)
+
+
 def numeric_column(df: pd.DataFrame, col: str, path: Path, *, integer: bool, lo: float | None = None,
              hi: float | None = None, header: bool = True) -> np.ndarray:
     """Column as int64/float64; DataError naming file, column, line and expectation on a bad value."""
     s = df[col]
     kind = "an integer" if integer else "a number"
-    first_line = 2 if header else 1
     if not pd.api.types.is_numeric_dtype(s) or s.isna().any():
         num = pd.to_numeric(s, errors="coerce")
         bad = np.flatnonzero(num.isna().to_numpy())
         if len(bad):
             i = int(bad[0])
-            raise DataError(f"{path}: column '{col}' must be {kind}, found {str(s.iloc[i])!r} at line {i + first_line}")
+            raise DataError(f"{path}: column '{col}' must be {kind}, found {str(s.iloc[i])!r} at line {line_of(path, i, header)}")
         s = num
     if integer and pd.api.types.is_integer_dtype(s):
         big = np.flatnonzero(s.to_numpy() > np.iinfo(np.int64).max) if s.dtype == np.uint64 else []
         if len(big):                       # would wrap around to a negative id
             i = int(big[0])
             raise DataError(f"{path}: column '{col}' must be an integer below 2^63, found {s.iloc[i]} at line "
-                            f"{i + first_line}")
+                            f"{line_of(path, i, header)}")
         exact = s.to_numpy(dtype=np.int64)
     else:
         exact = None
@@ -94,7 +113,7 @@ def numeric_column(df: pd.DataFrame, col: str, path: Path, *, integer: bool, lo:
         if len(bad):
             i = int(bad[0])
             what = "too large to be read exactly" if v[i] == np.floor(v[i]) else "not a whole number"
-            raise DataError(f"{path}: column '{col}' must be {kind}, found {float(v[i])!r} at line {i + first_line} "
+            raise DataError(f"{path}: column '{col}' must be {kind}, found {float(v[i])!r} at line {line_of(path, i, header)} "
                             f"({what})")
     if lo is not None or hi is not None:
         lo_ = -np.inf if lo is None else lo
@@ -104,7 +123,7 @@ def numeric_column(df: pd.DataFrame, col: str, path: Path, *, integer: bool, lo:
             i = int(bad[0])
             rng = f"[{lo:g}, {hi:g}]" if lo is not None and hi is not None else (f">= {lo:g}" if lo is not None else f"<= {hi:g}")
             val = int(v[i]) if integer else float(v[i])
-            raise DataError(f"{path}: column '{col}' must be in {rng}, found {val} at line {i + first_line}")
+            raise DataError(f"{path}: column '{col}' must be in {rng}, found {val} at line {line_of(path, i, header)}")
     if not integer:
         return v
     return exact if exact is not None else v.astype(np.int64)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from fleetrec.datasets.federated import CategoricalField, DataError
-from fleetrec.datasets.io import numeric_column, read_csv
+from fleetrec.datasets.io import line_of, numeric_column, read_csv
 from fleetrec.datasets.real import RatingsConfig
 
 _ML_GENRES = 19
@@ -38,12 +38,12 @@ def _attach_ml_users_items(df: pd.DataFrame, p: Path, uid: np.ndarray, age: np.n
     return df
 
 
-def _ml_gender(users: pd.DataFrame, p: Path, first_line: int = 1) -> np.ndarray:
+def _ml_gender(users: pd.DataFrame, p: Path) -> np.ndarray:
     gender = users["gender"].astype(str).str.strip().map({"M": 0, "F": 1})
     if gender.isna().any():
         i = int(np.flatnonzero(gender.isna().to_numpy())[0])
         raise DataError(f"{p}: column 'gender' must be 'M' or 'F', found {users['gender'].iloc[i]!r} "
-                        f"at line {i + first_line}")
+                        f"at line {line_of(p, i, header=False)}")
     return gender.to_numpy().astype(np.int64)
 
 
@@ -110,7 +110,7 @@ class MovieLens100kConfig(_MovieLensConfig):
         if occ.isna().any():
             i = int(np.flatnonzero(occ.isna().to_numpy())[0])
             raise DataError(f"{pu}: column 'occupation' must be listed in u.occupation, "
-                            f"found {users['occupation'].iloc[i]!r} at line {i + 1}")
+                            f"found {users['occupation'].iloc[i]!r} at line {line_of(pu, i, header=False)}")
         pi = root / "u.item"
         items = read_csv(pi, ("movie_id", "title", "release_date", "video_release_date", "imdb_url",
                                *[f"g{j}" for j in range(_ML_GENRES)]), sep="|", header=False, encoding="latin-1")
@@ -168,12 +168,12 @@ def _read_ratings_dat(path: Path) -> pd.DataFrame:
     if gaps.any():
         i = int(np.flatnonzero(gaps.any(axis=1))[0])
         j = int(np.argmax(gaps[i]))
-        raise DataError(f"{path}: column '{cols[j + 1]}' at line {i + 1}: fields are not '::'-separated "
+        raise DataError(f"{path}: column '{cols[j + 1]}' at line {line_of(path, i, header=False)}: fields are not '::'-separated "
                         f"(expected {', '.join(cols)})")
     short = raw.iloc[:, [0, 2, 4, 6]].isna().to_numpy()
     if short.any():
         i = int(np.flatnonzero(short.any(axis=1))[0])
-        raise DataError(f"{path}: missing column '{cols[int(np.argmax(short[i]))]}' at line {i + 1} (expected 4 "
+        raise DataError(f"{path}: missing column '{cols[int(np.argmax(short[i]))]}' at line {line_of(path, i, header=False)} (expected 4 "
                         f"'::'-separated fields: {', '.join(cols)})")
     raw = raw.iloc[:, [0, 2, 4, 6]]
     raw.columns = list(cols)

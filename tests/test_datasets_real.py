@@ -285,6 +285,9 @@ def test_malformed_headerless_files(tmp_path):
     (ft / "ratings.txt").write_text("1 2 3.5\n1 3 9\n")
     with pytest.raises(DataError, match=r"'rating' must be in \[0.5, 4\], found 9.0 at line 2"):
         FilmTrustConfig(path=str(ft), cache=False).build(0)
+    (ft / "ratings.txt").write_text("1 2 3.5\n\n   \n1 3 9\n")      # pandas skips blank lines; the message does not
+    with pytest.raises(DataError, match=r"'rating' must be in \[0.5, 4\], found 9.0 at line 4"):
+        FilmTrustConfig(path=str(ft), cache=False).build(0)
 
 
 @needs_data
