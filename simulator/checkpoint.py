@@ -5,7 +5,8 @@ run's resolved config; `server.pt` with the server state, `worker_<i>.pt` with w
 of personal state, `driver.json` with the round records, best-round tracking and callback
 state such as the MLflow run id) and `LATEST` naming the newest complete folder. The config
 travels with every checkpoint, so a folder can never pair one run's state with another's
-config; a new run refuses a folder that already holds checkpoints (`refuse_foreign`), and
+config; a new run refuses a folder that already holds checkpoints (`refuse_foreign`), a run
+holds its folder while it runs so a concurrent one is refused (`held`), and
 `--resume` refuses overrides that would change what the state means (`check_resume_overrides`). A folder is
 written under a temporary name and renamed when complete, so a crash mid-write leaves the
 previous checkpoint intact. Randomness is a pure function of (seed, round, client), so no
@@ -13,11 +14,14 @@ generator state needs saving.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import shutil
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -128,6 +132,39 @@ def refuse_foreign(directory: str | Path) -> None:
         raise ConfigError(f"checkpoint.dir: {d} already holds the checkpoints of a run (newest "
                           f"{(d / 'LATEST').read_text().strip()}); continue it with --resume {d}, or set another "
                           "checkpoint.dir")
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def held(directory: str | Path):
+    """The run holds `directory` while it runs: a second run into it, new or `--resume`, is refused
+    with one line instead of interleaving its checkpoints. An OS lock (flock) on `<dir>/.lock`, so a
+    run killed in any way frees it; the file names the holder. A folder this made and left empty is
+    removed again, so a run refused later on leaves nothing behind."""
+    import fcntl
+    d = Path(directory)
+    made = not d.exists()
+    d.mkdir(parents=True, exist_ok=True)
+    f = d / LOCK
+    fd = os.open(f, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(f"checkpoint.dir: {d} is in use by a run that is still going ({holder}); wait for it "
+                          "to end, or set another checkpoint.dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    try:
+        yield
+    finally:
+        f.unlink(missing_ok=True)          # before the unlock: a waiting run then finds no stale name
+        os.close(fd)
+        if made and not any(d.iterdir()):
+            d.rmdir()
 
 
 # what `--resume DIR key=value` may change: the length of the run, where it is logged and shown,

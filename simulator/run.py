@@ -9,6 +9,7 @@ checkpoint's fit, the federated dataset and its hold-out) sit beside the loop th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -233,9 +234,14 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
     once by the caller, so a large dataset is not held privately by the driver as well).
     `resume`: a `fleetrec.simulator.checkpoint.Checkpoint` to continue from (its round + 1 onwards).
     """
-    from fleetrec.simulator.coordinator import Coordinator
     if resume is None and cfg.checkpoint.every:
         checkpoint.refuse_foreign(cfg.checkpoint.dir)
+    with checkpoint.held(cfg.checkpoint.dir) if cfg.checkpoint.every else contextlib.nullcontext():
+        return _run(cfg, callbacks, dataset, keep_actors, resume)
+
+
+def _run(cfg: ExperimentConfig, callbacks, dataset, keep_actors: bool, resume):
+    from fleetrec.simulator.coordinator import Coordinator
     ldp = cfg.privacy.local
     if ldp.enabled and ldp.mechanism != "none" and ldp.clip == 0:
         print(f"fleetrec: warning: privacy.local: {ldp.mechanism} noise without privacy.local.clip bounds nothing: "

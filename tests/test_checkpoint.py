@@ -101,6 +101,37 @@ def test_checkpoints_are_bound_to_their_run(ray_session, tiny_cfg, tmp_path):
     assert main(["run", "--resume", str(d), "train.lr=0.05"]) == 2          # one line, exit 2, nothing run
 
 
+def test_a_running_run_holds_its_checkpoint_folder(ray_session, tiny_cfg, tmp_path):
+    """Two runs cannot share a folder at the same time, new or --resume: the second is refused with
+    one line naming the holder (an OS lock, so a holder killed with -9 frees it), and a run refused
+    after taking the folder leaves nothing behind."""
+    import subprocess
+    import sys
+    import time
+    d = tmp_path / "ck"
+    hold = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom fleetrec.simulator.checkpoint import held\n"
+                             f"with held({str(d)!r}):\n    print('held', flush=True)\n    time.sleep(600)\n"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert hold.stdout.readline().strip() == "held"
+        cfg = tiny_cfg(**{"rounds": 2, "checkpoint.every": 1, "checkpoint.dir": str(d)})
+        with pytest.raises(ConfigError, match=rf"checkpoint.dir: {d} is in use by a run that is still going "
+                                              rf"\(pid {hold.pid} on .*\); wait for it"):
+            run(cfg)
+        assert not (d / "LATEST").exists()
+    finally:
+        hold.kill()
+        hold.wait()
+    time.sleep(0.1)
+    run(cfg)                                        # the killed holder's lock is gone with it
+    assert (d / "LATEST").is_file() and not (d / checkpoint.LOCK).exists()
+    e = tmp_path / "empty"
+    with pytest.raises(RuntimeError):
+        with checkpoint.held(e):
+            raise RuntimeError("refused after taking the folder")
+    assert not e.exists()
+
+
 def test_resume_checks_tensors_in_the_driver_and_skips_a_damaged_newest_checkpoint(ray_session, tiny_cfg, tmp_path):
     from fleetrec.simulator.run import check_resume_fits
     d = tmp_path / "ck"
