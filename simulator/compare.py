@@ -45,13 +45,25 @@ def lower_is_better(metric: str) -> bool:
 
 
 def select_runs(client, experiment: str | None, run_ids: list[str], filter_string: str) -> list:
+    from mlflow.exceptions import MlflowException
     if run_ids:
-        return [client.get_run(r) for r in run_ids]
+        out = []
+        for r in run_ids:
+            try:
+                out.append(client.get_run(r))
+            except MlflowException:
+                raise ConfigError(f"fleetrec compare: run {r!r}: no such MLflow run in this store "
+                                  "(--tracking-uri names the store)") from None
+        return out
     names = [experiment or "fleetrec"]
     exps = [client.get_experiment_by_name(n) for n in names]
     if any(e is None for e in exps):
         raise ConfigError(f"fleetrec compare: no MLflow experiment named {names[0]!r} in this store")
-    runs = client.search_runs([e.experiment_id for e in exps], filter_string=filter_string, max_results=5000)
+    try:
+        runs = client.search_runs([e.experiment_id for e in exps], filter_string=filter_string, max_results=5000)
+    except MlflowException as e:
+        first = str(e.message if hasattr(e, "message") else e).splitlines()[0]
+        raise ConfigError(f"fleetrec compare: --filter {filter_string!r}: {first}") from None
     # finished runs only: a killed or superseded attempt (a trial restarted by --resume) is not a seed
     return [r for r in runs if r.data.tags.get("tune.parent") != "true" and "fleetrec.compare" not in r.data.tags
             and "fleetrec.suite" not in r.data.tags and r.info.status == "FINISHED"
@@ -167,6 +179,9 @@ def compare(tracking_uri: str, experiment: str | None = None, run_ids: list[str]
             out: str | Path = "compare", log: bool = False) -> str:
     """Build the comparison, write its files into `out`, optionally log it; returns the Markdown table."""
     from mlflow.tracking import MlflowClient
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"fleetrec compare: --tracking-uri {tracking_uri}: no MLflow store there (runs log to "
+                          "tracking.tracking_uri of their config; this reads, it never creates a store)")
     client = MlflowClient(tracking_uri=tracking_uri)
     runs = select_runs(client, experiment, list(run_ids), filter_string)
     if not runs:

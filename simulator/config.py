@@ -187,4 +187,22 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Experimen
         data = apply_overrides(data, list(overrides))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return from_dict(data, str(path))
+    try:
+        return from_dict(data, "config")
+    except ConfigError as e:
+        msg = str(e).removeprefix("config: ")
+        raise ConfigError(f"{_blamed(msg, overrides) or path}: {msg}") from None
+
+
+def _blamed(msg: str, overrides) -> str | None:
+    """The command-line override an error's key comes from (`train.lr=abc (command line)`), if any:
+    a bad value given on the command line is not the config file's fault."""
+    m = re.match(r"([\w.@-]+):", msg)
+    if not m:
+        return None
+    key = m.group(1)
+    for item in reversed(list(overrides)):          # the last override of a key is the one that counts
+        k = item.split("=", 1)[0].strip()
+        if key == k or key.startswith(k + "."):
+            return f"{item} (command line)"
+    return None

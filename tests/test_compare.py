@@ -65,3 +65,8 @@ def test_cli_filters_logs_and_refuses_what_matches_nothing(tmp_path, capsys):
     assert main(["compare", "--tracking-uri", uri, "--metrics", "best/val/*"]) == 2
     with pytest.raises(ConfigError, match="--baseline 'nope' is not a group; groups: base, better, same"):
         compare(uri, baseline="nope", out=tmp_path / "x")
+    with pytest.raises(ConfigError, match="run 'abc123': no such MLflow run in this store"):
+        compare(uri, run_ids=["abc123"], out=tmp_path / "x")
+    with pytest.raises(ConfigError, match="--filter 'tags.x ==== 3': "):
+        compare(uri, filter_string="tags.x ==== 3", out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
