@@ -246,20 +246,26 @@ def _run(cfg: ExperimentConfig, callbacks, dataset, keep_actors: bool, resume):
     if ldp.enabled and ldp.mechanism != "none" and ldp.clip == 0:
         print(f"fleetrec: warning: privacy.local: {ldp.mechanism} noise without privacy.local.clip bounds nothing: "
               "no finite epsilon exists and none is logged", file=sys.stderr)
+    t_build = time.perf_counter()
+    built = dataset is None
+    if built:                # data errors (a missing file, a bad column) before Ray starts
+        dataset = federated_dataset(cfg)
+    if resume is not None and not isinstance(dataset, ray.ObjectRef):
+        check_resume_fits(resume, cfg, dataset)
+    t_build = time.perf_counter() - t_build
     ensure_ray(cfg)
     check_fits(cfg, ray.cluster_resources())
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - t_build             # start-up: the data build and what follows, not Ray's own start
     if isinstance(dataset, ray.ObjectRef):        # already in the object store (large runs put it once)
         ds_ref = dataset
         ds = ray.get(ds_ref)
+        if resume is not None:
+            check_resume_fits(resume, cfg, ds)
     else:
-        ds = federated_dataset(cfg) if dataset is None else dataset
-        ds_ref = ray.put(ds)
-        if dataset is None:    # built here: read the object store's copy from now on, free the private one
-            ds = ray.get(ds_ref)
+        ds_ref = ray.put(dataset)
+        # built here: read the object store's copy from now on, free the private one
+        ds = ray.get(ds_ref) if built else dataset
     del dataset
-    if resume is not None:
-        check_resume_fits(resume, cfg, ds)
     coord = Coordinator.options(num_cpus=0).remote(cfg, [ds_ref])
     approx = cfg.eval.pooled_auc == "histogram"      # reference AUCs by the evaluation's own approximation
     try:
