@@ -8,6 +8,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from fleetrec.datasets.federated import DataError
 from fleetrec.simulator.config_loader import ConfigError
@@ -113,6 +114,12 @@ def cmd_run(args) -> int:
     except Diverged as e:
         print(f"fleetrec: run stopped: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        ck = cfg.checkpoint
+        where = (f"continue it with: fleetrec run --resume {ck.dir}" if ck.every and (Path(ck.dir) / "LATEST").is_file()
+                 else "no checkpoint to continue from" + ("" if ck.every else " (checkpoint.every is 0)"))
+        print(f"fleetrec: interrupted; the MLflow run (if any) is marked KILLED; {where}", file=sys.stderr)
+        return 130
     return 0
 
 

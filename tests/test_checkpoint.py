@@ -50,6 +50,28 @@ def test_resume_after_kill_matches_uninterrupted(ray_session, tiny_cfg, tmp_path
     assert steps == {0, 1, 2, 3, 4}
 
 
+def test_ctrl_c_is_one_line_exit_130_a_killed_mlflow_run_and_an_intact_checkpoint(ray_session, tmp_path, monkeypatch,
+                                                                                    capsys):
+    from mlflow.tracking import MlflowClient
+    from fleetrec.simulator import tracking
+    from fleetrec.simulator.cli import main
+    from tests.conftest import tiny_overrides
+    uri, d = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "ck"
+    plain = tracking.default_callbacks
+    monkeypatch.setattr(tracking, "default_callbacks", lambda cfg: [*plain(cfg), _Crash(at_round=2)])
+    argv = ["run", *tiny_overrides(**{"rounds": 5, "checkpoint.every": 1, "checkpoint.dir": str(d),
+                                      "tracking.mlflow": True, "tracking.tracking_uri": uri})]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"fleetrec: interrupted; the MLflow run (if any) is marked KILLED; continue it with: "
+                       f"fleetrec run --resume {d}"), err[-3:]
+    assert not any("Traceback" in line for line in err)
+    assert checkpoint.load(d).round == 1
+    client = MlflowClient(uri)
+    (r,) = client.search_runs([client.get_experiment_by_name("fleetrec").experiment_id])
+    assert r.info.status == "KILLED"
+
+
 def test_checkpoints_are_pruned_and_missing_dir_is_a_clear_error(ray_session, tiny_cfg, tmp_path):
     run(tiny_cfg(**{"rounds": 4, "checkpoint.every": 1, "checkpoint.keep": 2, "checkpoint.dir": str(tmp_path)}))
     kept = sorted(p.name for p in tmp_path.glob("round_*"))
