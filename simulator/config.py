@@ -197,7 +197,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Experimen
 def _blamed(msg: str, overrides) -> str | None:
     """The command-line override an error's key comes from (`train.lr=abc (command line)`), if any:
     a bad value given on the command line is not the config file's fault."""
-    m = re.match(r"([\w.@-]+):", msg)
+    m = re.match(r"([\w.@-]+)(?:\[\d+\])*:", msg)
     if not m:
         return None
     key = m.group(1)
