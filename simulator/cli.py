@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--workers", type=int, default=1, help="server processes (default 1: one reader on this "
+                   "machine; MLflow's own default of 4 starts slowly on a busy laptop)")
     return p
 
 
@@ -166,7 +168,7 @@ def cmd_suite(args) -> int:
 
 def cmd_ui(args) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.backend_store_uri,
-           "--port", str(args.port), "--host", args.host]
+           "--port", str(args.port), "--host", args.host, "--workers", str(args.workers)]
     print("MLflow UI on http://%s:%d (Ctrl-C to stop)" % (args.host, args.port), file=sys.stderr)
     for line in experiment_links(args.backend_store_uri, args.host, args.port):
         print(line, file=sys.stderr)

@@ -235,6 +235,25 @@ def test_upload_floats_on_the_spec_shapes_match_its_count(tmp_path):
     assert fedpa.upload_floats()["gate"] > 0.2 * sum(full.values())
     assert _algo_on("_fedavg_lora", schema, bb).upload_floats() == {"user_lora": (232 + 32) * 4 + (32 + 8) * 4,
                                                                     "output_layer": 9}
+    # the option that gets there: a private gate and rank 1 -- group LoRA 2 x ((232 + 32) + (32 + 8)) + 9
+    low = _algo_on("", schema, bb, groups, "model.gate_sharing=private", "model.rank=1").upload_floats()
+    assert low == {"group_lora": 2 * ((232 + 32) + (32 + 8)), "output_layer": 9}
+    assert sum(low.values()) < 0.2 * sum(full.values())
+
+
+def test_a_private_gate_starts_from_the_models_gate_and_stays_on_the_client(tmp_path):
+    bb = _backbone(tmp_path)
+    cfg, ds, algo = _setup(f"model.backbone={bb}", "model.gate_sharing=private", "model.gate_init_backbone_logit=4.0")
+    gates = [k for k, r in algo.model.roles().items() if k.startswith("gate.")]
+    assert gates and all(algo.model.roles()[k] == "private" for k in gates)
+    assert "gate" not in algo.upload_floats()
+    personal, upd = _round(cfg, ds, algo, algo.init_server())
+    named = dict(algo.model.named_parameters())
+    for k in gates:                                   # every client starts from the same, the model's gate
+        torch.testing.assert_close(personal[k][0], named[k].detach())
+        torch.testing.assert_close(personal[k][-1], named[k].detach())
+    with pytest.raises(ConfigError, match="model.gate_sharing: only used with model.gate=adaptive"):
+        _cfg("model.gate_sharing=private", "model.gate=sum")
 
 
 @pytest.mark.parametrize("dataset", ["movielens", "epinions"])

@@ -81,6 +81,10 @@ class FedPAModelConfig(ModelConfig):
     # e^b / (e^b + G - 1) (b = 4, G = 4: 0.948); null = PyTorch's default init, as the official code
     # (~1/G per branch: the frozen backbone is scaled by ~1/4 at the start)
     gate_init_backbone_logit: float | None = None
+    # the adaptive gate's MLPs: shared (averaged over the cohort, uploaded: the paper) | private (each
+    # client keeps its own, nothing of the gate is sent -- with rank 1 the upload drops below 20% of
+    # user-side FedAvg's, which the shared gate alone makes impossible: algorithms/FEDPA.md)
+    gate_sharing: str = "shared"
     train_output_layer: bool = True        # output layer trained and averaged (code) or frozen (paper text)
     user_tables: str = "private"           # user attribute embeddings: private (FedPA) | shared (FedAvg) | frozen
     user_vector: bool = False              # an extra private vector added to the user representation (starts at 0)
@@ -91,7 +95,8 @@ class FedPAModelConfig(ModelConfig):
 
     CHECKS: ClassVar[dict] = {"dim": ">=1", "rank": ">=1", "lora_alpha": ">0", "init_std": ">=0",
                               "layers": ">=1", "gate_hidden": ">=1", "lora_init": ("standard", "zeros"), "user_lora": ("private", "shared", "none"),
-                              "gate": ("adaptive", "equal", "sum"), "user_tables": ("private", "shared", "frozen")}
+                              "gate": ("adaptive", "equal", "sum"), "user_tables": ("private", "shared", "frozen"),
+                              "gate_sharing": ("shared", "private")}
 
     def validate(self) -> str | None:
         if not self.layers or min(self.layers) < 1:
@@ -99,6 +104,9 @@ class FedPAModelConfig(ModelConfig):
         if self.gate_init_backbone_logit is not None and self.gate != "adaptive":
             return (f"model.gate_init_backbone_logit: only used with model.gate=adaptive (got gate={self.gate!r}); "
                     "set it to null")
+        if self.gate_sharing != "shared" and self.gate != "adaptive":
+            return (f"model.gate_sharing: only used with model.gate=adaptive (got gate={self.gate!r}: no gate "
+                    "parameters); set it to shared")
         if self.gate == "adaptive" and len(self.gate_hidden) != len(self.layers):
             return (f"model.gate_hidden: got {len(self.gate_hidden)} widths, expected one per layer "
                     f"({len(self.layers)})")
@@ -259,7 +267,7 @@ class FedPAModel(RoleModule):
             elif name == "user_vec":
                 out[name] = PRIVATE
             else:                       # gate MLPs
-                out[name] = SHARED
+                out[name] = PRIVATE if cfg.gate_sharing == "private" else SHARED
         return out
 
     def init_private(self, normal: callable, client_ids: torch.Tensor) -> Tensors:
@@ -275,9 +283,10 @@ class FedPAModel(RoleModule):
                 out[k] = part.reshape(-1, *named[k].shape).contiguous()
         K = int(client_ids.shape[0]) if client_ids is not None else normal((1,)).shape[0]
         for k in out:
-            if out[k] is None:         # tables start from the backbone, B and user_vec from zero
+            if out[k] is None:         # tables (and a private gate) start from the model's, B and user_vec from zero
                 v = named[k].detach()
-                out[k] = v.expand(K, *v.shape).clone() if k.startswith("user.") else torch.zeros(K, *v.shape)
+                out[k] = (v.expand(K, *v.shape).clone() if k.startswith(("user.", "gate.")) else
+                          torch.zeros(K, *v.shape))
         return out
 
     def init_group_tables(self, seed: int) -> Tensors:
