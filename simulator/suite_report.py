@@ -1,5 +1,8 @@
 """The report of `fleetrec suite`: seed runs read back from MLflow, paired tests, the table and its files.
 
+Length: reading the records, the statistics, the table with its no-model row and the files are one
+report; splitting them would scatter the table's columns over modules.
+
 Tests against the suite's reference method, per reported test metric:
 - **Wilcoxon signed-rank over seeds** (SciPy, exact for small samples, two-sided) on the seeds
   both methods ran. With n paired seeds its smallest two-sided p-value is 2 / 2^n, so five seeds
