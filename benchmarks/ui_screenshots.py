@@ -22,8 +22,8 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_SCENARIO_RUN = ["rounds=2", "data.rows=[600,400,300,200]", "resources.workers=1", "resources.cpus_per_worker=0.5", "tracking.mlflow=true",
-                     "tracking.progress=false"]
+TINY_SCENARIO_RUN = ["rounds=2", "data.rows=[600,400,300,200]", "resources.workers=1", "resources.cpus_per_worker=0.5",
+                     "tracking.mlflow=true", "tracking.progress=false"]
 
 
 def chromium() -> str | None:
@@ -97,8 +97,8 @@ def _browser(url: str, *args: str, budget_ms: int = 30000) -> subprocess.Complet
     exe = chromium()
     if exe is None:
         raise RuntimeError("no Chromium: install chromium or set FLEETREC_CHROMIUM")
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1400,900",
-           f"--virtual-time-budget={budget_ms}", *args, url]
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+           "--window-size=1400,900", f"--virtual-time-budget={budget_ms}", *args, url]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 

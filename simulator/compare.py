@@ -62,7 +62,7 @@ def select_runs(client, experiment: str | None, run_ids: list[str], filter_strin
     try:
         runs = client.search_runs([e.experiment_id for e in exps], filter_string=filter_string, max_results=5000)
     except MlflowException as e:
-        first = str(e.message if hasattr(e, "message") else e).splitlines()[0]
+        first = str(e.message).splitlines()[0]
         raise ConfigError(f"fleetrec compare: --filter {filter_string!r}: {first}") from None
     # finished runs only: a killed or superseded attempt (a trial restarted by --resume) is not a seed
     return [r for r in runs if r.data.tags.get("tune.parent") != "true" and "fleetrec.compare" not in r.data.tags

@@ -305,8 +305,7 @@ def run_pretrain(suite: Suite, log) -> dict | None:
     from fleetrec.algorithms.models.fedpa import load_backbone
     out, done = Path(stage.backbone), suite.dir / "pretrain" / "pretrain.json"
     data = apply_overrides(read_yaml(stage.config_path), [o for o in stage.overrides if not o.startswith("tracking.")])
-    fp = hashlib.sha256(json.dumps({"config": _portable(str(stage.config_path)), "data": data},
-                                   sort_keys=True, default=str).encode()).hexdigest()[:16]
+    fp = _sha16(json.dumps({"config": _portable(str(stage.config_path)), "data": data}, sort_keys=True, default=str))
     if done.is_file():
         rec = json.loads(done.read_text())
         if rec.get("fingerprint") != fp:
@@ -329,7 +328,12 @@ def run_pretrain(suite: Suite, log) -> dict | None:
 
 
 def _digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return _sha16(Path(path).read_bytes())
+
+
+def _sha16(blob: str | bytes) -> str:
+    """The 16-hex-digit SHA-256 every suite record uses (stage fingerprints, the backbone's digest)."""
+    return hashlib.sha256(blob.encode() if isinstance(blob, str) else blob).hexdigest()[:16]
 
 
 def _lookup(tree: dict, dotted: str):
@@ -405,7 +409,7 @@ def fingerprint(sweep: Sweep, version: int = FINGERPRINT_VERSION) -> str:
         if version >= 3 and isinstance(y.get("base"), str):
             y = {**y, "base": _portable(y["base"])}
         blob = json.dumps({"base": sweep.base_data, "sweep": y}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _sha16(blob)
 
 
 # ------------------------------------------------------------------------------ the stages
