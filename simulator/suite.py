@@ -385,7 +385,7 @@ def _sweep(suite: Suite, m: Method, stage: str, values: dict | None = None, chec
     return load_sweep(p, list(suite.cli_overrides), name=name, storage_path=str(suite.dir))
 
 
-FINGERPRINT_VERSION = 3
+FINGERPRINT_VERSION = 4
 
 
 def _portable(path: str) -> str:
@@ -398,17 +398,22 @@ def _portable(path: str) -> str:
 
 def fingerprint(sweep: Sweep, version: int = FINGERPRINT_VERSION) -> str:
     """What a stage's result depends on: the base config data with every override, and the sweep
-    YAML as written, its `base` relative to the repository (v3: the same on every checkout, so a
-    suite's stage records can be committed and continued elsewhere). v2 hashed the absolute `base`
-    path; v1 (records without a version) the sweep config with every default. Both still check."""
+    YAML as written, its `base` relative to the repository. v4 leaves out where the runs are logged
+    (the config's `tracking` block, the sweep's `tracking_uri` / `experiment`): the loader makes the
+    tracking URI absolute, so v3 records hold only on the checkout that wrote them. v3 and v2 (the
+    absolute `base` path) and v1 (records without a version: the sweep config with every default)
+    still check."""
     if version == 1:
         cfg = {k: v for k, v in to_dict(sweep.cfg).items() if k != "points_to_evaluate"}
         blob = json.dumps({"base": sweep.base_data, "sweep": cfg}, sort_keys=True, default=str)
     else:
-        y = read_yaml(sweep.source)
+        y, base = read_yaml(sweep.source), sweep.base_data
         if version >= 3 and isinstance(y.get("base"), str):
             y = {**y, "base": _portable(y["base"])}
-        blob = json.dumps({"base": sweep.base_data, "sweep": y}, sort_keys=True, default=str)
+        if version >= 4:
+            y = {k: v for k, v in y.items() if k not in ("tracking_uri", "experiment")}
+            base = {k: v for k, v in base.items() if k != "tracking"}
+        blob = json.dumps({"base": base, "sweep": y}, sort_keys=True, default=str)
     return _sha16(blob)
 
 

@@ -224,6 +224,19 @@ def test_the_client_rate_floor_is_a_row_of_a_pointwise_auc_table(tmp_path, monke
     assert doc["methods"]["_client_rate"]["vs_reference"]["test/auc"]["wilcoxon_p"] == pytest.approx(2 / 64)
 
 
+def test_a_stage_fingerprint_does_not_depend_on_where_runs_are_logged(tmp_path, monkeypatch):
+    """v4: the tracking URI (made absolute by the loader, so different on every checkout) is not
+    part of what a stage's result depends on; v3 still hashes it, as the records it wrote did."""
+    from fleetrec.simulator.suite import _sweep, fingerprint
+    monkeypatch.chdir(tmp_path)
+    prints = {}
+    for where in ("a", "b"):
+        suite = load_suite(SYNTH, [f"tracking.tracking_uri=sqlite:///{tmp_path / where / 'm.db'}"])
+        sw = _sweep(suite, suite.methods["pmtrec"], "tune")
+        prints[where] = (fingerprint(sw), fingerprint(sw, 3))
+    assert prints["a"][0] == prints["b"][0] and prints["a"][1] != prints["b"][1]
+
+
 def test_points_to_evaluate_are_checked(tmp_path):
     from fleetrec.simulator.tune_space import load_sweep
     base = f"base: {ROOT / 'configs' / 'quickstart.yaml'}\nspace: {{train.lr: {{loguniform: [0.01, 1.0]}}}}\n"
@@ -281,7 +294,7 @@ def test_tiny_suite_end_to_end_resume_and_refusal(ray_session, tmp_path, monkeyp
         assert (tmp_path / "out" / f"pmtrec_synthetic.{ext}").is_file()
     # seeds.json alone carries the report (a committed state folder continues on another machine)
     rec = json.loads((suite.method_dir("single") / "seeds.json").read_text())
-    assert [r["seed"] for r in rec["runs"]] == [0, 1] and rec["fingerprint_version"] == 3
+    assert [r["seed"] for r in rec["runs"]] == [0, 1] and rec["fingerprint_version"] == 4
     assert {r["seed"]: r["metrics"]["test/recall@20"] for r in rec["runs"]} == {r["seed"]: r["test/recall@20"] for r in runs}
     assert (suite.method_dir("single") / "per_user" / "seed1.csv.gz").is_file()
     tune_parent = doc["methods"]["single"]["tune"]["parent_run_id"]      # trial 0 = the untuned config
