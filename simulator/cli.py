@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--metrics", nargs="+", default=[], help="metric names or patterns, e.g. 'best/test/*auc' "
                    "(default: the headline ones)")
     c.add_argument("--baseline", default=None, help="group the others are tested against (paired over seeds)")
+    c.add_argument("--test", default="t", help="paired test: t (default) or wilcoxon "
+                   "(signed-rank, as suites report)")
+    c.add_argument("--suite", default=None, metavar="NAME", help="the seed runs of suite NAME, one row per method")
     c.add_argument("--out", default="compare", help="folder for compare.md / .csv / .png (default ./compare)")
     c.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     c.add_argument("--log", action="store_true", help="also log the comparison as an MLflow run")
@@ -128,7 +131,7 @@ def cmd_run(args) -> int:
 def cmd_compare(args) -> int:
     from fleetrec.simulator.compare import compare
     print(compare(args.tracking_uri, args.experiment, args.runs, args.filter, args.group_by, args.metrics,
-                  args.baseline, args.out, args.log))
+                  args.baseline, args.out, args.log, args.test, args.suite))
     print(f"written: {args.out}/compare.md, compare.csv, compare.png", file=sys.stderr)
     return 0
 

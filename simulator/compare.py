@@ -4,8 +4,14 @@ Selects runs (run ids, an experiment, an MLflow filter such as `tags.dataset = '
 groups them by a tag (default `config`: one row per experiment config; `algorithm`, `model`, ...
 work too) and, for each metric -- the best-round values `best/<split>/<name>` every run logs when
 it ends -- prints mean ± std over the group's runs with their count. With `--baseline GROUP`,
-every other group is compared with it by a paired t-test over the seeds both have (SciPy), and
-the table says, per metric, whether the group is better at p < 0.05 (log-loss: lower is better).
+every other group is compared with it by a paired test over the seeds both have (SciPy: t-test, or
+`--test wilcoxon` for the signed-rank test the suites use), and the table says, per metric, whether
+the group is better at p < 0.05 (log-loss: lower is better). A seed that has several finished runs
+in a group counts once, with its newest run.
+
+`--suite NAME` selects the seed runs of a `fleetrec suite` (the children of its `NAME.<method>.seeds`
+sweeps) and makes one row per method key: `fleetrec compare --suite NAME --test wilcoxon --baseline
+REF` gives the suite report's means and Wilcoxon p-values from the MLflow runs themselves.
 
 Writes `compare.md`, `compare.csv` and `compare.png` (mean ± std per group, one panel per metric)
 into `--out`, and with `--log` records them as an MLflow run tagged `fleetrec.compare`.
@@ -32,9 +38,10 @@ class Group:
     runs: list = field(default_factory=list)         # mlflow Run objects
 
     def values(self, metric: str) -> dict[str, float]:
-        """seed -> value of `metric` (runs without the metric or a seed tag are left out)."""
+        """seed -> value of `metric` of the seed's newest run (runs without the metric are left out;
+        a run without a seed tag counts as a seed of its own)."""
         out = {}
-        for r in self.runs:
+        for r in sorted(self.runs, key=lambda r: r.info.start_time or 0):
             if metric in r.data.metrics:
                 out[r.data.tags.get("seed", r.info.run_id)] = float(r.data.metrics[metric])
         return out
@@ -42,6 +49,38 @@ class Group:
 
 def lower_is_better(metric: str) -> bool:
     return metric.rsplit("/", 1)[-1] in ("logloss", "loss")
+
+
+def wilcoxon(x: np.ndarray, y: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired samples (1.0 when every difference is 0)."""
+    d = np.asarray(x, float) - np.asarray(y, float)
+    if np.all(d == 0):
+        return 1.0
+    from scipy.stats import wilcoxon as _w
+    return float(_w(x, y, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+def min_wilcoxon_p(n: int) -> float:
+    """The smallest two-sided Wilcoxon p that n paired seeds can give (every difference one sign)."""
+    return 2.0 / 2 ** n if n else 1.0
+
+
+TESTS = ("t", "wilcoxon")
+
+
+def suite_filter(suite: str, filter_string: str) -> str:
+    """The MLflow filter of a suite's seed runs (narrowed exactly by `suite_method`)."""
+    like = f"tags.sweep LIKE '{suite.replace(chr(39), '')}.%.seeds'"
+    return f"{like} AND {filter_string}" if filter_string.strip() else like
+
+
+def suite_method(suite: str, run) -> str | None:
+    """The method key of a seed run of `suite` (its sweep tag is `<suite>.<method>.seeds`), else None."""
+    sweep = run.data.tags.get("sweep", "")
+    head, tail = f"{suite}.", ".seeds"
+    if sweep.startswith(head) and sweep.endswith(tail) and len(sweep) > len(head) + len(tail):
+        return sweep[len(head):-len(tail)]
+    return None
 
 
 def select_runs(client, experiment: str | None, run_ids: list[str], filter_string: str) -> list:
@@ -70,10 +109,15 @@ def select_runs(client, experiment: str | None, run_ids: list[str], filter_strin
             and r.data.tags.get("tune.superseded") != "true"]
 
 
-def group_runs(runs: list, by: str) -> list[Group]:
+def group_runs(runs: list, by: str, suite: str | None = None) -> list[Group]:
     groups: dict[str, Group] = {}
     for r in runs:
-        key = r.data.tags.get(by) or r.data.params.get(by) or r.info.run_name or r.info.run_id
+        if suite is not None:
+            key = suite_method(suite, r)
+            if key is None:                  # LIKE's `_` matched another suite's sweep
+                continue
+        else:
+            key = r.data.tags.get(by) or r.data.params.get(by) or r.info.run_name or r.info.run_id
         groups.setdefault(key, Group(key)).runs.append(r)
     return [groups[k] for k in sorted(groups)]
 
@@ -97,7 +141,7 @@ def pick_metrics(groups: list[Group], patterns: list[str]) -> list[str]:
     return [m for m in have if m.startswith("best/test/")][:4] or have[:4]
 
 
-def paired_test(group: Group, baseline: Group, metric: str) -> tuple[float, float, int] | None:
+def paired_test(group: Group, baseline: Group, metric: str, test: str = "t") -> tuple[float, float, int] | None:
     """(mean difference group - baseline, p-value, seeds) over the seeds both have; None below 2 seeds."""
     a, b = group.values(metric), baseline.values(metric)
     seeds = sorted(set(a) & set(b))
@@ -105,6 +149,8 @@ def paired_test(group: Group, baseline: Group, metric: str) -> tuple[float, floa
         return None
     x, y = np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
     diff = x - y
+    if test == "wilcoxon":
+        return float(diff.mean()), wilcoxon(x, y), len(seeds)
     if np.allclose(diff, diff[0]):                     # identical differences: the t statistic is undefined
         return float(diff.mean()), (0.0 if diff[0] != 0 else 1.0), len(seeds)
     from scipy.stats import ttest_rel
@@ -118,7 +164,8 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {sd:.4f}"
 
 
-def table(groups: list[Group], metrics: list[str], baseline: str | None) -> tuple[list[str], list[list[str]]]:
+def table(groups: list[Group], metrics: list[str], baseline: str | None,
+          test: str = "t") -> tuple[list[str], list[list[str]]]:
     base = next((g for g in groups if g.name == baseline), None)
     if baseline is not None and base is None:
         raise ConfigError(f"fleetrec compare: --baseline {baseline!r} is not a group; groups: "
@@ -134,14 +181,15 @@ def table(groups: list[Group], metrics: list[str], baseline: str | None) -> tupl
                 if g is base:
                     row.append("baseline")
                     continue
-                t = paired_test(g, base, m)
+                t = paired_test(g, base, m, test)
                 if t is None:
                     row.append("fewer than 2 paired seeds")
                     continue
                 d, p, n = t
                 better = (d < 0) if lower_is_better(m) else (d > 0)
                 verdict = "better" if better and p < ALPHA else ("worse" if not better and p < ALPHA else "no difference")
-                row.append(f"{d:+.4f} (p={p:.3g}, {n} seeds): {verdict}")
+                word = "Wilcoxon p" if test == "wilcoxon" else "p"
+                row.append(f"{d:+.4f} ({word}={p:.3g}, {n} seeds): {verdict}")
         rows.append(row)
     return header, rows
 
@@ -176,20 +224,26 @@ def figure(groups: list[Group], metrics: list[str], path: Path) -> None:
 
 def compare(tracking_uri: str, experiment: str | None = None, run_ids: list[str] = (), filter_string: str = "",
             group_by: str = "config", metrics: list[str] = (), baseline: str | None = None,
-            out: str | Path = "compare", log: bool = False) -> str:
+            out: str | Path = "compare", log: bool = False, test: str = "t", suite: str | None = None) -> str:
     """Build the comparison, write its files into `out`, optionally log it; returns the Markdown table."""
+    if test not in TESTS:
+        raise ConfigError(f"fleetrec compare: --test {test!r}: expected one of {', '.join(TESTS)}")
     from mlflow.tracking import MlflowClient
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
         raise ConfigError(f"fleetrec compare: --tracking-uri {tracking_uri}: no MLflow store there (runs log to "
                           "tracking.tracking_uri of their config; this reads, it never creates a store)")
     client = MlflowClient(tracking_uri=tracking_uri)
+    if suite is not None:
+        if run_ids:
+            raise ConfigError("fleetrec compare: --suite selects the suite's seed runs; give run ids or --suite, not both")
+        filter_string = suite_filter(suite, filter_string)
     runs = select_runs(client, experiment, list(run_ids), filter_string)
-    if not runs:
+    groups = group_runs(runs, group_by, suite)
+    if not groups:
         raise ConfigError(f"fleetrec compare: no runs match (experiment {experiment or 'fleetrec'!r}, "
                           f"filter {filter_string!r})")
-    groups = group_runs(runs, group_by)
     picked = pick_metrics(groups, list(metrics))
-    header, rows = table(groups, picked, baseline)
+    header, rows = table(groups, picked, baseline, test)
     md = markdown(header, rows)
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
@@ -204,7 +258,8 @@ def compare(tracking_uri: str, experiment: str | None = None, run_ids: list[str]
         use_experiment(experiment or "fleetrec")
         with mlflow.start_run(run_name=f"compare·{len(groups)} groups", tags={
                 "fleetrec.compare": "true", "mlflow.note.content": f"{group_by} x {', '.join(picked)}"}):
-            mlflow.log_params({"group_by": group_by, "filter": filter_string[:500], "baseline": str(baseline),
+            mlflow.log_params({"group_by": "suite method" if suite else group_by, "filter": filter_string[:500],
+                               "baseline": str(baseline), "test": test,
                                "metrics": json.dumps(picked)[:500], "runs": len(runs)})
             for f in ("compare.md", "compare.csv", "compare.png"):
                 mlflow.log_artifact(str(d / f))

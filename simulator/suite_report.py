@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleetrec.simulator.compare import lower_is_better
+from fleetrec.simulator.compare import lower_is_better, min_wilcoxon_p, wilcoxon
 from fleetrec.simulator.config_loader import ConfigError
 
 
@@ -69,19 +69,6 @@ class _Bars:
 
 
 # ------------------------------------------------------------------------------ statistics
-def wilcoxon(x: np.ndarray, y: np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p-value of paired samples (1.0 when every difference is 0)."""
-    d = np.asarray(x, float) - np.asarray(y, float)
-    if np.all(d == 0):
-        return 1.0
-    from scipy.stats import wilcoxon as _w
-    return float(_w(x, y, zero_method="wilcox", alternative="two-sided").pvalue)
-
-
-def min_wilcoxon_p(n: int) -> float:
-    return 2.0 / 2 ** n if n else 1.0
-
-
 def paired_bootstrap(method: list, reference: list, metric: str, samples: int, seed: int = 0) -> dict | None:
     """Mean per-user difference, its 95% interval and two-sided p over users (see the module doc).
     `method` / `reference`: per-user frames of the same seeds, in the same order."""
@@ -318,6 +305,8 @@ def write_report(suite, log) -> str:
           markdown(header, rows)]
     if missing:
         md += ["", f"Not finished yet (run `{suite.command()} --resume`): {', '.join(missing)}."]
+    md += ["", "The same means and Wilcoxon p-values from the seed runs in MLflow (while that store is kept): "
+           f"`{compare_command(suite)}`."]
     text = "\n".join(md)
     out = suite.results_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -329,7 +318,7 @@ def write_report(suite, log) -> str:
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
            "reference": sc.reference, "metric": sc.metric, "report": list(sc.report),
            "budget": vars(sc.budget), "final": {**vars(sc.final), "seeds": list(sc.final.seeds)},
-           "tests": vars(sc.tests), "missing": missing,
+           "tests": vars(sc.tests), "missing": missing, "compare_command": compare_command(suite),
            "methods": {k: {"label": r.label, "config": rel(suite.methods[k].config_path) if k in suite.methods else None, "tune": r.tune,
                            "seeds_stage": r.seeds_stage, "vs_reference": stats.get(k, {}),
                            "runs": [{"seed": x.seed, "run_id": x.run_id, "best_round": x.best_round,
@@ -341,6 +330,18 @@ def write_report(suite, log) -> str:
     _log(suite, client, uri, text, rows, header, stem)
     log(f"written: {stem}.md, .csv, .json, .png")
     return text
+
+
+def compare_command(suite) -> str:
+    """The `fleetrec compare` line that rebuilds the table's method rows from the MLflow runs."""
+    import shlex
+    from fleetrec.simulator.tracking import mlflow_name
+    uri = suite.tracking_uri
+    if uri.startswith("sqlite:///"):
+        uri = "sqlite:///" + rel(uri[len("sqlite:///"):])
+    metrics = " ".join(mlflow_name(f"best/test/{m}") for m in suite.cfg.report)
+    return (f"fleetrec compare --suite {shlex.quote(suite.name)} --baseline {suite.cfg.reference} --test wilcoxon "
+            f"--metrics {metrics} --tracking-uri {shlex.quote(uri)} --experiment {shlex.quote(suite.experiment)}")
 
 
 def _log(suite, client, uri: str, text: str, rows, header, stem: Path) -> None:

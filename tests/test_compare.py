@@ -70,3 +70,37 @@ def test_cli_filters_logs_and_refuses_what_matches_nothing(tmp_path, capsys):
     with pytest.raises(ConfigError, match="--filter 'tags.x ==== 3': "):
         compare(uri, filter_string="tags.x ==== 3", out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_suite_rows_newest_run_per_seed_and_wilcoxon(tmp_path):
+    """--suite: the children of `<suite>.<method>.seeds` sweeps, one row per method key (a suite whose
+    name LIKE's `_` also matches is left out); a re-run seed counts once, with its newest run;
+    --test wilcoxon gives the exact signed-rank p."""
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("fleetrec")
+    ref = [0.70, 0.71, 0.72, 0.73]
+
+    def seed_run(sweep, seed, auc, start):
+        r = client.create_run(exp, start_time=start, tags={"sweep": sweep, "seed": str(seed)})
+        client.log_metric(r.info.run_id, "best/test/auc", auc)
+        client.set_terminated(r.info.run_id)
+
+    for s, a in enumerate(ref):
+        seed_run("s_1.ref.seeds", s, a, 1000 + s)
+        seed_run("s_1.m.seeds", s, a + 0.01 * (s + 1), 1000 + s)
+        seed_run("sx1.m.seeds", s, 0.1, 1000 + s)                 # another suite: `_` matches `x`
+    seed_run("s_1.m.seeds", 0, 0.5, 999)                         # an older run of seed 0: not counted
+    seed_run("s_1.m.tune", 0, 0.9, 1000)                         # a tune trial: not a seed run
+    md = compare(uri, suite="s_1", baseline="ref", test="wilcoxon", out=tmp_path / "o")
+    rows = {l.split(" | ")[0].strip("| "): l for l in md.splitlines()[2:]}
+    assert set(rows) == {"ref", "m"}
+    assert "| 5 | 0.7400 ± 0.0258 |" in rows["m"]                  # 5 runs, 4 seeds: 0.71, 0.73, 0.75, 0.77
+    # every one of 4 differences positive: the exact two-sided p is 2 / 2^4
+    assert "+0.0250 (Wilcoxon p=0.125, 4 seeds): no difference" in rows["m"]
+    with pytest.raises(ConfigError, match="--test 'z': expected one of t, wilcoxon"):
+        compare(uri, suite="s_1", test="z", out=tmp_path / "x")
+    with pytest.raises(ConfigError, match="no runs match"):
+        compare(uri, suite="nosuch", out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -292,6 +292,18 @@ def test_tiny_suite_end_to_end_resume_and_refusal(ray_session, tmp_path, monkeyp
     assert f"{np.mean(vals):.4f}" in md
     for ext in ("md", "csv", "png"):
         assert (tmp_path / "out" / f"pmtrec_synthetic.{ext}").is_file()
+    # `fleetrec compare`, as the report names it, rebuilds the method rows from the MLflow runs alone
+    import shlex
+    from fleetrec.simulator.cli import main as cli_main
+    argv = shlex.split(doc["compare_command"])
+    assert argv[:4] == ["fleetrec", "compare", "--suite", "pmtrec_synthetic"] and doc["compare_command"] in md
+    assert cli_main([*argv[1:], "--out", str(tmp_path / "cmp")]) == 0
+    rows = {l.split(" | ")[0].strip("| "): l for l in (tmp_path / "cmp" / "compare.md").read_text().splitlines()[2:]}
+    assert set(rows) == {"pmtrec", "single"}
+    for key in ("pmtrec", "single"):
+        v = [r["test/recall@20"] for r in doc["methods"][key]["runs"]]
+        assert f"| {np.mean(v):.4f} ± {np.std(v, ddof=1):.4f} |" in rows[key]
+    assert f"(Wilcoxon p={stats['wilcoxon_p']:.3g}, 2 seeds)" in rows["single"]
     # seeds.json alone carries the report (a committed state folder continues on another machine)
     rec = json.loads((suite.method_dir("single") / "seeds.json").read_text())
     assert [r["seed"] for r in rec["runs"]] == [0, 1] and rec["fingerprint_version"] == 4
