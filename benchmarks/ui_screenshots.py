@@ -1,8 +1,9 @@
-"""The MLflow UI as a user sees it, in headless Chromium: a tiny scenario run into a fresh store,
-`fleetrec ui` on it, then the page behind the link it prints (the runs list), the run's metric
-charts and its scenario x task table, each as rendered DOM and as a screenshot.
+"""The MLflow UI as a user sees it, in headless Chromium: a tiny scenario run and a 2-trial sweep
+into a fresh store, `fleetrec ui` on it, then the page behind the link it prints (the runs list),
+the run's metric charts, its scenario x task table and the sweep parent linking its best child,
+each as rendered DOM and as a screenshot.
 
-    python benchmarks/ui_screenshots.py              # screenshots into docs/ui/ (runs list, scenario table)
+    python benchmarks/ui_screenshots.py              # screenshots into docs/ui/ (runs list, scenario table, sweep)
     python benchmarks/ui_screenshots.py --out DIR
 
 `tests/test_browser.py` runs the same steps and checks what each page shows. Needs a Chromium
@@ -22,6 +23,9 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+TINY_SWEEP = ["rounds=2", "data.num_clients=37", "data.num_items=40", "data.rows_min=5", "data.rows_max=30",
+              "federation.clients_per_round=20", "model.dim=8", "model.hidden=[8]", "resources.cpus_per_worker=0.5",
+              "tracking.mlflow=true", "tracking.progress=false"]
 TINY_SCENARIO_RUN = ["rounds=2", "data.rows=[600,400,300,200]", "resources.workers=1", "resources.cpus_per_worker=0.5",
                      "tracking.mlflow=true", "tracking.progress=false"]
 
@@ -49,7 +53,24 @@ def make_store(root: Path, overrides: list[str] = ()) -> dict:
         os.chdir(here)
     from mlflow import MlflowClient
     r = MlflowClient(uri).get_run(logger.run_id)
-    return {"uri": uri, "experiment_id": r.info.experiment_id, "run_id": r.info.run_id, "run_name": r.info.run_name}
+    return {"uri": uri, "experiment_id": r.info.experiment_id, "run_id": r.info.run_id, "run_name": r.info.run_name,
+            **make_sweep(root, uri)}
+
+
+def make_sweep(root: Path, uri: str) -> dict:
+    """Two trials of the shipped quickstart space (2 rounds, tiny data) into the same store: the
+    sweep parent, its best child and that child's name (its sampled values)."""
+    from fleetrec.simulator.tune import tune_sweep
+    from fleetrec.simulator.tune_space import load_sweep
+    sweep = load_sweep(REPO / "tune_spaces" / "quickstart.yaml", [*TINY_SWEEP, f"tracking.tracking_uri={uri}"],
+                       storage_path=str(root / "tune_results"), num_samples=2)
+    res = tune_sweep(sweep, verbose=0)
+    from mlflow import MlflowClient
+    client = MlflowClient(uri)
+    parent = client.get_run(res.parent_run_id)
+    best = client.get_run(parent.data.tags["tune.best_run_id"])
+    return {"sweep_experiment_id": parent.info.experiment_id, "sweep_run_id": parent.info.run_id,
+            "best_child_id": best.info.run_id, "best_child_name": best.info.run_name}
 
 
 def free_port() -> int:
@@ -121,12 +142,14 @@ def screenshot(url: str, path: Path) -> Path:
 
 
 def pages(store: dict, port: int, links: list[str]) -> dict[str, str]:
-    """The three pages a reader opens: the runs list (the printed link), the run's model metrics,
-    the scenario x task table of its best round."""
+    """The pages a reader opens: the runs list (the printed link), the run's model metrics, the
+    scenario x task table of its best round, and the sweep parent's overview (its description links
+    the best child)."""
     base = f"http://127.0.0.1:{port}/#/experiments/{store['experiment_id']}/runs/{store['run_id']}"
     q = "?workflowType=machine_learning"
     return {"runs": links[0] if links else f"http://127.0.0.1:{port}/#/experiments/{store['experiment_id']}{q}",
-            "metrics": f"{base}/model-metrics{q}", "scenario_table": f"{base}/artifacts/scenarios/best_round.json{q}"}
+            "metrics": f"{base}/model-metrics{q}", "scenario_table": f"{base}/artifacts/scenarios/best_round.json{q}",
+            "sweep": f"http://127.0.0.1:{port}/#/experiments/{store['sweep_experiment_id']}/runs/{store['sweep_run_id']}{q}"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,7 +130,7 @@ def _summarize_mlflow(sweep: Sweep, parent: str, trials: list[dict], best: dict,
         if early:
             fill_best(client, c, sc.metric, sc.mode)
         if best and tid == best["trial_id"]:
-            best_child = c.info.run_id
+            best_child = c
     client.log_metric(parent, "tune/trials", len(trials))
     client.log_metric(parent, "tune/stopped_early", sum(t["error"] is None and t["rounds_run"] < sweep.base_cfg.rounds
                                                         for t in trials))
@@ -140,7 +140,9 @@ def _summarize_mlflow(sweep: Sweep, parent: str, trials: list[dict], best: dict,
         client.log_metric(parent, mlflow_name(f"best/{sc.metric}"), best["best"])
         client.set_tag(parent, "tune.best_trial_id", best["trial_id"])
         if best_child:
-            client.set_tag(parent, "tune.best_run_id", best_child)
+            client.set_tag(parent, "tune.best_run_id", best_child.info.run_id)
+            client.set_tag(best_child.info.run_id, "tune.best", "true")
+            client.set_tag(parent, "mlflow.note.content", best_note(sweep, exp_id, best_child, best["best"]))
         for k, v in best["config"].items():
             client.log_param(parent, f"best.{k}", str(v)[:500])
     with tempfile.TemporaryDirectory() as d:
@@ -157,6 +159,16 @@ def _summarize_mlflow(sweep: Sweep, parent: str, trials: list[dict], best: dict,
         for p in _plots(sweep, trials, d):
             client.log_artifact(parent, str(p), artifact_path="plots")
     client.set_terminated(parent, "FINISHED")
+
+
+def best_note(sweep: Sweep, experiment_id: str, child, value: float) -> str:
+    """The parent run's description (Markdown, shown on its Overview page): what was swept, and a
+    link to the best child run by its name (its sampled values)."""
+    sc = sweep.cfg
+    link = f"#/experiments/{experiment_id}/runs/{child.info.run_id}"
+    return (f"Sweep {sweep.name}: {sc.num_samples} samples of {', '.join(sweep.space)} on {sweep.base_path.name}, "
+            f"{sc.mode} {sc.metric}.\n\nBest trial: [{child.info.run_name}]({link}), "
+            f"{sc.metric} = {value:.4f}.")
 
 
 def fill_best(client, run, metric: str, mode: str) -> None:

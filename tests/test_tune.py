@@ -146,6 +146,11 @@ def test_quickstart_sweep_asha_and_mlflow(ray_session, tmp_path):
     assert p.info.status == "FINISHED"
     assert p.data.params["sweep.rounds"] == "4" and "rounds=4" in p.data.params["sweep.cli_overrides"]
     assert p.data.tags["tune.best_trial_id"] == res.best["trial_id"]
+    best = [c for c in children if c.data.tags["tune.trial_id"] == res.best["trial_id"]]
+    assert [c.data.tags.get("tune.best") for c in children].count("true") == 1 and len(best) == 1
+    assert best[0].data.tags["tune.best"] == "true" and p.data.tags["tune.best_run_id"] == best[0].info.run_id
+    link = f"[{best[0].info.run_name}](#/experiments/{exp.experiment_id}/runs/{best[0].info.run_id})"
+    assert link in p.data.tags["mlflow.note.content"]             # the parent's description links its best child
     assert p.data.metrics["best/val/auc"] == pytest.approx(res.best["best"])
     assert p.data.metrics["tune/trials"] == 8 and p.data.metrics["tune/stopped_early"] >= 1
     arts = {a.path for a in client.list_artifacts(res.parent_run_id)}
