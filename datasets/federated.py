@@ -76,6 +76,9 @@ class FederatedDataset:
     client_attrs: pa.Table                # (C rows) client_categorical columns (+ optional `label` strings)
     meta: dict = field(default_factory=dict)   # e.g. {"positive_rate": 0.31}
     side: dict = field(default_factory=dict)   # optional named side tables (pa.Table), e.g. social / item graphs
+    # a worker's shard of a larger dataset (datasets/prepared.py): (C,) the full dataset's row index of each
+    # client's first row, so row-keyed randomness (minibatch order) is that of the full dataset; None: rows are global
+    row_base: np.ndarray | None = None
 
     @property
     def num_clients(self) -> int:

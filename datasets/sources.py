@@ -26,6 +26,7 @@ SOURCES: Registry[type] = Registry("data source", {
     "tenrec": _D + "tenrec:TenrecConfig",
     "census_income": _D + "census_income:CensusIncomeConfig",
     "ali_ccp": _D + "ali_ccp:AliCcpConfig",
+    "prepared": _D + "prepared:PreparedConfig",
     "mf_synthetic": _D + "graphs:MFSyntheticConfig",
     "mf_epinions": _D + "graphs:MFEpinionsConfig",
     "mf_ciao": _D + "graphs:MFCiaoConfig",

@@ -35,6 +35,8 @@ class DataView:
         self.numeric = _tensor(np.stack(num, 1)) if num else None                # (N, M)
         self.labels = _tensor(np.stack([ds.column(t) for t in s.tasks], 1))    # (N, T)
         self.client_attrs = {f.name: _tensor(ds.client_attr(f.name)) for f in s.client_categorical}
+        # a shard of a larger dataset: local row + shift[client] = the full dataset's row (the key of its order)
+        self.row_shift = None if ds.row_base is None else ds.row_base - ds.offsets[:-1]
 
     def rows(self, client_ids: np.ndarray, split: int) -> tuple[np.ndarray, np.ndarray]:
         """(K, L) global row indices of each client's rows of `split` (padding repeats a valid
@@ -57,8 +59,9 @@ class DataView:
         order = None
         if epochs:
             orders = []
+            key_rows = idx if self.row_shift is None else idx + self.row_shift[client_ids][:, None]
             for e in range(epochs):
-                keys = rng.row_keys(seed, rng.MINIBATCH_ORDER, rnd * 1009 + e, idx)   # (K, L) uint64
+                keys = rng.row_keys(seed, rng.MINIBATCH_ORDER, rnd * 1009 + e, key_rows)   # (K, L) uint64
                 keys[~mask] = _PAD_KEY                                           # padding sorts last
                 orders.append(np.argsort(keys, axis=1, kind="stable"))
             order = torch.from_numpy(np.stack(orders))                           # (E, K, L)

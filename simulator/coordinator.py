@@ -17,7 +17,7 @@ import torch
 from fleetrec.algorithms import make_algorithm, rng
 from fleetrec.algorithms.evaluation import PER_USER, merge_all
 from fleetrec.algorithms.protocol import Accumulator, Tensors
-from fleetrec.datasets.federated import TEST, TRAIN, VAL, FederatedDataset
+from fleetrec.datasets.federated import TEST, TRAIN, VAL
 from fleetrec.simulator import checkpoint
 from fleetrec.simulator.placement import Placement
 from fleetrec.simulator.worker import Worker, WorkerRestarted
@@ -32,7 +32,8 @@ def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> np.ndarray:
 @ray.remote
 class Coordinator:
     def __init__(self, cfg, dataset_holder: list):
-        ds: FederatedDataset = ray.get(dataset_holder[0])
+        ds = dataset_holder[0]          # an ObjectRef to a FederatedDataset, or a PreparedDataset handle
+        ds = ray.get(ds) if isinstance(ds, ray.ObjectRef) else ds
         self.cfg = cfg
         self.num_clients = ds.num_clients
         from fleetrec.simulator.config import make_setup

@@ -25,6 +25,7 @@ import torch
 from fleetrec.algorithms.evaluation import PER_USER
 from fleetrec.datasets.federated import TRAIN, FederatedDataset
 from fleetrec.datasets.partition import subset_clients
+from fleetrec.datasets.prepared import PreparedDataset
 from fleetrec.simulator import checkpoint
 from fleetrec.simulator.ceiling import ceiling, client_rate_auc
 from fleetrec.simulator.config import ExperimentConfig
@@ -217,6 +218,23 @@ def open_coverage(ds: FederatedDataset, opened: np.ndarray, private: np.ndarray)
     return out
 
 
+def reference_values(ds, ks: tuple[int, ...] | None, approximate: bool) -> dict:
+    """What a perfect model (`ceiling`) and a per-client bias alone (`floor`) score on the run's data.
+    A prepared layout carries the values computed from all its rows when it was written; a run that
+    asks for other ones (other K, the other pooled-AUC form) reports none, and says so."""
+    if not isinstance(ds, PreparedDataset):
+        return {"ceiling": ceiling(ds, ks or (20, 40), approximate=approximate),
+                "floor": {} if ks else {"client_rate_auc": client_rate_auc(ds, approximate=approximate)}}
+    ref = ds.manifest["reference"]
+    want = {"ks": list(ks or (20, 40)), "approximate": approximate}
+    if {k: ref.get(k) for k in want} != want:
+        print(f"fleetrec: note: data.path={ds.path}: its reference values were computed for {ref.get('ks')} / "
+              f"approximate={ref.get('approximate')}, this run asks for {want['ks']} / approximate={approximate}; "
+              "the ceiling and client-rate floor are not reported (prepare it again to have them)", file=sys.stderr)
+        return {"ceiling": {}, "floor": {}}
+    return {"ceiling": ref["ceiling"], "floor": {} if ks else {"client_rate_auc": ref["client_rate_auc"]}}
+
+
 def _scenario_names(ds: FederatedDataset) -> list[str] | None:
     """The name of each client of a scenario federation (its `label`, e.g. `category:3`, or `s<k>`)."""
     if ds.schema.scenario is None:
@@ -256,7 +274,9 @@ def _run(cfg: ExperimentConfig, callbacks, dataset, keep_actors: bool, resume):
     ensure_ray(cfg)
     check_fits(cfg, ray.cluster_resources())
     t0 = time.perf_counter() - t_build             # start-up: the data build and what follows, not Ray's own start
-    if isinstance(dataset, ray.ObjectRef):        # already in the object store (large runs put it once)
+    if isinstance(dataset, PreparedDataset):      # a sharded layout: each worker reads its own clients' rows
+        ds_ref = ds = dataset                     # (the handle is a folder and a manifest: passed by value)
+    elif isinstance(dataset, ray.ObjectRef):      # already in the object store (large runs put it once)
         ds_ref = dataset
         ds = ray.get(ds_ref)
         if resume is not None:
@@ -271,9 +291,7 @@ def _run(cfg: ExperimentConfig, callbacks, dataset, keep_actors: bool, resume):
     try:
         info = ray.get(coord.info.remote())
         info.update(dataset=ds.name, num_clients=ds.num_clients, num_rows=ds.num_rows, meta=ds.meta,
-                    ceiling=ceiling(ds, cfg.algorithm.ranking_ks() or (20, 40), approximate=approx),
-                    floor=({} if cfg.algorithm.ranking_ks() else
-                           {"client_rate_auc": client_rate_auc(ds, approximate=approx)}),
+                    **reference_values(ds, cfg.algorithm.ranking_ks(), approx),
                     scenario_names=_scenario_names(ds),
                     startup_seconds=time.perf_counter() - t0,
                     worker_handles=ray.get(coord.worker_handles.remote()))

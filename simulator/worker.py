@@ -20,6 +20,7 @@ from fleetrec.algorithms import make_algorithm
 from fleetrec.algorithms.evaluation import merge_all
 from fleetrec.algorithms.protocol import RANKING, Accumulator, Setup, TrainPlan, Tensors
 from fleetrec.datasets.federated import FederatedDataset
+from fleetrec.datasets.prepared import PreparedDataset
 from fleetrec.simulator.cohort import DataView
 from fleetrec.simulator.placement import Placement
 
@@ -67,7 +68,7 @@ class _SplitBatches:
 
 @ray.remote
 class Worker:
-    def __init__(self, index: int, placement: Placement, dataset: FederatedDataset, algo_config, setup: Setup,
+    def __init__(self, index: int, placement: Placement, dataset: FederatedDataset | PreparedDataset, algo_config, setup: Setup,
                  cohort_size: int, threads: int):
         torch.set_num_threads(max(1, threads))
         gpu_ids = ray.get_gpu_ids()
@@ -78,6 +79,8 @@ class Worker:
             warnings.filterwarnings("ignore", message="This API is deprecated and may be removed")
             self.stale = ray.get_runtime_context().was_current_actor_reconstructed
         self.index, self.placement = index, placement
+        if isinstance(dataset, PreparedDataset):      # a sharded layout: read this worker's clients' rows
+            dataset = dataset.load(placement.owned(index))
         self.data = DataView(dataset)
         # columns are views of the object store's buffers, not copies (read-only memory)
         self.zero_copy = all(not dataset.column(c).flags.writeable for c in dataset.table.column_names)
@@ -180,4 +183,5 @@ class Worker:
     def info(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "device": self.setup.device, "gpu_ids": ray.get_gpu_ids(), "zero_copy": self.zero_copy,
+                "rows": self.data.num_rows,          # rows this worker holds (its own clients' only, when sharded)
                 "personal_bytes": sum(v.numel() * v.element_size() for v in self.personal.values())}

@@ -3,13 +3,15 @@ test session already holds its own single-node Ray).
 
 Starts a `ray.cluster_utils.Cluster`: a head node with no CPUs (it hosts the driver) and two
 nodes with 1 CPU each. Runs the tiny experiment twice with two 0.5-CPU workers placed with
-`resources.placement=spread`: once uninterrupted, once removing the node of a worker (one that
-does not host the coordinator) after a given round. Prints one JSON object on the last line.
+`resources.placement=spread`: once uninterrupted (in memory), once from the sharded layout
+(datasets/prepared.py) removing the node of a worker (one that does not host the coordinator)
+after a given round. Prints one JSON object on the last line.
 
     python tests/multinode_cluster.py CHECKPOINT_DIR [REMOVE_AFTER_ROUND]
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,7 +31,9 @@ os.environ["RAY_TMPDIR"] = RAY_TMPDIR
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from fleetrec.simulator.run import Callback, run  # noqa: E402
+from fleetrec.datasets.prepared import PreparedConfig  # noqa: E402
+from fleetrec.simulator.data_cli import write_layout  # noqa: E402
+from fleetrec.simulator.run import Callback, federated_dataset, run  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
@@ -67,7 +71,12 @@ def main(ck_dir: str, after: int) -> dict:
                 "resources.placement": "spread"}
         full = run(tiny_config(**{**opts, "checkpoint.dir": f"{ck_dir}/full"}))
         remover = RemoveWorkerNode(cluster, nodes, after)
-        hurt, coord = run(tiny_config(**{**opts, "checkpoint.dir": f"{ck_dir}/hurt"}), [remover], keep_actors=True)
+        # the interrupted run reads the sharded layout: no object in the head's store holds rows, and the
+        # restarted worker re-reads its own clients' shard from the folder
+        hurt_cfg = tiny_config(**{**opts, "checkpoint.dir": f"{ck_dir}/hurt"})
+        layout = write_layout(federated_dataset(hurt_cfg), Path(ck_dir) / "layout", 4, hurt_cfg)
+        hurt_cfg = dataclasses.replace(hurt_cfg, data=PreparedConfig(path=str(layout)))
+        hurt, coord = run(hurt_cfg, [remover], keep_actors=True)
         after_run = [w["node"] for w in ray.get([h.info.remote() for h in hurt.info["worker_handles"]])]
         ray.kill(coord)
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -83,6 +92,7 @@ def main(ck_dir: str, after: int) -> dict:
             "hurt": {"coordinator": hurt.info["node"], "workers": [w["node"] for w in hurt.info["workers"]],
                      "workers_at_end": after_run, "rounds": [r["round"] for r in hurt.records], "recoveries": hurt.info["worker_recoveries"],
                      "removed": remover.removed, "metrics": metrics(hurt),
+                     "rows": [w["rows"] for w in hurt.info["workers"]], "num_rows": hurt.info["num_rows"],
                      "server_state": {k: v.flatten().tolist() for k, v in hurt.server_state.items()}},
         }
     finally:

@@ -2,7 +2,9 @@
 subprocess by tests/multinode_cluster.py because this session already holds its own Ray):
 `resources.placement=spread` puts the workers on different nodes, and a run that loses a
 worker's node mid-run restarts that worker on the remaining node, restores it from the last
-checkpoint and ends with exactly the metrics and server state of an uninterrupted run."""
+checkpoint and ends with exactly the metrics and server state of an uninterrupted run. The
+interrupted run reads the sharded Parquet layout (each worker its own clients' rows, re-read by
+the restarted worker), the uninterrupted one the in-memory dataset: the same results."""
 from __future__ import annotations
 
 import json
@@ -45,6 +47,8 @@ def test_run_survives_losing_a_worker_node_with_unchanged_results(multinode):
     assert hurt["workers_at_end"] == [survivor, survivor]
     assert hurt["recoveries"] >= 1
     assert hurt["rounds"] == [0, 1, 2, 3, 4]
+    # the hurt run read the sharded layout: each worker held only its own clients' rows
+    assert sum(hurt["rows"]) == hurt["num_rows"] and max(hurt["rows"]) < hurt["num_rows"]
     assert set(hurt["metrics"]) == set(full["metrics"]) and "val/auc" in full["metrics"]
     for k, v in full["metrics"].items():
         assert hurt["metrics"][k] == pytest.approx(v, abs=1e-6), k
