@@ -42,15 +42,17 @@ def test_throughput_smoke(ray_session, tmp_path, capsys):
     assert check["reference_train_loss"] == pytest.approx(check["fleetrec_train_loss"], abs=1e-4)
 
 
-def test_scale_smoke_on_the_generator_with_every_client_evaluated(ray_session, capsys):
+def test_scale_smoke_on_the_generator_from_the_layout_with_every_client_evaluated(ray_session, capsys, tmp_path):
     out = _load("scale").main(["--clients", "3000", "--per-round", "300", "--rounds", "1", "--workers", "1",
                                "--data", "synthetic_per_user", "--rows-min", "12", "--rows-max", "12",
                                "--eval-clients", "0", "--pooled-auc", "histogram", "--no-probe",
-                               "--mem-interval", "0.1"])
+                               "--mem-interval", "0.1", "--layout", str(tmp_path / "layout"), "--buckets", "4"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(out))
     assert out["config"]["rows_total"] == 36000 and out["config"]["data"] == "synthetic_per_user"
     assert out["eval_clients"] == 3000 and out["clients_per_round"] == 300
-    assert 0 < out["test_auc"] < 1 and out["put_seconds"] >= 0 and out["client_updates_per_s"] > 0
+    assert 0 < out["test_auc"] < 1 and out["client_updates_per_s"] > 0
+    assert out["config"]["layout"] and out["layout_write_seconds"] > 0 and out["put_seconds"] == 0
+    assert len(list((tmp_path / "layout" / "rows").glob("bucket-*.parquet"))) == 4
 
 
 def test_generate_smoke(capsys):
