@@ -178,6 +178,9 @@ def federated_dataset(cfg: ExperimentConfig) -> FederatedDataset:
     `data.hold_out` names (the same clients, for a baseline), whose ids are renumbered 0..P-1 with
     schema and vocabularies unchanged."""
     ds = cfg.data.build(cfg.seed)
+    if isinstance(ds, PreparedDataset) and cfg.data.hold_out.active:
+        raise ConfigError(f"data.hold_out: the prepared layout {ds.path} holds the clients it was written with; "
+                          "set data.hold_out in the config given to `fleetrec data prepare --out` instead")
     seen = cfg.model.pretrained_clients(ds)
     held = cfg.data.hold_out.select(ds, cfg.seed)
     if seen is not None and held is not None and not np.array_equal(seen, held):

@@ -119,6 +119,9 @@ def test_a_changed_missing_or_foreign_folder_is_one_line(tmp_path, capsys):
     with pytest.raises(DataError, match="exists and is not a prepared dataset"):
         write(ds, tmp_path / "other")
     assert (tmp_path / "other" / "x.txt").read_text() == "mine"             # nothing overwritten
+    cfg = from_dict(apply_overrides({}, [f"data={{name: prepared, path: {tmp_path / 'l'}, hold_out: {{fraction: 0.2}}}}"]), "t")
+    with pytest.raises(ConfigError, match="data.hold_out: the prepared layout .* holds the clients it was written with"):
+        federated_dataset(cfg)
     with pytest.raises(ConfigError, match="data: path: expected the folder written by"):
         from_dict(apply_overrides({}, ["data={name: prepared}"]), "t")
     assert data_main(["prepare", "synthetic_per_user", "num_clients=20", "--buckets", "0", "--out",
