@@ -115,14 +115,14 @@ def test_quickstart_sweep_asha_and_mlflow(ray_session, tmp_path):
     from mlflow.tracking import MlflowClient
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = SPACES_DIR / "quickstart.yaml"
-    ov = _tiny(space, rounds=4, **{"tracking.mlflow": True, "tracking.tracking_uri": uri,
+    ov = _tiny(space, rounds=3, **{"tracking.mlflow": True, "tracking.tracking_uri": uri,
                                    "tracking.experiment": "sweep"})
     sweep = load_sweep(space, ov, storage_path=str(tmp_path / "tune_results"))
     assert sweep.cfg.num_samples == 8 and sweep.cfg.scheduler.name == "asha"
     res = tune_sweep(sweep, verbose=0)
     assert len(res.trials) == 8 and all(t["error"] is None for t in res.trials)
     rounds = [t["rounds_run"] for t in res.trials]
-    assert max(rounds) == 4 and min(rounds) < 4, rounds          # ASHA stopped at least one trial
+    assert max(rounds) == 3 and min(rounds) < 3, rounds          # ASHA stopped at least one trial
     assert res.best and res.best_config is not None
 
     client = MlflowClient(tracking_uri=uri)
@@ -140,11 +140,11 @@ def test_quickstart_sweep_asha_and_mlflow(ray_session, tmp_path):
             assert float(c.data.params[f"sampled.{k}"]) == pytest.approx(t["config"][k])
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "val/auc")]
         assert steps == list(range(t["rounds_run"]))
-        assert c.data.tags["tune.stopped_early"] == str(t["rounds_run"] < 4).lower()
+        assert c.data.tags["tune.stopped_early"] == str(t["rounds_run"] < 3).lower()
         assert c.data.tags["sweep"] == sweep.name and c.info.run_name.startswith("lr=")    # named by its sample
     p = client.get_run(res.parent_run_id)
     assert p.info.status == "FINISHED"
-    assert p.data.params["sweep.rounds"] == "4" and "rounds=4" in p.data.params["sweep.cli_overrides"]
+    assert p.data.params["sweep.rounds"] == "3" and "rounds=3" in p.data.params["sweep.cli_overrides"]
     assert p.data.tags["tune.best_trial_id"] == res.best["trial_id"]
     best = [c for c in children if c.data.tags["tune.trial_id"] == res.best["trial_id"]]
     assert [c.data.tags.get("tune.best") for c in children].count("true") == 1 and len(best) == 1
