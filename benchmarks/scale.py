@@ -237,8 +237,9 @@ def main(argv=None) -> dict:
     layout_s = None
     t_put = time.perf_counter()
     if args.layout:            # written once, then read per worker: nothing goes through the object store
-        from fleetrec.datasets.prepared import PreparedDataset, write
-        write(ds, args.layout, args.buckets)
+        from fleetrec.datasets.prepared import PreparedDataset
+        from fleetrec.simulator.data_cli import write_layout
+        write_layout(ds, Path(args.layout), args.buckets, cfg)      # with the reference values the run reports
         layout_s = time.perf_counter() - t_put
         ds_ref = PreparedDataset.open(args.layout)
         put_s = 0.0

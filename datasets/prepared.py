@@ -10,6 +10,7 @@ The layout (`DIR/`):
   a row group covers a client range (its statistics let a reader skip it);
 - `clients.parquet` (one row per client: the client attributes), `offsets.npy` ((C+1,) row
   offsets) and `split_offsets.npy` ((C, 4) train / val / test starts and end), `side/<name>.parquet`;
+  files and folders are world-readable (a shared file system, another user);
 - `manifest.json`: format version, name, schema, meta, bucket count, row and client counts, the
   dataset's content digest (`FederatedDataset.fingerprint`, so checkpoints of an in-memory run and
   of a run from its layout recognise the same data), the SHA-256 of every file (a worker checks the
@@ -81,10 +82,12 @@ def bucket_of(clients: np.ndarray, buckets: int) -> np.ndarray:
 
 
 def write(ds: FederatedDataset, out: str | Path, buckets: int = 64, row_group_rows: int = 1 << 20,
-          reference: dict | None = None) -> Path:
+          reference: dict | None = None, seed: int | None = None) -> Path:
     """Write `ds` as the layout above into `out` (which must not exist, or be an earlier layout:
     replaced). Written into a temporary folder beside `out` and renamed, so a failure leaves
-    nothing half-written. `reference`: values computed from all rows that a run reports."""
+    nothing half-written (and an earlier layout in place). `reference`: values computed from all
+    rows that a run reports. `seed`: the experiment seed the rows were drawn with, or None when they
+    do not depend on it (`data.seed` pinned); a run with another seed is refused."""
     out = Path(out)
     if buckets < 1:
         raise DataError(f"--buckets: got {buckets}, expected >= 1")
@@ -114,15 +117,26 @@ def write(ds: FederatedDataset, out: str | Path, buckets: int = 64, row_group_ro
         manifest = {"format": FORMAT, "version": VERSION, "name": ds.name, "schema": _schema_dict(ds.schema),
                     "meta": ds.meta, "side": sorted(ds.side), "buckets": buckets, "num_clients": ds.num_clients,
                     "num_rows": ds.num_rows, "columns": ds.table.column_names, "fingerprint": ds.fingerprint(),
-                    "files": files, "reference": reference or {}}
+                    "files": files, "reference": reference or {}, "seed": seed}
         try:
             text = json.dumps(manifest, indent=1, sort_keys=True, default=_plain)
         except TypeError as e:
             raise DataError(f"{ds.name}: dataset meta is not JSON ({e}); cannot prepare it") from None
         (tmp / MANIFEST).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        for q in (tmp, *tmp.rglob("*")):               # readable by other users of a shared file system
+            q.chmod(0o755 if q.is_dir() else 0o644)
+        old = None
+        if out.exists():                                # the earlier layout moves aside until the new one is in
+            old = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".old", dir=out.parent))
+            os.replace(out, old / "layout")
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:
+                os.replace(old / "layout", out)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -227,15 +241,17 @@ class PreparedDataset:
         """The rows of the `owned` clients (global ids) as a FederatedDataset over all clients: the
         others own zero rows. Reads only the buckets those clients fall in."""
         owned = np.unique(np.asarray(owned, dtype=np.int64))
-        parts = [pq.read_table(self._file(f"rows/bucket-{b:05d}.parquet")) for b in self._buckets_of(owned)]
+        parts = []
+        for b in self._buckets_of(owned):                  # each bucket filtered as it is read: a worker never
+            part = pq.read_table(self._file(f"rows/bucket-{b:05d}.parquet"))   # holds other workers' rows
+            keep = np.isin(part.column(CLIENT).to_numpy(), owned)
+            parts.append(part if keep.all() else part.filter(pa.array(keep)))
+            del part
         names = self.manifest["columns"]
         table = pa.concat_tables(parts) if parts else pa.table(
             {c: pa.array([], type=t) for c, t in zip(names, self._empty_types(names))})
+        del parts
         client = table.column(CLIENT).to_numpy()
-        keep = np.isin(client, owned)
-        if not keep.all():                                 # buckets shared with other workers' clients
-            table = table.filter(pa.array(keep))
-            client = client[keep]
         order = np.argsort(client, kind="stable")          # each bucket is in order; across buckets, merge
         if len(order) and not (np.diff(order) == 1).all():
             table = table.take(pa.array(order))

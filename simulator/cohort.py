@@ -34,6 +34,10 @@ class DataView:
         num = [ds.column(c) for c in s.numeric]
         self.numeric = _tensor(np.stack(num, 1)) if num else None                # (N, M)
         self.labels = _tensor(np.stack([ds.column(t) for t in s.tasks], 1))    # (N, T)
+        if self.num_rows == 0:      # a shard whose clients own no rows: one zero row for the (masked) padding
+            self.categorical = {k: v.new_zeros(1) for k, v in self.categorical.items()}
+            self.numeric = None if self.numeric is None else self.numeric.new_zeros(1, self.numeric.shape[1])
+            self.labels = self.labels.new_zeros(1, self.labels.shape[1])
         self.client_attrs = {f.name: _tensor(ds.client_attr(f.name)) for f in s.client_categorical}
         # a shard of a larger dataset: local row + shift[client] = the full dataset's row (the key of its order)
         self.row_shift = None if ds.row_base is None else ds.row_base - ds.offsets[:-1]

@@ -118,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
             ds = cfg.build(seed_)
         dt = time.perf_counter() - t0
         if out is not None:
-            written = write_layout(ds, out, 64 if buckets is None else buckets, exp)
+            written = write_layout(ds, out, 64 if buckets is None else buckets, exp,
+                                   seed=None if seed_pinned(cfg) else seed_)
+        if verb == "describe":
+            text = describe(ds)
     except (DataError, ConfigError) as e:
         print(f"fleetrec data {verb}: {e}", file=sys.stderr)
         return 2
     if verb == "describe":
-        print(describe(ds))
+        print(text)
     else:
         print(f"prepared {ds.name}: {ds.num_clients} clients, {ds.num_rows} rows")
         if out is not None:
@@ -133,19 +136,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_layout(ds, out: Path, buckets: int, exp=None) -> Path:
+def seed_pinned(data_cfg) -> bool:
+    """Whether a data config's rows and hold-out do not depend on the experiment seed (`data.seed`
+    and, with a hold-out, `data.hold_out.seed` set)."""
+    import dataclasses
+    fields = {f.name for f in dataclasses.fields(data_cfg)}
+    pinned = "seed" in fields and data_cfg.seed is not None
+    return pinned and (not data_cfg.hold_out.active or data_cfg.hold_out.seed is not None)
+
+
+def write_layout(ds, out: Path, buckets: int, exp=None, seed: int | None = None) -> Path:
     """The sharded layout of `ds` with the reference values a run of `exp` (or of a default
-    pointwise run) reports, computed here from all rows."""
+    pointwise run) reports, computed here from all rows. `seed`: what its rows were drawn with
+    (None: they do not depend on the experiment seed)."""
     from fleetrec.datasets.prepared import PreparedDataset, write
     from fleetrec.simulator.ceiling import ceiling, client_rate_auc
     if isinstance(ds, PreparedDataset):
         raise DataError(f"{out}: the source is a prepared dataset already ({ds.path})")
     ks = exp.algorithm.ranking_ks() if exp is not None else None
     approx = exp is not None and exp.eval.pooled_auc == "histogram"
-    ref = {"ks": list(ks or (20, 40)), "approximate": approx,
+    ref = {"ks": list(ks or (20, 40)), "approximate": approx, "ranking": bool(ks),
            "ceiling": ceiling(ds, ks or (20, 40), approximate=approx),
            "client_rate_auc": {} if ks else client_rate_auc(ds, approximate=approx)}
-    return write(ds, out, buckets, reference=ref).resolve()
+    return write(ds, out, buckets, reference=ref, seed=seed).resolve()
 
 
 if __name__ == "__main__":

@@ -178,9 +178,8 @@ def federated_dataset(cfg: ExperimentConfig) -> FederatedDataset:
     `data.hold_out` names (the same clients, for a baseline), whose ids are renumbered 0..P-1 with
     schema and vocabularies unchanged."""
     ds = cfg.data.build(cfg.seed)
-    if isinstance(ds, PreparedDataset) and cfg.data.hold_out.active:
-        raise ConfigError(f"data.hold_out: the prepared layout {ds.path} holds the clients it was written with; "
-                          "set data.hold_out in the config given to `fleetrec data prepare --out` instead")
+    if isinstance(ds, PreparedDataset):
+        return _prepared_federation(cfg, ds)
     seen = cfg.model.pretrained_clients(ds)
     held = cfg.data.hold_out.select(ds, cfg.seed)
     if seen is not None and held is not None and not np.array_equal(seen, held):
@@ -202,6 +201,26 @@ def federated_dataset(cfg: ExperimentConfig) -> FederatedDataset:
               + " occur in the open clients' rows, so the rest score through untrained backbone embeddings",
               file=sys.stderr)
     return out
+
+
+def _prepared_federation(cfg: ExperimentConfig, ds: PreparedDataset) -> PreparedDataset:
+    """A prepared layout as the run's federation, refusing what it cannot honour with one line."""
+    if cfg.data.hold_out.active:
+        raise ConfigError(f"data.hold_out: the prepared layout {ds.path} holds the clients it was written with; "
+                          "set data.hold_out in the config given to `fleetrec data prepare --out` instead")
+    built = ds.manifest.get("seed")
+    if built is not None and built != cfg.seed:
+        raise ConfigError(f"seed: {cfg.seed}, but the prepared layout {ds.path} was drawn with seed {built} (its rows "
+                          f"depend on it): prepare one per seed (`fleetrec data prepare CONFIG --seed {cfg.seed} --out "
+                          "DIR`), or pin data.seed in the config given to prepare")
+    if ds.meta.get("held_out_clients"):
+        raise ConfigError(f"data.path: the prepared layout {ds.path} was written without {ds.meta['held_out_clients']} "
+                          "held-out clients (FedPA's open clients or data.hold_out); running such a layout is not "
+                          "supported yet: run this config from its source data")
+    if cfg.model.pretrained_clients(ds) is not None:     # (raises when the backbone's clients do not fit)
+        raise ConfigError(f"model.backbone: pre-trained on clients of this data; prepare the layout from this "
+                          f"config so they are held out (not supported yet for {ds.path})")
+    return ds
 
 
 COVERAGE_WARNING = 0.5       # below this share of private test rows with a pre-trained item value: a warning
@@ -229,10 +248,15 @@ def reference_values(ds, ks: tuple[int, ...] | None, approximate: bool) -> dict:
         return {"ceiling": ceiling(ds, ks or (20, 40), approximate=approximate),
                 "floor": {} if ks else {"client_rate_auc": client_rate_auc(ds, approximate=approximate)}}
     ref = ds.manifest["reference"]
-    want = {"ks": list(ks or (20, 40)), "approximate": approximate}
+    want = {"ks": list(ks or (20, 40)), "approximate": approximate, "ranking": bool(ks)}
+    if not ref:
+        print(f"fleetrec: note: data.path={ds.path}: the layout carries no reference values (written without "
+              "them); the ceiling and client-rate floor are not reported", file=sys.stderr)
+        return {"ceiling": {}, "floor": {}}
     if {k: ref.get(k) for k in want} != want:
-        print(f"fleetrec: note: data.path={ds.path}: its reference values were computed for {ref.get('ks')} / "
-              f"approximate={ref.get('approximate')}, this run asks for {want['ks']} / approximate={approximate}; "
+        print(f"fleetrec: note: data.path={ds.path}: its reference values were computed for ranking="
+              f"{ref.get('ranking')} K={ref.get('ks')} approximate={ref.get('approximate')}, this run asks for ranking="
+              f"{want['ranking']} K={want['ks']} approximate={approximate}; "
               "the ceiling and client-rate floor are not reported (prepare it again to have them)", file=sys.stderr)
         return {"ceiling": {}, "floor": {}}
     return {"ceiling": ref["ceiling"], "floor": {} if ks else {"client_rate_auc": ref["client_rate_auc"]}}

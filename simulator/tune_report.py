@@ -142,7 +142,7 @@ def _summarize_mlflow(sweep: Sweep, parent: str, trials: list[dict], best: dict,
         if best_child:
             client.set_tag(parent, "tune.best_run_id", best_child.info.run_id)
             client.set_tag(best_child.info.run_id, "tune.best", "true")
-            client.set_tag(parent, "mlflow.note.content", best_note(sweep, exp_id, best_child, best["best"]))
+            client.set_tag(parent, "mlflow.note.content", best_note(sweep, exp_id, best_child, best["best"], len(trials)))
         for k, v in best["config"].items():
             client.log_param(parent, f"best.{k}", str(v)[:500])
     with tempfile.TemporaryDirectory() as d:
@@ -161,12 +161,12 @@ def _summarize_mlflow(sweep: Sweep, parent: str, trials: list[dict], best: dict,
     client.set_terminated(parent, "FINISHED")
 
 
-def best_note(sweep: Sweep, experiment_id: str, child, value: float) -> str:
+def best_note(sweep: Sweep, experiment_id: str, child, value: float, trials: int) -> str:
     """The parent run's description (Markdown, shown on its Overview page): what was swept, and a
     link to the best child run by its name (its sampled values)."""
     sc = sweep.cfg
     link = f"#/experiments/{experiment_id}/runs/{child.info.run_id}"
-    return (f"Sweep {sweep.name}: {sc.num_samples} samples of {', '.join(sweep.space)} on {sweep.base_path.name}, "
+    return (f"Sweep {sweep.name}: {trials} trials over {', '.join(sweep.space)} on {sweep.base_path.name}, "
             f"{sc.mode} {sc.metric}.\n\nBest trial: [{child.info.run_name}]({link}), "
             f"{sc.metric} = {value:.4f}.")
 

@@ -94,6 +94,11 @@ def test_layout_round_trip_buckets_and_handle(tmp_path):
     assert len(pickle.dumps(p)) == size                                     # ... but never shipped with the handle
     with pytest.raises(DataError, match="needs every row in one process"):
         p.column(CLIENT)
+    from fleetrec.simulator.cohort import DataView
+    none = p.load(np.zeros(0, np.int64))                                   # a worker whose clients own no rows
+    assert none.num_rows == 0
+    b = DataView(none).batch(np.array([0, 5]), 0, epochs=1, seed=0, rnd=0)   # padding only, all masked
+    assert b.mask.sum() == 0 and tuple(b.labels.shape[:2]) == (2, 1)
 
 
 def test_a_changed_missing_or_foreign_folder_is_one_line(tmp_path, capsys):
@@ -122,6 +127,11 @@ def test_a_changed_missing_or_foreign_folder_is_one_line(tmp_path, capsys):
     cfg = from_dict(apply_overrides({}, [f"data={{name: prepared, path: {tmp_path / 'l'}, hold_out: {{fraction: 0.2}}}}"]), "t")
     with pytest.raises(ConfigError, match="data.hold_out: the prepared layout .* holds the clients it was written with"):
         federated_dataset(cfg)
+    write(ds, tmp_path / "s", buckets=2, seed=0)                            # rows drawn with seed 0
+    seeded = lambda k: from_dict(apply_overrides({}, [f"seed={k}", f"data={{name: prepared, path: {tmp_path / 's'}}}"]), "t")
+    assert federated_dataset(seeded(0)).num_clients == ds.num_clients
+    with pytest.raises(ConfigError, match="seed: 1, but the prepared layout .* was drawn with seed 0"):
+        federated_dataset(seeded(1))
     with pytest.raises(ConfigError, match="data: path: expected the folder written by"):
         from_dict(apply_overrides({}, ["data={name: prepared}"]), "t")
     assert data_main(["prepare", "synthetic_per_user", "num_clients=20", "--buckets", "0", "--out",
@@ -138,7 +148,10 @@ def test_cli_prepare_writes_the_layout_of_what_the_run_federates(tmp_path, capsy
     text = capsys.readouterr().out
     assert f"data={{name: prepared, path: {out.resolve()}}}" in text
     p = PreparedDataset.open(out)
-    assert p.buckets == 4 and p.num_clients == 50
+    assert p.buckets == 4 and p.num_clients == 50 and p.manifest["seed"] == 0   # data.seed unset: the run's seed
+    assert oct(out.stat().st_mode & 0o777) == "0o755"                          # readable on a shared file system
+    assert data_main(["describe", "prepared", f"path={out}"]) == 2               # needs every row: one line
+    assert "needs every row in one process" in capsys.readouterr().err
     assert p.manifest["reference"]["ceiling"]["bayes_auc"]["test"] > 0.5    # ceiling from all rows, stored
     assert data_main(["prepare", QUICKSTART, "data.num_clients=60", "--out", str(out)]) == 0
     assert PreparedDataset.open(out).num_clients == 60                      # a layout is replaced whole
