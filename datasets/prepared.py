@@ -98,9 +98,13 @@ def write(ds: FederatedDataset, out: str | Path, buckets: int = 64, row_group_ro
     try:
         (tmp / "rows").mkdir()
         bucket = bucket_of(ds.column(CLIENT), buckets)
+        # one stable pass groups the rows by bucket, each bucket keeping the dataset's own order
+        # (a radix sort for bucket counts that fit int16)
+        by_bucket = np.argsort(bucket.astype(np.int16) if buckets <= np.iinfo(np.int16).max else bucket, kind="stable")
+        ends = np.cumsum(np.bincount(bucket, minlength=buckets))
         files = {}
         for b in range(buckets):
-            rows = np.flatnonzero(bucket == b)          # ascending: the dataset's own order is kept
+            rows = by_bucket[ends[b - 1] if b else 0:ends[b]]
             name = f"rows/bucket-{b:05d}.parquet"
             pq.write_table(ds.table.take(pa.array(rows)), tmp / name, row_group_size=row_group_rows)
             files[name] = None
@@ -235,7 +239,7 @@ class PreparedDataset:
         return a
 
     def _buckets_of(self, owned: np.ndarray) -> list[int]:
-        return sorted(set(np.unique(bucket_of(owned, self.buckets)).tolist())) if len(owned) else []
+        return np.unique(bucket_of(owned, self.buckets)).tolist()
 
     def load(self, owned: np.ndarray) -> FederatedDataset:
         """The rows of the `owned` clients (global ids) as a FederatedDataset over all clients: the

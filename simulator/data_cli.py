@@ -150,14 +150,12 @@ def write_layout(ds, out: Path, buckets: int, exp=None, seed: int | None = None)
     pointwise run) reports, computed here from all rows. `seed`: what its rows were drawn with
     (None: they do not depend on the experiment seed)."""
     from fleetrec.datasets.prepared import PreparedDataset, write
-    from fleetrec.simulator.ceiling import ceiling, client_rate_auc
+    from fleetrec.simulator.run import reference_key, reference_values
     if isinstance(ds, PreparedDataset):
         raise DataError(f"{out}: the source is a prepared dataset already ({ds.path})")
     ks = exp.algorithm.ranking_ks() if exp is not None else None
     approx = exp is not None and exp.eval.pooled_auc == "histogram"
-    ref = {"ks": list(ks or (20, 40)), "approximate": approx, "ranking": bool(ks),
-           "ceiling": ceiling(ds, ks or (20, 40), approximate=approx),
-           "client_rate_auc": {} if ks else client_rate_auc(ds, approximate=approx)}
+    ref = {**reference_key(ks, approx), **reference_values(ds, ks, approx)}     # as an in-memory run reports them
     return write(ds, out, buckets, reference=ref, seed=seed).resolve()
 
 

@@ -248,7 +248,7 @@ def reference_values(ds, ks: tuple[int, ...] | None, approximate: bool) -> dict:
         return {"ceiling": ceiling(ds, ks or (20, 40), approximate=approximate),
                 "floor": {} if ks else {"client_rate_auc": client_rate_auc(ds, approximate=approximate)}}
     ref = ds.manifest["reference"]
-    want = {"ks": list(ks or (20, 40)), "approximate": approximate, "ranking": bool(ks)}
+    want = reference_key(ks, approximate)
     if not ref:
         print(f"fleetrec: note: data.path={ds.path}: the layout carries no reference values (written without "
               "them); the ceiling and client-rate floor are not reported", file=sys.stderr)
@@ -259,7 +259,12 @@ def reference_values(ds, ks: tuple[int, ...] | None, approximate: bool) -> dict:
               f"{want['ranking']} K={want['ks']} approximate={approximate}; "
               "the ceiling and client-rate floor are not reported (prepare it again to have them)", file=sys.stderr)
         return {"ceiling": {}, "floor": {}}
-    return {"ceiling": ref["ceiling"], "floor": {} if ks else {"client_rate_auc": ref["client_rate_auc"]}}
+    return {"ceiling": ref["ceiling"], "floor": ref["floor"]}
+
+
+def reference_key(ks: tuple[int, ...] | None, approximate: bool) -> dict:
+    """What a run's reference values depend on (a prepared layout stores them under this key)."""
+    return {"ks": list(ks or (20, 40)), "approximate": approximate, "ranking": bool(ks)}
 
 
 def _scenario_names(ds: FederatedDataset) -> list[str] | None:
