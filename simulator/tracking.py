@@ -73,7 +73,7 @@ def mark_experiment(client, experiment_id: str) -> None:
     """Tag an experiment as model development (once), so the UI opens it on its runs."""
     exp = client.get_experiment(experiment_id)
     if EXPERIMENT_KIND[0] not in (exp.tags or {}):
-        client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+        retry_store_race(lambda: client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND))
 
 
 def use_experiment(name: str) -> str:
@@ -128,8 +128,26 @@ def log_dataset(cfg: ExperimentConfig, info: dict) -> None:
     spec = json.dumps({"data": to_dict(cfg.data), "seed": cfg.seed}, sort_keys=True, default=str)
     ds = MetaDataset(source=CodeDatasetSource({"data_config": spec}), name=str(info.get("dataset", cfg.data.name)),
                      digest=hashlib.sha256(spec.encode()).hexdigest()[:16])
-    mlflow.log_input(ds, context="training", tags={"clients": str(info.get("num_clients")),
-                                                   "rows": str(info.get("num_rows"))})
+    tags = {"clients": str(info.get("num_clients")), "rows": str(info.get("num_rows"))}
+    retry_store_race(lambda: mlflow.log_input(ds, context="training", tags=tags))
+
+
+def retry_store_race(fn, attempts: int = 6, pause: float = 0.05):
+    """`fn()`, again (up to `attempts` times, short growing pauses) when the tracking store
+    refuses a row another process inserted at the same moment. Concurrent Tune trials or seed
+    runs log the same dataset: both see it missing, both insert it, and the loser's insert
+    fails on the store's unique key; at the next try it finds the row and reuses it."""
+    import time
+    from mlflow.exceptions import MlflowException
+    for k in range(attempts):
+        try:
+            return fn()
+        except MlflowException as e:
+            text = f"{e} {e.__cause__ or ''}"
+            if k == attempts - 1 or not ("UNIQUE constraint" in text or "IntegrityError" in text
+                                         or "Duplicate entry" in text or "duplicate key" in text):
+                raise
+            time.sleep(pause * (k + 1))
 
 
 def _fmt(v) -> str:

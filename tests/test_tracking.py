@@ -114,3 +114,38 @@ def test_a_stopped_trial_gets_its_best_round_summary_from_its_history(tmp_path):
     client.log_batch(other, metrics=[Metric("val/logloss", v, 0, s) for s, v in enumerate([0.7, 0.6, 0.65])])
     fill_best(client, client.get_run(other), "val/logloss", "min")
     assert client.get_run(other).data.metrics["best/best_round"] == 1.0
+
+
+def test_a_store_race_on_a_shared_dataset_row_is_retried_and_other_errors_are_not(monkeypatch):
+    """Concurrent trials log the same dataset: the loser of the insert race sees the store's
+    unique-key error once, and the next try reuses the row. Any other store error is raised."""
+    import sqlite3
+    from mlflow.exceptions import MlflowException
+    from fleetrec.simulator.tracking import retry_store_race
+    calls = []
+
+    def racy():
+        calls.append(1)
+        if len(calls) == 1:
+            try:
+                raise sqlite3.IntegrityError("UNIQUE constraint failed: datasets.experiment_id, datasets.name")
+            except sqlite3.IntegrityError as e:
+                raise MlflowException(f"(sqlite3.IntegrityError) {e}") from e
+        return "logged"
+    assert retry_store_race(racy, pause=0) == "logged" and len(calls) == 2
+
+    def broken():
+        calls.append(1)
+        raise MlflowException("no such table: datasets")
+    calls.clear()
+    with pytest.raises(MlflowException, match="no such table"):
+        retry_store_race(broken, pause=0)
+    assert len(calls) == 1
+
+    def always_racing():
+        calls.append(1)
+        raise MlflowException("UNIQUE constraint failed: datasets.digest")
+    calls.clear()
+    with pytest.raises(MlflowException, match="UNIQUE"):
+        retry_store_race(always_racing, attempts=3, pause=0)
+    assert len(calls) == 3
