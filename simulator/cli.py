@@ -112,6 +112,7 @@ def cmd_run(args) -> int:
                                           to_dict(cfg))
     else:
         cfg = load(path, overrides)
+    from fleetrec.simulator.coordinator import WorkerLost
     from fleetrec.simulator.run import Diverged, run
     from fleetrec.simulator.tracking import default_callbacks
     try:
@@ -119,6 +120,13 @@ def cmd_run(args) -> int:
     except Diverged as e:
         print(f"fleetrec: run stopped: {e}", file=sys.stderr)
         return 3
+    except WorkerLost as e:                   # raised in the coordinator: Ray wraps it with its trace
+        import ray
+        reason = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+        ck = cfg.checkpoint
+        where = f"; continue it with: fleetrec run --resume {ck.dir}" if (Path(ck.dir) / "LATEST").is_file() else ""
+        print(f"fleetrec: run failed: {reason}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         ck = cfg.checkpoint
         where = (f"continue it with: fleetrec run --resume {ck.dir}" if ck.every and (Path(ck.dir) / "LATEST").is_file()

@@ -40,7 +40,7 @@ class ResourcesConfig:
     cpus_per_worker: float = 1.0       # fractional allowed; torch threads = max(1, floor(cpus))
     gpus_per_worker: float = 0.0       # fractional allowed: 0.25 = four workers share a GPU
     address: str | None = None         # Ray address ("auto" joins a running cluster); null = local
-    max_restarts: int = 3              # Ray restarts of a crashed worker (restored from the last checkpoint)
+    max_restarts: int = 3              # replacements of a dead worker (restored from the last checkpoint)
     placement: str = "default"         # worker actors: Ray's default placement, or "spread" over the nodes
     placement_policy: str = "modulo"   # clients -> workers: modulo (id % workers) | balanced (greedy by train rows)
     dashboard: bool = False            # local runs: start Ray's dashboard and print its URL (watch the actors)

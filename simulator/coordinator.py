@@ -20,7 +20,7 @@ from fleetrec.algorithms.protocol import Accumulator, Tensors
 from fleetrec.datasets.federated import TEST, TRAIN, VAL
 from fleetrec.simulator import checkpoint
 from fleetrec.simulator.placement import Placement
-from fleetrec.simulator.worker import Worker, WorkerRestarted
+from fleetrec.simulator.worker import Worker
 
 
 def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> np.ndarray:
@@ -29,9 +29,38 @@ def sample_cohort(seed: int, rnd: int, num_clients: int, k: int) -> np.ndarray:
     return np.sort(g.choice(num_clients, size=min(k, num_clients), replace=False))
 
 
+class WorkerLost(RuntimeError):
+    """A worker died and could not be replaced (no checkpoints, or `resources.max_restarts` used up)."""
+
+
+def worker_actor(cfg, i: int, placement: Placement, ds_ref, setup):
+    """Worker i of a run. Ray does not restart it (`max_restarts=0`): a worker that dies is
+    replaced by the coordinator with a new actor built from the same arguments (`_recover`), up to
+    `resources.max_restarts` times. Ray's own restarts would keep the dataset ref among the
+    constructor arguments of a restartable actor, which Ray warns against (ray issue 53727)."""
+    res = cfg.resources
+    # "spread": one worker per node as far as the nodes allow (Ray's SPREAD strategy; a replaced
+    # worker is placed the same way). Inside a Tune trial the workers stay in its placement group.
+    spread = res.placement == "spread" and ray.util.get_current_placement_group() is None
+    return Worker.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_restarts=0,
+                          **({"scheduling_strategy": "SPREAD"} if spread else {})).remote(
+        i, placement, ds_ref, cfg.algorithm, setup, cfg.federation.cohort_size, int(res.cpus_per_worker))
+
+
+def start_workers(cfg, ds, ds_ref) -> tuple[list, Placement]:
+    """The run's worker actors and their placement, started by the run's driver beside the
+    coordinator, so that their processes start (and import torch) at the same time as the
+    coordinator's rather than after it. `ds` is the dataset (or a prepared layout's handle),
+    `ds_ref` what the workers receive (an ObjectRef, or the handle itself)."""
+    from fleetrec.simulator.config import make_setup
+    setup = make_setup(cfg, ds)
+    placement = Placement.build(cfg.resources.placement_policy, cfg.resources.workers, ds.rows_per_client(TRAIN))
+    return [worker_actor(cfg, i, placement, ds_ref, setup) for i in range(cfg.resources.workers)], placement
+
+
 @ray.remote
 class Coordinator:
-    def __init__(self, cfg, dataset_holder: list):
+    def __init__(self, cfg, dataset_holder: list, workers: list, placement: Placement):
         ds = dataset_holder[0]          # an ObjectRef to a FederatedDataset, or a PreparedDataset handle
         ds = ray.get(ds) if isinstance(ds, ray.ObjectRef) else ds
         self.cfg = cfg
@@ -40,17 +69,10 @@ class Coordinator:
         setup = make_setup(cfg, ds)
         self.algo = make_algorithm(cfg.algorithm, setup)
         self.state: Tensors = self.algo.init_server()
-        res = cfg.resources
-        self.placement = Placement.build(res.placement_policy, res.workers, ds.rows_per_client(TRAIN))
-        # "spread": one worker per node as far as the nodes allow (Ray's SPREAD strategy; a restarted
-        # worker is placed the same way). Inside a Tune trial the workers stay in its placement group.
-        spread = res.placement == "spread" and ray.util.get_current_placement_group() is None
-        self.workers = [
-            Worker.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
-                           max_restarts=res.max_restarts, **({"scheduling_strategy": "SPREAD"} if spread else {})).remote(
-                i, self.placement, dataset_holder[0], cfg.algorithm, setup,
-                cfg.federation.cohort_size, int(res.cpus_per_worker))
-            for i in range(res.workers)]
+        self.placement = placement
+        self.workers = list(workers)     # started by the driver (`start_workers`); replaced here (`_recover`)
+        self.worker_args = (placement, dataset_holder[0], setup)
+        self.replaced = [0] * len(self.workers)
         self.worker_info = ray.get([w.info.remote() for w in self.workers])
         self.history: list = []            # (plan ref, per-worker client ids) of rounds since the last snapshot
         self.recoveries = 0
@@ -119,37 +141,34 @@ class Coordinator:
         return out
 
     def _gather(self, calls: list, redo) -> list:
-        """Results of per-worker calls in worker order; a worker that crashed (and was restarted
-        by Ray) is restored and its call re-issued with `redo(i)`."""
+        """Results of per-worker calls in worker order; a worker that died (its process, or its
+        node) is replaced, restored and its call re-issued with `redo(i)`."""
         out = []
         for i, ref in calls:
             try:
                 out.append(ray.get(ref))
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                if isinstance(e, ray.exceptions.RayTaskError) and not isinstance(e.cause, WorkerRestarted):
-                    raise
+            except ray.exceptions.RayActorError:
                 self._recover(i)
                 out.append(ray.get(redo(i)))
         return out
 
     def _recover(self, i: int) -> None:
-        """Restore worker i from the last checkpoint and replay the rounds since then."""
-        ck = self.cfg.checkpoint
+        """Replace dead worker i by a new actor, restore it from the last checkpoint and replay the
+        rounds since then."""
+        ck, limit = self.cfg.checkpoint, self.cfg.resources.max_restarts
         if not ck.every:
-            raise RuntimeError(f"worker {i} failed and its clients' personal state is lost; "
+            raise WorkerLost(f"worker {i} failed and its clients' personal state is lost; "
                                "set checkpoint.every > 0 so fleetrec can restore a failed worker")
+        if self.replaced[i] >= limit:
+            raise WorkerLost(f"worker {i} failed {self.replaced[i] + 1} times; resources.max_restarts = {limit}")
+        self.replaced[i] += 1
         shard = None
         if (Path(ck.dir) / "LATEST").is_file():
             shard = checkpoint.load_shard(ck.dir, i)
         replay = [(plan_ref, parts[i]) for plan_ref, parts in self.history]
-        for attempt in range(120):             # Ray is restarting the actor: wait for it (up to ~60 s)
-            try:
-                ray.get(self.workers[i].restore.remote(shard, replay))
-                break
-            except ray.exceptions.ActorUnavailableError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError(f"worker {i} did not come back after a failure")
+        self.workers[i] = worker_actor(self.cfg, i, *self.worker_args)
+        ray.get(self.workers[i].restore.remote(shard, replay))
+        self.worker_info[i] = ray.get(self.workers[i].info.remote())
         self.recoveries += 1
 
     def snapshot(self) -> tuple[Tensors, list[Tensors]]:

@@ -291,7 +291,7 @@ def run(cfg: ExperimentConfig, callbacks: list[Callback] = (), dataset=None, kee
 
 
 def _run(cfg: ExperimentConfig, callbacks, dataset, keep_actors: bool, resume):
-    from fleetrec.simulator.coordinator import Coordinator
+    from fleetrec.simulator.coordinator import Coordinator, start_workers
     ldp = cfg.privacy.local
     if ldp.enabled and ldp.mechanism != "none" and ldp.clip == 0:
         print(f"fleetrec: warning: privacy.local: {ldp.mechanism} noise without privacy.local.clip bounds nothing: "
@@ -318,15 +318,17 @@ def _run(cfg: ExperimentConfig, callbacks, dataset, keep_actors: bool, resume):
         # built here: read the object store's copy from now on, free the private one
         ds = ray.get(ds_ref) if built else dataset
     del dataset
-    coord = Coordinator.options(num_cpus=0).remote(cfg, [ds_ref])
+    workers, placement = start_workers(cfg, ds, ds_ref)
+    coord = Coordinator.options(num_cpus=0).remote(cfg, [ds_ref], workers, placement)
     approx = cfg.eval.pooled_auc == "histogram"      # reference AUCs by the evaluation's own approximation
+    info: dict = {}
     try:
-        info = ray.get(coord.info.remote())
+        info.update(ray.get(coord.info.remote()))
         info.update(dataset=ds.name, num_clients=ds.num_clients, num_rows=ds.num_rows, meta=ds.meta,
                     **reference_values(ds, cfg.algorithm.ranking_ks(), approx),
                     scenario_names=_scenario_names(ds),
                     startup_seconds=time.perf_counter() - t0,
-                    worker_handles=ray.get(coord.worker_handles.remote()))
+                    worker_handles=list(workers))
         loop = _Loop(cfg, callbacks)
         if resume is not None:
             ray.get(coord.restore.remote(resume.server, resume.shards))
@@ -355,8 +357,12 @@ def _run(cfg: ExperimentConfig, callbacks, dataset, keep_actors: bool, resume):
             cb.on_abort(e)
         raise
     finally:
+        # the driver owns the workers: a handle kept in the result would keep them (and their CPUs)
+        info.pop("worker_handles", None)
         if not keep_actors:
-            ray.kill(coord)
+            for a in [coord, *workers]:
+                ray.kill(a, no_restart=True)
+        del workers
     return (result, coord) if keep_actors else result
 
 

@@ -10,7 +10,6 @@ import ctypes
 import math
 import os
 import sys
-import warnings
 
 import numpy as np
 import ray
@@ -33,10 +32,6 @@ def _release_freed_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-class WorkerRestarted(RuntimeError):
-    """A restarted worker holds fresh personal state until the coordinator restores it."""
 
 
 def build_personal(algo, owned: np.ndarray, chunk_rows: int = 65536) -> Tensors:
@@ -74,10 +69,6 @@ class Worker:
         gpu_ids = ray.get_gpu_ids()
         device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
         self.setup = Setup(**{**setup.__dict__, "device": device})
-        # after a crash Ray re-runs __init__: state is fresh until `restore` brings it back
-        with warnings.catch_warnings():        # Ray 2.60's property reads its own deprecated `actor_id`
-            warnings.filterwarnings("ignore", message="This API is deprecated and may be removed")
-            self.stale = ray.get_runtime_context().was_current_actor_reconstructed
         self.index, self.placement = index, placement
         if isinstance(dataset, PreparedDataset):      # a sharded layout: read this worker's clients' rows
             dataset = dataset.load(placement.owned(index))
@@ -102,23 +93,17 @@ class Worker:
         for s in range(0, len(ordered), self.cohort_size):
             yield ordered[s:s + self.cohort_size]
 
-    def _check(self) -> None:
-        if self.stale:
-            raise WorkerRestarted(f"worker {self.index} was restarted and has not been restored")
-
     def restore(self, shard: Tensors | None, replay: list) -> None:
-        """Bring a restarted worker back: load its checkpointed shard (None = initial state),
-        then re-train its clients of every round since that checkpoint, in order."""
+        """Bring a replacement worker up to date: load its checkpointed shard (None = initial
+        state), then re-train its clients of every round since that checkpoint, in order."""
         if shard is not None:
             self.load_shard(shard)
         for plan_ref, ids in replay:
             if len(ids):
                 self._train(ray.get(plan_ref), ids)
-        self.stale = False
 
     def train(self, plan: TrainPlan, client_ids: np.ndarray) -> Accumulator:
         """Train the given owned clients, cohort by cohort; return the pre-reduced accumulator."""
-        self._check()
         return self._train(plan, client_ids)
 
     def _train(self, plan: TrainPlan, client_ids: np.ndarray) -> Accumulator:
@@ -141,7 +126,6 @@ class Worker:
         {split: EvalPartial or None}. Pointwise: cohort chunks formed by each split's row counts.
         Ranking reads a cohort's training (and validation) rows to mask them, so its chunks are formed
         once and their batches are shared by every split."""
-        self._check()
         ids_all = self.placement.owned(self.index) if client_ids is None \
             else np.sort(np.asarray(client_ids, dtype=np.int64))
         dev = self.setup.device
@@ -170,7 +154,6 @@ class Worker:
 
     def shard(self) -> Tensors:
         """This worker's personal state (all owned clients, by slot) for a checkpoint."""
-        self._check()
         return {k: v.clone() for k, v in self.personal.items()}
 
     def load_shard(self, shard: Tensors) -> None:

@@ -77,7 +77,7 @@ def main(ck_dir: str, after: int) -> dict:
         layout = write_layout(federated_dataset(hurt_cfg), Path(ck_dir) / "layout", 4, hurt_cfg)
         hurt_cfg = dataclasses.replace(hurt_cfg, data=PreparedConfig(path=str(layout)))
         hurt, coord = run(hurt_cfg, [remover], keep_actors=True)
-        after_run = [w["node"] for w in ray.get([h.info.remote() for h in hurt.info["worker_handles"]])]
+        after_run = [w["node"] for w in ray.get([h.info.remote() for h in ray.get(coord.worker_handles.remote())])]
         ray.kill(coord)
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         metrics = lambda r: {k: v for k, v in r.records[-1].items()                  # noqa: E731

@@ -22,6 +22,7 @@ from fleetrec.algorithms.protocol import CENTRAL_DP, LOCAL_DP, POINTWISE, RANKIN
 from fleetrec.simulator import checkpoint
 from fleetrec.simulator.config import from_dict
 from fleetrec.simulator.config_loader import ConfigError, apply_overrides
+from fleetrec.simulator.coordinator import WorkerLost
 from fleetrec.simulator.run import Callback, run
 from tests.in_process import InProcess
 
@@ -51,7 +52,7 @@ def test_every_algorithm_declares_its_capabilities_and_a_tiny_example():
 
 
 class _KillWorker(Callback):
-    """Kills the last worker (Ray restarts it with fresh state) after a given round."""
+    """Kills the last worker (the coordinator replaces it with a fresh one) after a given round."""
 
     def __init__(self, after_round: int):
         self.after = after_round
@@ -104,6 +105,14 @@ def test_resume_and_worker_loss_leave_every_result_unchanged(ray_session, tmp_pa
     resumed = run(cfg, [_KillWorker(after_round=2)], resume=ck)
     assert resumed.info["worker_recoveries"] == 1
     _assert_same(full, resumed, f"{name}: resumed from round 1, a worker killed after round 2")
+
+
+def test_a_worker_that_fails_beyond_max_restarts_ends_the_run_naming_the_key(ray_session, tmp_path):
+    cfg = example_config("fedavg", "per_user", "checkpoint.every=1", f"checkpoint.dir={tmp_path / 'ck'}",
+                         "resources.workers=1", "resources.max_restarts=0")
+    with pytest.raises(WorkerLost) as e:
+        run(cfg, [_KillWorker(after_round=1)])
+    assert str(e.value.cause) == "worker 0 failed 1 times; resources.max_restarts = 0"
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
