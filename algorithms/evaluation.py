@@ -165,20 +165,6 @@ def histogram_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return part.pooled_auc(0)[0]
 
 
-def _weighted_prf(tp: int, fp: int, fn: int, tn: int) -> tuple[float, float, float]:
-    """Support-weighted precision, recall and F1 over both classes from the confusion counts
-    (scikit-learn's average='weighted', zero_division=0)."""
-    def prf(tp_, fp_, fn_):
-        p = tp_ / (tp_ + fp_) if tp_ + fp_ else 0.0
-        r = tp_ / (tp_ + fn_) if tp_ + fn_ else 0.0
-        return p, r, (2 * p * r / (p + r) if p + r else 0.0)
-    s1, s0 = tp + fn, tn + fp
-    if s1 + s0 == 0:
-        return NAN, NAN, NAN
-    one, zero = prf(tp, fp, fn), prf(tn, fn, fp)
-    return tuple(float((s1 * a + s0 * b) / (s1 + s0)) for a, b in zip(one, zero))
-
-
 def summary_metrics(prefix: str, tasks: tuple[str, ...], part: SummaryPartial,
                     per_client: bool = False) -> dict[str, float]:
     """The metrics of `pointwise_metrics` from a SummaryPartial, plus `<prefix>/auc_error_bound`
@@ -191,7 +177,7 @@ def summary_metrics(prefix: str, tasks: tuple[str, ...], part: SummaryPartial,
         bound = max(bound, b) if b == b else bound
         m = {"auc": auc, "gauc": float(part.gauc_sum[t] / part.gauc_n[t]) if part.gauc_n[t] else NAN,
              "logloss": float(part.loss_sum[t] / part.rows)}
-        m.update(zip(("precision_w", "recall_w", "f1_w"), _weighted_prf(*(int(x) for x in part.confusion[t]))))
+        m.update(zip(("precision_w", "recall_w", "f1_w"), metrics.prf_from_counts(*(int(x) for x in part.confusion[t]))))
         for k, v in m.items():
             per[k].append(v)
             if len(tasks) > 1:

@@ -22,6 +22,7 @@ __all__ = [
     "per_client_auc",
     "gauc",
     "precision_recall_f1",
+    "prf_from_counts",
     "weighted_precision_recall_f1",
     "summarize_task",
 ]
@@ -146,17 +147,34 @@ def gauc(client: np.ndarray, scores: np.ndarray, labels: np.ndarray,
     return float(np.dot(auc, w) / w.sum())
 
 
+def prf_from_counts(tp: int, fp: int, fn: int, tn: int, average: str = "weighted") -> tuple[float, float, float]:
+    """Precision, recall, F1 from the confusion counts, as scikit-learn's
+    `precision_recall_fscore_support(..., zero_division=0)` with `average` "binary" (the positive
+    class) or "weighted" (both classes, weighted by support). Counts merge across workers, so the
+    exact and the histogram evaluation share this one formula (and no run imports scikit-learn,
+    ~1.3 s per process; the tests compare it with scikit-learn)."""
+    def prf(tp_, fp_, fn_):
+        p = tp_ / (tp_ + fp_) if tp_ + fp_ else 0.0
+        r = tp_ / (tp_ + fn_) if tp_ + fn_ else 0.0
+        return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+    if average == "binary":
+        return tuple(float(v) for v in prf(tp, fp, fn))
+    s1, s0 = tp + fn, tn + fp
+    if s1 + s0 == 0:
+        return NAN, NAN, NAN
+    one, zero = prf(tp, fp, fn), prf(tn, fn, fp)
+    return tuple(float((s1 * a + s0 * b) / (s1 + s0)) for a, b in zip(one, zero))
+
+
 def _prf(scores, labels, threshold: float, average: str) -> tuple[float, float, float]:
     """Precision, recall, F1 of predictions `scores >= threshold` with the given averaging."""
-    y = _binary(labels).astype(np.int64)
+    y = _binary(labels).astype(bool)
     if y.size == 0:
         return NAN, NAN, NAN
-    pred = (_np(scores, np.float64) >= threshold).astype(np.int64)
-    from sklearn.metrics import precision_recall_fscore_support
-    p, r, f, _ = precision_recall_fscore_support(
-        y, pred, average=average, labels=[0, 1] if average != "binary" else None,
-        zero_division=0)
-    return float(p), float(r), float(f)
+    pred = _np(scores, np.float64) >= threshold
+    tp, fp = int(np.count_nonzero(pred & y)), int(np.count_nonzero(pred & ~y))
+    fn = int(np.count_nonzero(y)) - tp
+    return prf_from_counts(tp, fp, fn, y.size - tp - fp - fn, average)
 
 
 def precision_recall_f1(scores: np.ndarray, labels: np.ndarray,

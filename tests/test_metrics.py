@@ -172,6 +172,22 @@ def test_precision_recall_f1():
     assert precision_recall_f1([0.9, 0.7, 0.2, 0.1], [1, 0, 1, 0]) == pytest.approx((0.5,) * 3)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_precision_recall_f1_from_counts_match_scikit_learn_including_one_class_and_one_prediction(seed):
+    """Our count formula (shared by the exact and the histogram evaluation) against scikit-learn,
+    also where one class or one predicted value is missing (zero_division=0)."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 40))
+    p = rng.random(n)
+    y = [(rng.random(n) < p).astype(np.int64), np.ones(n, np.int64), np.zeros(n, np.int64)][seed % 3]
+    for threshold in (0.0, 0.3, 0.5, 1.1):
+        pred = (p >= threshold).astype(np.int64)
+        for average, ours in (("binary", precision_recall_f1), ("weighted", weighted_precision_recall_f1)):
+            ref = skm.precision_recall_fscore_support(y, pred, average=average, zero_division=0,
+                                                      labels=None if average == "binary" else [0, 1])[:3]
+            assert ours(p, y, threshold=threshold) == pytest.approx(ref), (average, threshold)
+
+
 def test_summarize_task():
     client, scores, labels = _random_data(13)
     out = summarize_task(client, scores, labels)
