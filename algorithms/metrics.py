@@ -151,8 +151,8 @@ def prf_from_counts(tp: int, fp: int, fn: int, tn: int, average: str = "weighted
     """Precision, recall, F1 from the confusion counts, as scikit-learn's
     `precision_recall_fscore_support(..., zero_division=0)` with `average` "binary" (the positive
     class) or "weighted" (both classes, weighted by support). Counts merge across workers, so the
-    exact and the histogram evaluation share this one formula (and no run imports scikit-learn,
-    ~1.3 s per process; the tests compare it with scikit-learn)."""
+    exact and the histogram evaluation share this one formula (the tests compare it with
+    scikit-learn, which the exact pooled AUC still uses)."""
     def prf(tp_, fp_, fn_):
         p = tp_ / (tp_ + fp_) if tp_ + fp_ else 0.0
         r = tp_ / (tp_ + fn_) if tp_ + fn_ else 0.0
