@@ -12,7 +12,9 @@ from fleetrec.simulator.tracking import MlflowLogger, ProgressBar
 
 def test_mlflow_run_has_per_round_metrics(ray_session, tiny_cfg, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")   # real CPU / memory samples
+    # real CPU / memory samples: MLflow publishes one only after a full interval, and this MLflow run
+    # can last under a second, so the interval is well below that
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_cfg(**{"tracking.mlflow": True, "tracking.tracking_uri": uri, "tracking.experiment": "t",
                       "rounds": 3})
