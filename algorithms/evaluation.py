@@ -88,6 +88,7 @@ class SummaryPartial:
     gauc_n: np.ndarray | None = None     # (T,) int64 eligible clients (both label classes)
     clients: int = 0
     per_client: dict[int, np.ndarray] = field(default_factory=dict)   # client -> (T, 2) auc, log-loss
+    nonfinite: int = 0                   # NaN / inf scores (binned as 0.5; see `unscored`)
     FIXED_SIZE: ClassVar[bool] = True    # merging two gives one of the same size: workers fold as they go
 
     @classmethod
@@ -101,6 +102,7 @@ class SummaryPartial:
         T = scores.shape[1] if scores.ndim == 2 else 0
         if len(client) == 0:
             return cls()
+        scores, bad = finite_scores(scores)
         pos, neg = np.zeros((T, HIST_BINS), np.int64), np.zeros((T, HIST_BINS), np.int64)
         loss, conf = np.zeros(T), np.zeros((T, 4), np.int64)
         gsum, gn = np.zeros(T), np.zeros(T, np.int64)
@@ -122,7 +124,7 @@ class SummaryPartial:
             per[np.searchsorted(ids, eligible), t, 0] = auc
             per[:, t, 1] = np.bincount(row_client, weights=row_loss, minlength=len(ids)) / counts
         out = {int(c): per[i] for i, c in enumerate(ids)} if per_client else {}
-        return cls(pos, neg, loss, int(len(client)), conf, gsum, gn, int(len(ids)), out)
+        return cls(pos, neg, loss, int(len(client)), conf, gsum, gn, int(len(ids)), out, bad)
 
     @classmethod
     def merge_many(cls, parts: list["SummaryPartial"]) -> "SummaryPartial":
@@ -134,7 +136,7 @@ class SummaryPartial:
         for p in parts:
             per.update(p.per_client)
         return cls(add("pos"), add("neg"), add("loss_sum"), add("rows"), add("confusion"), add("gauc_sum"),
-                   add("gauc_n"), add("clients"), per)
+                   add("gauc_n"), add("clients"), per, add("nonfinite"))
 
     def empty(self) -> bool:
         return self.rows == 0
@@ -197,6 +199,26 @@ def summary_metrics(prefix: str, tasks: tuple[str, ...], part: SummaryPartial,
                 means.setdefault(k, []).append(out[f"{prefix}/s{c}/{k}"])
         out.update({f"{prefix}/scenario_mean/{k}": _nanmean(v) for k, v in means.items()})
     out[f"{prefix}/clients"] = int(part.clients)
+    return unscored(prefix, out, part.nonfinite)
+
+
+def finite_scores(scores: np.ndarray) -> tuple[np.ndarray, int]:
+    """(scores with NaN / inf set to 0.5, how many there were): a diverged model's scores can be
+    binned and summed without error, and `unscored` then reports the split as having no metrics."""
+    ok = np.isfinite(scores)
+    bad = int(ok.size - np.count_nonzero(ok))
+    return (scores if bad == 0 else np.where(ok, scores, np.float32(0.5)).astype(scores.dtype)), bad
+
+
+def unscored(prefix: str, out: dict[str, float], nonfinite: int) -> dict[str, float]:
+    """The split's metrics, every score-based one NaN when any of its scores was NaN or inf (the
+    metrics of the other rows would describe a model that does not exist), with the count as
+    `<prefix>/nonfinite_scores`; the run counts such a round as diverging."""
+    if not nonfinite:
+        return out
+    keep = (f"{prefix}/clients",)
+    out = {k: (v if k in keep else NAN) for k, v in out.items()}
+    out[f"{prefix}/nonfinite_scores"] = int(nonfinite)
     return out
 
 
@@ -244,7 +266,8 @@ def pointwise_metrics(prefix: str, tasks: tuple[str, ...], part: PointwisePartia
     Nothing when the partial holds no rows."""
     if part is None or part.empty():
         return {}
-    client, scores, labels = part.client, part.scores, part.labels
+    client, labels = part.client, part.labels
+    scores, bad = finite_scores(part.scores)
     out, per = {}, {"auc": [], "gauc": [], "logloss": [], "precision_w": [], "recall_w": [], "f1_w": []}
     for t, task in enumerate(tasks):
         m = metrics.summarize_task(client, scores[:, t], labels[:, t])
@@ -259,7 +282,7 @@ def pointwise_metrics(prefix: str, tasks: tuple[str, ...], part: PointwisePartia
     if per_client:
         out.update(per_client_metrics(prefix, tasks, client, scores, labels))
     out[f"{prefix}/clients"] = int(len(np.unique(client)))
-    return out
+    return unscored(prefix, out, bad)
 
 
 def per_client_metrics(prefix: str, tasks: tuple[str, ...], client, scores, labels) -> dict[str, float]:

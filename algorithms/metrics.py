@@ -46,11 +46,12 @@ def _binary(labels) -> np.ndarray:
 def pooled_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC over all rows pooled together.
 
-    scores: [N] float, labels: [N] binary. Returns nan when N == 0 or only one class is present.
+    scores: [N] float, labels: [N] binary. Returns nan when N == 0, only one class is present or
+    a score is NaN or inf.
     """
     s = _np(scores, np.float64)
     y = _binary(labels)
-    if y.size == 0 or y.all() or not y.any():
+    if y.size == 0 or y.all() or not y.any() or not np.isfinite(s).all():
         return NAN
     from sklearn.metrics import roc_auc_score   # imported on use: workers never load scikit-learn
     return float(roc_auc_score(y, s))

@@ -156,13 +156,16 @@ class Diverged(RuntimeError):
 
 def diverging(rec: dict) -> str | None:
     """Why a round record counts as diverging, or None: more than half of its client updates were
-    dropped as non-finite, or its training loss is not finite."""
+    dropped as non-finite, its training loss is not finite, or its evaluation scored rows as NaN."""
     dropped, trained = rec.get("train/updates_dropped", 0), rec.get("train/clients_trained", 0)
     if dropped and dropped > trained:
         return f"{int(dropped)} of {int(dropped + trained)} client updates were NaN or inf"
     loss = rec.get("train/train_loss")
     if loss is not None and not math.isfinite(loss):
         return f"the training loss was {loss}"
+    for split in ("val", "test"):
+        if rec.get(f"{split}/nonfinite_scores"):
+            return f"the model scored {int(rec[f'{split}/nonfinite_scores'])} {split} rows as NaN or inf"
     return None
 
 
@@ -390,8 +393,10 @@ class _Loop:
         self.streak += 1
         k = self.cfg.train.stop_on_divergence
         if k and self.streak >= k:
-            first = rec["round"] + 2 - self.streak
-            raise Diverged(f"the run diverged: {why} in {self.streak} rounds in a row (rounds {first}-{rec['round'] + 1}); "
+            first, last = rec["round"] + 2 - self.streak, rec["round"] + 1
+            where = (f"in round {last}" if self.streak == 1 else
+                     f"in {self.streak} rounds in a row (rounds {first}-{last})")
+            raise Diverged(f"the run diverged: {why} {where}; "
                            f"train.lr is {self.cfg.train.lr:g}: lower it, or set train.stop_on_divergence=0 to go on")
 
     def record(self, rec: dict) -> bool:

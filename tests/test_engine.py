@@ -180,9 +180,13 @@ def test_central_dp_run_logs_epsilon_every_round(ray_session, tiny_cfg):
 
 
 def test_a_run_whose_every_update_diverges_stops_with_one_line(ray_session, tiny_cfg):
+    from fleetrec.simulator import run as run_mod
     from fleetrec.simulator.config_loader import ConfigError
     with pytest.raises(ConfigError, match=r"train.lr: in round 1 all \d+ client updates were NaN or inf"):
         run(tiny_cfg(**{"train.lr": 1e30, "rounds": 2}))
+    # updates that stay finite but make the model score NaN: round 1's evaluation says so
+    with pytest.raises(run_mod.Diverged, match=r"the model scored \d+ val rows as NaN or inf in round 1; train.lr is 1e\+06"):
+        run(tiny_cfg(**{"train.lr": 1e6, "rounds": 3, "train.stop_on_divergence": 1}))
 
 
 def test_diverging_rounds_are_marked_and_stop_the_run_after_k_in_a_row(tiny_cfg, monkeypatch, capsys):
@@ -203,6 +207,9 @@ def test_diverging_rounds_are_marked_and_stop_the_run_after_k_in_a_row(tiny_cfg,
     with pytest.raises(run_mod.Diverged, match=r"the run diverged: 7 of 10 client updates were NaN or inf in 2 "
                                                r"rounds in a row \(rounds 3-4\); train.lr is"):
         loop.record(rec(3, 7, 3))
+    once = run_mod._Loop(tiny_cfg(**{"train.stop_on_divergence": 1}), [])
+    with pytest.raises(run_mod.Diverged, match=r"the run diverged: the model scored 4 val rows as NaN or inf in round 1; "):
+        once.record({**rec(0, 0, 10), "val/auc": float("nan"), "val/nonfinite_scores": 4})
     assert [r.get("train/diverging", 0) for r in loop.records] == [1.0, 0, 1.0, 1.0] and loop.diverging == [1, 3, 4]
     never = run_mod._Loop(tiny_cfg(**{"train.stop_on_divergence": 0}), [])
     for r in range(5):

@@ -49,6 +49,28 @@ def test_summary_metrics_equal_the_exact_ones_and_auc_is_within_its_bound(ties, 
             assert got[k] == pytest.approx(v, abs=1e-9), k
 
 
+@pytest.mark.parametrize("per_client", [False, True])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_split_with_a_nan_or_inf_score_has_no_metrics_and_counts_them(per_client, bad):
+    """A diverged model's scores: no metric of the other rows is reported (both partials, the same
+    keys as a finite split), `<split>/nonfinite_scores` counts them and the run calls the round diverging."""
+    from fleetrec.simulator.run import diverging
+    client, scores, labels = _rows(2_000, 6 if per_client else 80, seed=5)
+    tasks = ("click", "like")
+    fine = pointwise_metrics("val", tasks, PointwisePartial(client, scores, labels), per_client=per_client)
+    broken = scores.copy()
+    broken[[3, 700, 1500], [0, 1, 1]] = bad
+    exact = pointwise_metrics("val", tasks, PointwisePartial(client, broken, labels), per_client=per_client)
+    hist = summary_metrics("val", tasks, merge_all(_split(client, broken, labels, 3, per_client)), per_client=per_client)
+    hist.pop("val/auc_error_bound")
+    for got in (exact, hist):
+        assert got.keys() == fine.keys() | {"val/nonfinite_scores"}
+        assert got["val/nonfinite_scores"] == 3 and got["val/clients"] == fine["val/clients"]
+        assert all(np.isnan(v) for k, v in got.items() if k not in ("val/nonfinite_scores", "val/clients"))
+        assert diverging({"round": 0, **got}) == "the model scored 3 val rows as NaN or inf"
+    assert diverging({"round": 0, **fine}) is None
+
+
 def test_merging_in_any_grouping_is_the_same_and_the_size_does_not_grow_with_rows():
     client, scores, labels = _rows(30_000, 300, seed=3)
     tasks = ("a", "b")
