@@ -17,6 +17,8 @@ algorithm keeps the server table (V_f, ...) and hands each client its row (`grou
 from __future__ import annotations
 
 import json
+import pickle
+import zipfile
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,13 +150,20 @@ def save_backbone(path: str | Path, tensors: Tensors, meta: dict) -> Path:
 
 
 def load_backbone(path: str | Path) -> tuple[Tensors, dict]:
+    """(tensors, meta) of a file `save_backbone` wrote; a file that is not one (damaged, empty, another
+    format) is a DataError naming it."""
     p = Path(path)
-    if p.suffix == ".npz":
-        z = np.load(p, allow_pickle=False)
-        meta = json.loads(str(z["__meta__"])) if "__meta__" in z else {}
-        return {k: torch.from_numpy(np.array(z[k], dtype=np.float32)) for k in z.files if k != "__meta__"}, meta
-    blob = torch.load(p, map_location="cpu", weights_only=True)
-    return {k: v.float() for k, v in blob["tensors"].items()}, dict(blob.get("meta", {}))
+    try:
+        if p.suffix == ".npz":
+            z = np.load(p, allow_pickle=False)
+            meta = json.loads(str(z["__meta__"])) if "__meta__" in z else {}
+            return {k: torch.from_numpy(np.array(z[k], dtype=np.float32)) for k in z.files if k != "__meta__"}, meta
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+        return {k: v.float() for k, v in blob["tensors"].items()}, dict(blob.get("meta", {}))
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, RuntimeError,
+            pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise DataError(f"model.backbone: cannot read {p} as a backbone file written by `fleetrec pretrain` "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'empty'})") from None
 
 
 class FedPAModel(RoleModule):
