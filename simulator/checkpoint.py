@@ -76,6 +76,7 @@ class Checkpoint:
     shards: list[dict]
     driver: dict
     config: dict
+    config_file: Path | None = None     # where `config` was read from
 
 
 # what a damaged or foreign file raises on reading
@@ -88,8 +89,10 @@ def _read(d: Path, folder: Path) -> Checkpoint:
               for p in sorted(folder.glob("worker_*.pt"), key=lambda p: int(p.stem.split("_")[1]))]
     driver = json.loads((folder / "driver.json").read_text())
     own = folder / "config.yaml"                         # checkpoints before 2026-12 kept one at the top
-    config = yaml.safe_load((own if own.is_file() else d / "config.yaml").read_text())
-    return Checkpoint(round=driver["round"], server=server, shards=shards, driver=driver, config=config)
+    source = own if own.is_file() else d / "config.yaml"
+    config = yaml.safe_load(source.read_text())
+    return Checkpoint(round=driver["round"], server=server, shards=shards, driver=driver, config=config,
+                      config_file=source)
 
 
 def load(directory: str | Path, warn=print) -> Checkpoint:
@@ -106,7 +109,8 @@ def load(directory: str | Path, warn=print) -> Checkpoint:
         try:
             ck = _read(d, folder)
         except _UNREADABLE as e:
-            errors.append(f"{folder.name}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+            detail = str(e).splitlines()[0][:200] if str(e) else ""
+            errors.append(f"{folder.name}: {type(e).__name__}{': ' + detail if detail else ''}")
             continue
         if folder != newest:
             warn(f"checkpoint {newest} is unreadable ({errors[0]}); resuming from {folder.name} instead",
@@ -171,6 +175,25 @@ def held(directory: str | Path):
 # how often it is checkpointed, how Ray runs it (not how many workers hold the state)
 RESUME_SAFE = ("rounds", "early_stop_patience", "tracking.", "checkpoint.", "resources.address",
                "resources.max_restarts", "resources.dashboard", "resources.placement")
+
+
+def refuse_unsafe_overrides(saved: dict, overrides) -> None:
+    """Refuse, before the overrides are applied, a command-line override of a key a resume may not
+    change (an `algorithm.name=` override would otherwise fail on the new algorithm's unknown keys)."""
+    from fleetrec.simulator.config_loader import apply_overrides, flatten
+    flat = flatten(saved)
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith(RESUME_SAFE):
+            continue
+        after = flatten(apply_overrides(saved, [item]))
+        under = lambda d: {k: v for k, v in d.items() if k == key or k.startswith(key + ".")}
+        if under(after) == under(flat):
+            continue                  # the value it already has
+        was = flat[key] if key in flat else ("a block" if under(flat) else "not set")
+        raise ConfigError(f"--resume: {item} (command line) would change {key}, which is {was!r} in the checkpoint; "
+                          "a resumed run keeps its data, model, algorithm and workers (it may change rounds, "
+                          "tracking, checkpointing)")
 
 
 def check_resume_overrides(saved: dict, resumed: dict) -> None:

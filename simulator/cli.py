@@ -106,10 +106,12 @@ def cmd_run(args) -> int:
             raise ConfigError(f"--resume {args.resume}: the config comes from the checkpoint; "
                               f"give overrides only, not {path}")
         resume = checkpoint.load(args.resume)
+        where = str(resume.config_file or args.resume)
+        saved = to_dict(from_dict(resume.config, where))
+        checkpoint.refuse_unsafe_overrides(saved, overrides)
         overrides = [f"checkpoint.dir={args.resume}", *overrides]   # keep checkpointing where it was
-        cfg = from_dict(apply_overrides(resume.config, overrides), f"{args.resume}/config.yaml")
-        checkpoint.check_resume_overrides(to_dict(from_dict(resume.config, f"{args.resume}/config.yaml")),
-                                          to_dict(cfg))
+        cfg = from_dict(apply_overrides(resume.config, overrides), where)
+        checkpoint.check_resume_overrides(saved, to_dict(cfg))
     else:
         cfg = load(path, overrides)
     from fleetrec.simulator.coordinator import WorkerLost

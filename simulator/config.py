@@ -191,12 +191,13 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Experimen
         return from_dict(data, "config")
     except ConfigError as e:
         msg = str(e).removeprefix("config: ")
-        raise ConfigError(f"{_blamed(msg, overrides) or path}: {msg}") from None
+        raise ConfigError(f"{_blamed(msg, overrides, path) or path}: {msg}") from None
 
 
-def _blamed(msg: str, overrides) -> str | None:
+def _blamed(msg: str, overrides, path) -> str | None:
     """The command-line override an error's key comes from (`train.lr=abc (command line)`), if any:
-    a bad value given on the command line is not the config file's fault."""
+    a bad value given on the command line is not the config file's fault. An error about a whole
+    block (`system: ...`) that overrides change names the file and those overrides."""
     m = re.match(r"([\w.@-]+)(?:\[\d+\])*:", msg)
     if not m:
         return None
@@ -205,4 +206,7 @@ def _blamed(msg: str, overrides) -> str | None:
         k = item.split("=", 1)[0].strip()
         if key == k or key.startswith(k + "."):
             return f"{item} (command line)"
+    inside = [item for item in overrides if item.split("=", 1)[0].strip().startswith(key + ".")]
+    if inside:
+        return f"{path} with {' '.join(inside)} (command line)"
     return None

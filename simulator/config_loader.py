@@ -176,8 +176,8 @@ def build(cls, data, path: str = ""):
     validate = getattr(obj, "validate", None)
     if callable(validate):
         msg = validate()
-        if msg:    # a message that names its own key under this block needs no second prefix
-            raise ConfigError(msg if path and msg.startswith(f"{path}.") else f"{where}: {msg}")
+        if msg:    # a message that names this block or a key under it needs no second prefix
+            raise ConfigError(msg if path and msg.startswith((f"{path}.", f"{path}:")) else f"{where}: {msg}")
     return obj
 
 

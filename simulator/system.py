@@ -37,10 +37,13 @@ class SystemConfig:
     def validate(self) -> str | None:
         n = len(self.speeds)
         if not (len(self.bandwidths) == len(self.profile_weights) == n) or n == 0:
-            return "system: speeds, bandwidths and profile_weights must have the same (non-zero) length"
-        if min(self.speeds) <= 0 or min(self.bandwidths) <= 0 or min(self.profile_weights) < 0 \
-                or sum(self.profile_weights) <= 0:
-            return "system: speeds and bandwidths must be > 0, profile_weights >= 0 with a positive sum"
+            return (f"system: speeds, bandwidths and profile_weights must have the same non-zero length "
+                    f"(one entry per device profile; got {n}, {len(self.bandwidths)} and {len(self.profile_weights)})")
+        for name in ("speeds", "bandwidths"):
+            if min(getattr(self, name)) <= 0:
+                return f"system.{name}: got {list(getattr(self, name))}, expected every value > 0"
+        if min(self.profile_weights) < 0 or sum(self.profile_weights) <= 0:
+            return f"system.profile_weights: got {list(self.profile_weights)}, expected values >= 0 with a positive sum"
         return None
 
     @property

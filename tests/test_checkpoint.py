@@ -121,6 +121,12 @@ def test_checkpoints_are_bound_to_their_run(ray_session, tiny_cfg, tmp_path):
             checkpoint.check_resume_overrides(ck.config, apply_overrides(ck.config, [bad]))
     checkpoint.check_resume_overrides(ck.config, apply_overrides(ck.config, ["rounds=9", "tracking.progress=false"]))
     assert main(["run", "--resume", str(d), "train.lr=0.05"]) == 2          # one line, exit 2, nothing run
+    # an override is refused as itself, before the new algorithm's keys could fail on the old config
+    for bad, was in (("algorithm.name=fedprox", "'fedavg'"), ("data.num_items=100", str(a.data.num_items))):
+        with pytest.raises(ConfigError, match=rf"--resume: {bad} \(command line\) would change "
+                                              rf"{bad.split('=')[0]}, which is {was} in the checkpoint"):
+            checkpoint.refuse_unsafe_overrides(ck.config, [bad])
+    checkpoint.refuse_unsafe_overrides(ck.config, ["rounds=9", f"train.lr={a.train.lr}", "tracking.progress=false"])
 
 
 def test_a_running_run_holds_its_checkpoint_folder(ray_session, tiny_cfg, tmp_path):

@@ -47,8 +47,10 @@ def test_overcommit_keeps_the_first_finishers():
 
 
 def test_bad_profiles_and_trace_are_clear_errors(tmp_path):
-    with pytest.raises(ConfigError, match="same \\(non-zero\\) length"):
+    with pytest.raises(ConfigError, match=r"same non-zero length \(one entry per device profile; got 2, 1 and 1\)"):
         build(SystemConfig, {"speeds": [1.0, 2.0]})
+    with pytest.raises(ConfigError, match=r"system.bandwidths: got \[1.0, 0.0\], expected every value > 0"):
+        build(SystemConfig, {"speeds": [1.0, 2.0], "bandwidths": [1.0, 0.0], "profile_weights": [1.0, 1.0]})
     bad = tmp_path / "trace.csv"
     bad.write_text("1,0\n0,2\n")
     with pytest.raises(ConfigError, match="0/1 matrix with one row per client"):
