@@ -213,6 +213,10 @@ PASS_THROUGH = {"data": "fleetrec.simulator.data_cli", "pretrain": "fleetrec.sim
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # MLflow's INFO lines (store tables created, experiment created, system metrics started and
+    # stopped) say nothing a user asked for; its warnings and errors still print. Set before MLflow
+    # is imported, here and (through the environment) in Ray's worker and trial processes.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if argv and argv[0] in PASS_THROUGH:          # argparse's REMAINDER would swallow their --help
         import importlib
         return importlib.import_module(PASS_THROUGH[argv[0]]).main(argv[1:])

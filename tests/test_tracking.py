@@ -151,3 +151,25 @@ def test_a_store_race_on_a_shared_dataset_row_is_retried_and_other_errors_are_no
     with pytest.raises(MlflowException, match="UNIQUE"):
         retry_store_race(always_racing, attempts=3, pause=0)
     assert len(calls) == 3
+
+
+def test_a_cli_run_prints_only_what_the_user_asked_for(ray_session, tmp_path):
+    """`fleetrec run` with MLflow on, in its own process: the dataset lines, the progress bar and the
+    summary; no MLflow INFO lines, no Ray notices, no deprecation warnings, nothing after the summary."""
+    import os
+    import subprocess
+    import sys
+    from tests.conftest import tiny_overrides
+    address = ray_session.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_LOGGING_LEVEL"}
+    argv = [sys.executable, "-m", "fleetrec.simulator.cli", "run",
+            *tiny_overrides(**{"tracking.mlflow": True, "tracking.progress": True, "rounds": 2,
+                               "tracking.tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
+                               "resources.address": address})]
+    p = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = [l for l in (p.stdout + p.stderr).replace("\r", "\n").splitlines() if l.strip()]
+    noise = [l for l in lines if any(s in l for s in ("INFO", "WARNING", "Warning", "core_worker", "token", "Deprecat"))]
+    assert not noise, noise
+    assert lines[0].startswith("dataset synthetic_per_user: 37 clients")
+    assert lines[-1].startswith("open it (after `fleetrec ui`)")       # the summary ends the output
