@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     # stopped) say nothing a user asked for; its warnings and errors still print. Set before MLflow
     # is imported, here and (through the environment) in Ray's worker and trial processes.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # one bar per artifact a suite reads
     if argv and argv[0] in PASS_THROUGH:          # argparse's REMAINDER would swallow their --help
         import importlib
         return importlib.import_module(PASS_THROUGH[argv[0]]).main(argv[1:])
