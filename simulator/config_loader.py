@@ -83,9 +83,10 @@ def _check(value, rule, path: str):
         ok = value in rule
         allowed = "one of " + ", ".join(repr(r) for r in rule)
     elif ".." in rule:
-        lo, hi = (float(x) for x in rule.split(".."))
+        ends = rule.split("..")
+        lo, hi = (float(x) for x in ends)
         ok = lo <= value <= hi
-        allowed = f"a value in [{lo:g}, {hi:g}]"
+        allowed = f"a value in [{ends[0]}, {ends[1]}]"         # as written: 4294967295, not 4.29497e+09
     else:
         op, bound = (rule[:2], rule[2:]) if rule[1] == "=" else (rule[:1], rule[1:])
         b = float(bound)
