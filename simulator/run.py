@@ -325,6 +325,7 @@ def _run(cfg: ExperimentConfig, callbacks, dataset, keep_actors: bool, resume):
     coord = Coordinator.options(num_cpus=0).remote(cfg, [ds_ref], workers, placement)
     approx = cfg.eval.pooled_auc == "histogram"      # reference AUCs by the evaluation's own approximation
     info: dict = {}
+    finished = False
     try:
         info.update(ray.get(coord.info.remote()))
         info.update(dataset=ds.name, num_clients=ds.num_clients, num_rows=ds.num_rows, meta=ds.meta,
@@ -355,6 +356,7 @@ def _run(cfg: ExperimentConfig, callbacks, dataset, keep_actors: bool, resume):
         result = loop.result(ray.get(coord.server_state.remote()), info)
         for cb in callbacks:
             cb.on_end(result)
+        finished = True
     except BaseException as e:
         for cb in callbacks:
             cb.on_abort(e)
@@ -363,7 +365,12 @@ def _run(cfg: ExperimentConfig, callbacks, dataset, keep_actors: bool, resume):
         # the driver owns the workers: a handle kept in the result would keep them (and their CPUs)
         info.pop("worker_handles", None)
         if not keep_actors:
-            for a in [coord, *workers]:
+            actors = [coord, *workers]
+            if finished:       # let them exit on their own first: a kill's SIGTERM landing in Ray's own
+                # ActorHandle.__del__ printed "Exception ignored ... SystemExit" from the coordinator
+                bye = [a.__ray_terminate__.remote() for a in actors]
+                ray.wait(bye, num_returns=len(bye), timeout=2.0)
+            for a in actors:
                 ray.kill(a, no_restart=True)
         del workers
     return (result, coord) if keep_actors else result
