@@ -173,6 +173,7 @@ def held(directory: str | Path):
 
 # what `--resume DIR key=value` may change: the length of the run, where it is logged and shown,
 # how often it is checkpointed, how Ray runs it (not how many workers hold the state)
+KEEPS = "a resumed run keeps its data, model, algorithm and workers (it may change rounds, tracking, checkpointing)"
 RESUME_SAFE = ("rounds", "early_stop_patience", "tracking.", "checkpoint.", "resources.address",
                "resources.max_restarts", "resources.dashboard", "resources.placement")
 
@@ -192,8 +193,7 @@ def refuse_unsafe_overrides(saved: dict, overrides) -> None:
             continue                  # the value it already has
         was = flat[key] if key in flat else ("a block" if under(flat) else "not set")
         raise ConfigError(f"--resume: {item} (command line) would change {key}, which is {was!r} in the checkpoint; "
-                          "a resumed run keeps its data, model, algorithm and workers (it may change rounds, "
-                          "tracking, checkpointing)")
+                          + KEEPS)
 
 
 def check_resume_overrides(saved: dict, resumed: dict) -> None:
@@ -202,6 +202,4 @@ def check_resume_overrides(saved: dict, resumed: dict) -> None:
     a, b = flatten(saved), flatten(resumed)
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key) and not key.startswith(RESUME_SAFE):
-            raise ConfigError(f"--resume: {key} is {a.get(key)!r} in the checkpoint and {b.get(key)!r} now; a resumed "
-                              "run keeps its data, model, algorithm and workers (it may change rounds, tracking, "
-                              "checkpointing)")
+            raise ConfigError(f"--resume: {key} is {a.get(key)!r} in the checkpoint and {b.get(key)!r} now; " + KEEPS)

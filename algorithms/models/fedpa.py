@@ -17,9 +17,9 @@ algorithm keeps the server table (V_f, ...) and hands each client its row (`grou
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import zipfile
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
