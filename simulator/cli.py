@@ -142,7 +142,9 @@ def cmd_compare(args) -> int:
     from fleetrec.simulator.compare import compare
     print(compare(args.tracking_uri, args.experiment, args.runs, args.filter, args.group_by, args.metrics,
                   args.baseline, args.out, args.log, args.test, args.suite))
-    print(f"written: {args.out}/compare.md, compare.csv, compare.png", file=sys.stderr)
+    from fleetrec.simulator.compare import FILES
+    written = [f for f in FILES if (Path(args.out) / f).is_file()]
+    print(f"written: {args.out}/{', '.join(written)}", file=sys.stderr)
     return 0
 
 

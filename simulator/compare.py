@@ -13,8 +13,15 @@ in a group counts once, with its newest run.
 sweeps) and makes one row per method key: `fleetrec compare --suite NAME --test wilcoxon --baseline
 REF` gives the suite report's means and Wilcoxon p-values from the MLflow runs themselves.
 
-Writes `compare.md`, `compare.csv` and `compare.png` (mean ± std per group, one panel per metric)
-into `--out`, and with `--log` records them as an MLflow run tagged `fleetrec.compare`.
+Writes into `--out`: `compare.md` and `compare.csv` (the table); `compare.png`, mean ± std per group,
+one panel per metric -- bars, or a line over the values when the groups are a swept number
+(`--group-by sampled.privacy.local.scale`: rows and points in numeric order); `compare_curves.png`,
+the validation learning curve of the first metric per group (mean over seeds, ±std band); and, for
+scenario runs, `compare_scenarios.png`, grouped bars of test AUC per scenario x task (scenario names
+from the runs). With `--log` they are recorded as an MLflow run tagged `fleetrec.compare`.
+
+Length: selecting, grouping, the table with its tests and the three figures are one verb's steps,
+each short; split, the figures would need the grouping's types from here anyway.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import csv
 import fnmatch
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +38,7 @@ import numpy as np
 from fleetrec.simulator.config_loader import ConfigError
 
 ALPHA = 0.05
+FILES = ("compare.md", "compare.csv", "compare.png", "compare_scenarios.png", "compare_curves.png")
 
 
 @dataclass
@@ -200,26 +209,136 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def figure(groups: list[Group], metrics: list[str], path: Path) -> None:
+def numeric_values(groups: list[Group]) -> list[float] | None:
+    """The groups' names as numbers when every one is a number (a sweep grouped by a sampled value,
+    e.g. `--group-by sampled.privacy.local.scale`), else None."""
+    try:
+        xs = [float(g.name) for g in groups]
+    except ValueError:
+        return None
+    return xs if len(groups) >= 2 and all(math.isfinite(x) for x in xs) else None
+
+
+def _axes(n: int, width: float):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 1.2 * len(groups)) * len(metrics), 3.8), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
+    fig, axes = plt.subplots(1, n, figsize=(width * n, 3.8), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def figure(groups: list[Group], metrics: list[str], path: Path) -> None:
+    """One panel per metric, mean ± std over seeds: bars per group, or, when the groups are the
+    values of a swept number, a line over those values (log axis when they span two decades)."""
+    xs = numeric_values(groups)
+    plt, fig, axes = _axes(len(metrics), 4.5 if xs else max(4.0, 1.2 * len(groups)))
+    for ax, m in zip(axes, metrics):
         vals = [list(g.values(m).values()) for g in groups]
         means = [np.mean(v) if v else math.nan for v in vals]
         sds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]
-        ax.bar(range(len(groups)), means, yerr=sds, capsize=3, color="#4c78a8")
-        ax.set_xticks(range(len(groups)), [g.name for g in groups], rotation=45, ha="right", fontsize=8)
+        if xs:
+            ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, color="#4c78a8")
+            if min(xs) > 0 and max(xs) / min(xs) >= 100:
+                ax.set_xscale("log")
+            ax.set_xticks(xs, [g.name for g in groups], fontsize=8)
+            ax.minorticks_off()
+        else:
+            ax.bar(range(len(groups)), means, yerr=sds, capsize=3, color="#4c78a8")
+            ax.set_xticks(range(len(groups)), [g.name for g in groups], rotation=45, ha="right", fontsize=8)
+            finite = [x for x in means if not math.isnan(x)]
+            if finite:
+                lo, hi = min(finite), max(finite)
+                pad = (hi - lo) * 0.5 + 1e-3
+                ax.set_ylim(lo - pad - max(sds), hi + pad + max(sds))
         ax.set_title(m[len("best/"):], fontsize=9)
-        finite = [x for x in means if not math.isnan(x)]
-        if finite:
-            lo, hi = min(finite), max(finite)
-            pad = (hi - lo) * 0.5 + 1e-3
-            ax.set_ylim(lo - pad - max(sds), hi + pad + max(sds))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+_SCENARIO_BEST = re.compile(r"^best/test/s(\d+)/([^/]+)/auc$")
+MAX_SCENARIO_BARS = 60
+
+
+def scenario_cells(groups: list[Group]) -> list[tuple[str, str, list[list[float]]]]:
+    """(label, metric, per-group seed values) for each scenario x task test AUC the runs have,
+    scenarios in index order, labelled with the names the runs logged (`scenario.s<k>` params)."""
+    keys: dict[tuple[int, str], str] = {}
+    names: dict[int, str] = {}
+    for g in groups:
+        for r in g.runs:
+            for k in r.data.metrics:
+                m = _SCENARIO_BEST.match(k)
+                if m:
+                    keys[(int(m.group(1)), m.group(2))] = k
+            for p, v in r.data.params.items():
+                if p.startswith("scenario.s") and p[len("scenario.s"):].isdigit():
+                    names.setdefault(int(p[len("scenario.s"):]), v)
+    return [(f"{names.get(s, f's{s}')} · {task}", key, [list(g.values(key).values()) for g in groups])
+            for (s, task), key in sorted(keys.items())]
+
+
+def scenario_figure(groups: list[Group], path: Path) -> bool:
+    """Grouped bars, one cluster per scenario x task (test AUC at the best round), one bar per
+    group; False (nothing written) when the runs have no per-scenario metrics."""
+    cells = scenario_cells(groups)
+    if not cells:
+        return False
+    shown = cells[:MAX_SCENARIO_BARS]
+    plt, fig, (ax,) = _axes(1, max(6.0, 0.25 * len(shown) * len(groups)))
+    width = 0.8 / len(groups)
+    lo = 1.0
+    for j, g in enumerate(groups):
+        means = [np.mean(c[2][j]) if c[2][j] else math.nan for c in shown]
+        sds = [np.std(c[2][j], ddof=1) if len(c[2][j]) > 1 else 0.0 for c in shown]
+        ax.bar([i + j * width for i in range(len(shown))], means, width=width, yerr=sds, capsize=1, label=g.name)
+        lo = min([lo] + [x for x in means if not math.isnan(x)])
+    ax.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(shown))], [c[0] for c in shown],
+                  rotation=45, ha="right", fontsize=7)
+    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    more = f" (first {len(shown)} of {len(cells)})" if len(cells) > len(shown) else ""
+    ax.set(ylabel="test AUC at the best round", title=f"scenario x task{more}")
+    ax.legend(fontsize=7, ncol=max(1, len(groups) // 8))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def curve(client, group: Group, key: str) -> tuple[list[int], list[float], list[float]]:
+    """The per-round history of `key` over the group's seeds (each seed's newest run): steps, mean
+    and std at each step that at least one seed reached (runs that stopped early end sooner)."""
+    newest = {}
+    for r in sorted(group.runs, key=lambda r: r.info.start_time or 0):
+        newest[r.data.tags.get("seed", r.info.run_id)] = r
+    at: dict[int, list[float]] = {}
+    for r in newest.values():
+        for m in client.get_metric_history(r.info.run_id, key):
+            at.setdefault(int(m.step), []).append(float(m.value))
+    steps = sorted(at)
+    return (steps, [float(np.mean(at[s])) for s in steps],
+            [float(np.std(at[s], ddof=1)) if len(at[s]) > 1 else 0.0 for s in steps])
+
+
+def curves_figure(client, groups: list[Group], metric: str, path: Path) -> str | None:
+    """Validation learning curves of `metric` (`best/test/auc` -> `val/auc` per round), one line per
+    group, mean over seeds with a ±std band; returns the key drawn, None when no run logged it."""
+    key = "val/" + metric.split("/", 2)[2]
+    lines = [(g.name, curve(client, g, key)) for g in groups]
+    if not any(steps for _, (steps, _m, _s) in lines):
+        return None
+    plt, fig, (ax,) = _axes(1, 7.0)
+    for name, (steps, mean, sd) in lines:
+        if steps:
+            rounds = [s + 1 for s in steps]          # rounds counted from 1, as the progress bar does
+            ax.plot(rounds, mean, label=name, lw=1.2)
+            ax.fill_between(rounds, np.subtract(mean, sd), np.add(mean, sd), alpha=0.15)
+    ax.set(xlabel="round", ylabel=f"{key} (mean over seeds)")
+    ax.legend(fontsize=7, ncol=max(1, len(groups) // 8))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return key
 
 
 def compare(tracking_uri: str, experiment: str | None = None, run_ids: list[str] = (), filter_string: str = "",
@@ -239,6 +358,9 @@ def compare(tracking_uri: str, experiment: str | None = None, run_ids: list[str]
         filter_string = suite_filter(suite, filter_string)
     runs = select_runs(client, experiment, list(run_ids), filter_string)
     groups = group_runs(runs, group_by, suite)
+    xs = numeric_values(groups)
+    if xs:                                       # a swept number: rows in its order, not as text
+        groups = [g for _, g in sorted(zip(xs, groups), key=lambda t: t[0])]
     if not groups:
         raise ConfigError(f"fleetrec compare: no runs match (experiment {experiment or 'fleetrec'!r}, "
                           f"filter {filter_string!r})")
@@ -251,6 +373,13 @@ def compare(tracking_uri: str, experiment: str | None = None, run_ids: list[str]
     with open(d / "compare.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([header, *rows])
     figure(groups, picked, d / "compare.png")
+    files = list(FILES[:3])
+    for f in FILES[3:]:                          # a figure of an earlier comparison would mislead
+        (d / f).unlink(missing_ok=True)
+    if scenario_figure(groups, d / "compare_scenarios.png"):
+        files.append("compare_scenarios.png")
+    if curves_figure(client, groups, picked[0], d / "compare_curves.png"):
+        files.append("compare_curves.png")
     if log:
         import mlflow
         mlflow.set_tracking_uri(tracking_uri)
@@ -261,6 +390,6 @@ def compare(tracking_uri: str, experiment: str | None = None, run_ids: list[str]
             mlflow.log_params({"group_by": "suite method" if suite else group_by, "filter": filter_string[:500],
                                "baseline": str(baseline), "test": test,
                                "metrics": json.dumps(picked)[:500], "runs": len(runs)})
-            for f in ("compare.md", "compare.csv", "compare.png"):
+            for f in files:
                 mlflow.log_artifact(str(d / f))
     return md

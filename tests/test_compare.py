@@ -104,3 +104,49 @@ def test_suite_rows_newest_run_per_seed_and_wilcoxon(tmp_path):
     with pytest.raises(ConfigError, match="no runs match"):
         compare(uri, suite="nosuch", out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_swept_number_sorts_numerically_and_draws_scenarios_and_curves(tmp_path):
+    """Groups that are the values of a swept number come in numeric order (2 before 10); runs with
+    per-scenario metrics get the scenario x task bars, labelled with the names they logged; the
+    learning curve is the per-round mean and std over the seeds that reached each round."""
+    from mlflow.tracking import MlflowClient
+
+    from fleetrec.simulator.compare import Group, curve, scenario_cells
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("fleetrec")
+    history = {0: [0.5, 0.6], 1: [0.7, 0.8, 0.9]}           # seed 1 ran one round longer
+    for value in ("2", "10", "0.5"):
+        for seed, vals in history.items():
+            r = client.create_run(exp, tags={"sampled.model.rank": value, "seed": str(seed)})
+            rid = r.info.run_id
+            for step, v in enumerate(vals):
+                client.log_metric(rid, "val/auc", v + float(value) / 100, step=step)
+            client.log_metric(rid, "best/test/auc", max(vals) + float(value) / 100)
+            client.log_metric(rid, "best/test/s0/like/auc", 0.6)
+            client.log_metric(rid, "best/test/s1/like/auc", 0.7 + seed / 100)
+            client.log_param(rid, "scenario.s0", "US")
+            client.log_param(rid, "scenario.s1", "FR")
+            client.set_terminated(rid)
+    out = tmp_path / "o"
+    md = compare(uri, group_by="sampled.model.rank", metrics=["best/test/auc"], baseline="2", out=out)
+    assert [l.split(" | ")[0].strip("| ") for l in md.splitlines()[2:]] == ["0.5", "2", "10"]
+    assert md.splitlines()[3] == "| 2 | 2 | 0.7700 ± 0.2121 | baseline |"     # rank 2: 0.62 and 0.92
+    for f in ("compare.png", "compare_scenarios.png", "compare_curves.png"):
+        assert (out / f).stat().st_size > 0, f
+    runs = client.search_runs([exp], filter_string="tags.`sampled.model.rank` = '0.5'")
+    steps, mean, sd = curve(client, Group("0.5", runs), "val/auc")
+    assert steps == [0, 1, 2]
+    assert mean == pytest.approx([0.605, 0.705, 0.905]) and sd == pytest.approx([0.1414214, 0.1414214, 0.0])
+    cells = scenario_cells([Group("0.5", runs)])
+    assert [(label, key) for label, key, _ in cells] == [("US · like", "best/test/s0/like/auc"),
+                                                           ("FR · like", "best/test/s1/like/auc")]
+    assert sorted(cells[1][2][0]) == pytest.approx([0.70, 0.71])
+    # the plain store of the other tests has neither: written into the same folder, the two figures
+    # of the comparison above are gone, not left to describe this one
+    (tmp_path / "plain").mkdir()
+    uri2 = _store(tmp_path / "plain")
+    assert main(["compare", "--tracking-uri", uri2, "--out", str(out)]) == 0
+    assert not (out / "compare_scenarios.png").exists()
+    assert not (out / "compare_curves.png").exists()
