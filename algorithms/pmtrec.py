@@ -136,6 +136,7 @@ class PMTRecMF(MFAlgorithm):
         self.tasks = [MF_TASKS[t] for t in config.tasks]
         self.T = len(self.tasks)
         self.combiner = make_combiner(config.combiner, self.T, setup.seed)
+        self.diagnostics: dict[str, float] = {}       # the last combine step's (`_diagnose`)
         self.combiner_opt = (torch.optim.Adam(self.combiner.parameters(), lr=setup.train.lr)
                              if self.combiner.parameters() else None)
         self.head_names = ["W", "b"] if "category" in config.tasks else []
@@ -169,12 +170,14 @@ class PMTRecMF(MFAlgorithm):
                 tp: torch.Tensor | None, tq: torch.Tensor | None, epoch: int, step: int):
         """Combined (Rp, d) and (Rq, d) row gradients from (T, R, d) task row gradients: `pmtrec`
         per row, any other combiner on the touched rows of P and Q as one vector."""
-        if self.config.combiner.name == "pmtrec":
-            gp = None if Gp is None else pmtrec_combine(Gp, epoch, self.config.combiner, tp)[0]
-            gq = None if Gq is None else pmtrec_combine(Gq, epoch, self.config.combiner, tq)[0]
-            return gp, gq
         G = torch.cat([g.flatten(1) for g in (Gp, Gq) if g is not None], dim=1)
+        if self.config.combiner.name == "pmtrec":
+            outs = [None if g is None else pmtrec_combine(g, epoch, self.config.combiner, t)
+                    for g, t in ((Gp, tp), (Gq, tq))]
+            self._diagnose(G, torch.cat([o[1] for o in outs if o is not None]).mean(dim=0))
+            return tuple(None if o is None else o[0] for o in outs)
         out = self.combiner.combine(CombineInput(losses=losses.detach(), grads=G, step=step, epoch=epoch))
+        self._diagnose(G, out.weights)
         if self.combiner_opt is not None and out.loss is not None:   # uncertainty weighting learns its log-variances
             self.combiner_opt.zero_grad()
             lv = self.combiner.parameters()
@@ -190,6 +193,17 @@ class PMTRecMF(MFAlgorithm):
         if Gq is not None:
             gq = flat[off:off + Gq[0].numel()].reshape(Gq.shape[1:])
         return gp, gq
+
+    def _diagnose(self, G: torch.Tensor, weights: torch.Tensor) -> None:
+        """What the combiner did at this step, for the round record (centralized mode logs it):
+        the weight of each task (per-row combiners: the mean over the touched rows) and the share of
+        task pairs whose gradients conflict (negative inner product over the touched rows)."""
+        with torch.no_grad():
+            g = G.double()
+            dots = (g @ g.T)[~torch.eye(self.T, dtype=torch.bool)]
+            self.diagnostics = {f"train/combiner/weight_{t}": float(w) for t, w in zip(self.config.tasks, weights)}
+            if self.T > 1:
+                self.diagnostics["train/combiner/conflict"] = float((dots < 0).double().mean())
 
     # ---- the protocol, by the mode's trainer
     def init_server(self) -> Tensors:

@@ -131,7 +131,7 @@ class CentralizedTrainer:
                 else:
                     tables[name] -= tr.lr * g
             s.step.fill_(float(step))
-        return {f"train/{t}_loss": float(x) for t, x in zip(c.tasks, L)}
+        return {**{f"train/{t}_loss": float(x) for t, x in zip(c.tasks, L)}, **a.diagnostics}
 
     # ---- one round
     def train(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:

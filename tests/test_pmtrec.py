@@ -423,6 +423,40 @@ def test_ranking_metrics_through_the_engine_match_a_brute_force_loop(ray_session
         ray_session.kill(coord)
 
 
+def test_each_step_records_the_task_weights_and_the_share_of_conflicting_task_pairs():
+    """`train/combiner/weight_<task>` is the weight the combiner gave each task and
+    `train/combiner/conflict` the share of task pairs with a negative gradient inner product. With
+    two tasks MGDA's min-norm point puts weight 0 on AU whenever g_bpr . g_au >= ||g_bpr||^2: the
+    record shows it (the reason MGDA-UB trained exactly as single-task MF on Epinions)."""
+    a, ds = _algo(_cfg("pmtrec_synthetic.yaml", **{"algorithm.tasks": "[bpr, au]",
+                                                  "algorithm.combiner": "{name: mgda}"}))
+    L = torch.tensor([1.0, 1.0])
+    same_way = torch.tensor([[[1.0, 0.0]], [[1.5, 0.5]]])                 # dot 1.5 >= ||g_bpr||^2 = 1
+    gp, _ = a.combine(L, same_way, None, None, None, epoch=1, step=1)
+    torch.testing.assert_close(gp, same_way[0])
+    assert a.diagnostics == pytest.approx({"train/combiner/weight_bpr": 1.0, "train/combiner/weight_au": 0.0,
+                                           "train/combiner/conflict": 0.0})
+    opposed = torch.tensor([[[1.0, 0.0]], [[-1.0, 1.0]]])                 # dot -1: conflict, both weighted
+    a.combine(L, opposed, None, None, None, epoch=1, step=1)
+    d = a.diagnostics
+    assert d["train/combiner/conflict"] == 1.0 and 0 < d["train/combiner/weight_au"] < 1
+    three, _ = _algo(_cfg("pmtrec_synthetic.yaml", **{"algorithm.tasks": "[bpr, rating, au]",
+                                                      "algorithm.combiner": "{name: equal}"}))
+    three.combine(torch.ones(3), torch.tensor([[[1.0, 0.0]], [[-1.0, 0.0]], [[0.0, 1.0]]]), None, None, None, 1, 1)
+    assert three.diagnostics["train/combiner/conflict"] == pytest.approx(1 / 3)   # 1 pair of 3 opposes
+    # a real step returns them with its losses (the round record averages them over steps)
+    u, i, _, r, _ = _main_batch(a, ds)
+    out = a.trainer.step(MFServer.unflatten(a.init_server()), u, i, r, epoch=1)
+    assert set(out) == {"train/bpr_loss", "train/au_loss", "train/combiner/weight_bpr", "train/combiner/weight_au",
+                        "train/combiner/conflict"}
+    assert out["train/combiner/weight_bpr"] + out["train/combiner/weight_au"] == pytest.approx(1.0)
+    # PMTRec's per-row weights: the mean over the touched rows
+    p, _ = _algo(_cfg("pmtrec_synthetic.yaml", **{"algorithm.tasks": "[bpr, au]",
+                                                 "algorithm.combiner": "{name: pmtrec, alpha: 1.0, tau: 1.0}"}))
+    out = p.trainer.step(MFServer.unflatten(p.init_server()), u, i, r, epoch=1)
+    assert 0 < out["train/combiner/weight_au"] < 1 and 0 <= out["train/combiner/conflict"] <= 1
+
+
 def test_centralized_pmtrec_learns_on_synthetic_data_and_logs_to_mlflow(ray_session, tmp_path):
     from mlflow.tracking import MlflowClient
     from fleetrec.simulator.run import run
