@@ -137,6 +137,8 @@ class PMTRecMF(MFAlgorithm):
         self.T = len(self.tasks)
         self.combiner = make_combiner(config.combiner, self.T, setup.seed)
         self.diagnostics: dict[str, float] = {}       # the last combine step's (`_diagnose`)
+        self._diagnostic_keys = [f"train/combiner/weight_{t}" for t in config.tasks] + (
+            ["train/combiner/conflict"] if self.T > 1 else [])
         self.combiner_opt = (torch.optim.Adam(self.combiner.parameters(), lr=setup.train.lr)
                              if self.combiner.parameters() else None)
         self.head_names = ["W", "b"] if "category" in config.tasks else []
@@ -198,12 +200,11 @@ class PMTRecMF(MFAlgorithm):
         """What the combiner did at this step, for the round record (centralized mode logs it):
         the weight of each task (per-row combiners: the mean over the touched rows) and the share of
         task pairs whose gradients conflict (negative inner product over the touched rows)."""
-        with torch.no_grad():
-            g = G.double()
-            dots = (g @ g.T)[~torch.eye(self.T, dtype=torch.bool)]
-            self.diagnostics = {f"train/combiner/weight_{t}": float(w) for t, w in zip(self.config.tasks, weights)}
-            if self.T > 1:
-                self.diagnostics["train/combiner/conflict"] = float((dots < 0).double().mean())
+        with torch.no_grad():            # one (T, T) product and one host copy per step
+            gram = G @ G.T                   # its diagonal (squared norms) is never negative
+            conflict = (gram < 0).sum().to(gram.dtype) / max(self.T * (self.T - 1), 1)
+            values = torch.cat([weights.detach().reshape(-1).to(gram.dtype), conflict.reshape(1)]).tolist()
+        self.diagnostics = dict(zip(self._diagnostic_keys, values))
 
     # ---- the protocol, by the mode's trainer
     def init_server(self) -> Tensors:
