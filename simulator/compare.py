@@ -227,6 +227,12 @@ def _axes(n: int, width: float):
     return plt, fig, axes[0]
 
 
+def _colors(plt, n: int) -> list:
+    """n distinct colours: the default ten, or twenty (tab20) for more groups, so no two lines share one."""
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def figure(groups: list[Group], metrics: list[str], path: Path) -> None:
     """One panel per metric, mean ± std over seeds: bars per group, or, when the groups are the
     values of a swept number, a line over those values (log axis when they span two decades)."""
@@ -288,10 +294,12 @@ def scenario_figure(groups: list[Group], path: Path) -> bool:
     plt, fig, (ax,) = _axes(1, max(6.0, 0.25 * len(shown) * len(groups)))
     width = 0.8 / len(groups)
     lo = 1.0
+    colors = _colors(plt, len(groups))
     for j, g in enumerate(groups):
         means = [np.mean(c[2][j]) if c[2][j] else math.nan for c in shown]
         sds = [np.std(c[2][j], ddof=1) if len(c[2][j]) > 1 else 0.0 for c in shown]
-        ax.bar([i + j * width for i in range(len(shown))], means, width=width, yerr=sds, capsize=1, label=g.name)
+        ax.bar([i + j * width for i in range(len(shown))], means, width=width, yerr=sds, capsize=1, label=g.name,
+               color=colors[j])
         lo = min([lo] + [x for x in means if not math.isnan(x)])
     ax.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(shown))], [c[0] for c in shown],
                   rotation=45, ha="right", fontsize=7)
@@ -328,11 +336,12 @@ def curves_figure(client, groups: list[Group], metric: str, path: Path) -> str |
     if not any(steps for _, (steps, _m, _s) in lines):
         return None
     plt, fig, (ax,) = _axes(1, 7.0)
-    for name, (steps, mean, sd) in lines:
+    colors = _colors(plt, len(lines))
+    for (name, (steps, mean, sd)), color in zip(lines, colors):
         if steps:
             rounds = [s + 1 for s in steps]          # rounds counted from 1, as the progress bar does
-            ax.plot(rounds, mean, label=name, lw=1.2)
-            ax.fill_between(rounds, np.subtract(mean, sd), np.add(mean, sd), alpha=0.15)
+            ax.plot(rounds, mean, label=name, lw=1.2, color=color)
+            ax.fill_between(rounds, np.subtract(mean, sd), np.add(mean, sd), alpha=0.15, color=color)
     ax.set(xlabel="round", ylabel=f"{key} (mean over seeds)")
     ax.legend(fontsize=7, ncol=max(1, len(groups) // 8))
     fig.tight_layout()
