@@ -148,6 +148,7 @@ class Sweep:
     tracking_uri: str
     experiment: str
     cli_overrides: tuple[str, ...] = ()   # key=value given on the command line (after the YAML's overrides)
+    replaced_eval_metric: str | None = None   # the base config's eval.metric, where the sweep's metric replaced it
 
     @property
     def exp_dir(self) -> Path:
@@ -272,14 +273,20 @@ def load_sweep(path: str | Path, overrides: list[str] = (), name: str | None = N
     set_dotted(data, "tracking.experiment", experiment)
     set_dotted(data, "tracking.progress", False)
     base_cfg = from_dict(data, f"{source}: base {sc.base}")
+    selects = replaced = None
     if sc.metric.startswith("val/"):         # a metric the trials' runs report (checked as their eval.metric)
+        selects = sc.metric[len("val/"):]
         try:
-            from_dict(apply_overrides(data, [f"eval.metric={sc.metric[len('val/'):]}"]), "base")
+            with_metric = from_dict(apply_overrides(data, [f"eval.metric={selects}"]), "base")
         except ConfigError as e:
             why = str(e)
             why = why[why.index("eval.metric:"):] if "eval.metric:" in why else why.removeprefix("base: ")
             raise ConfigError(f"{source}: metric: got {sc.metric!r}, which the base config's runs do not report "
                               f"({why})") from None
+        if base_cfg.eval.metric != selects:  # each run picks its best round (and early-stops) on the sweep's
+            replaced = base_cfg.eval.metric                # metric too: else best/* would be another metric's round
+            set_dotted(data, "eval.metric", selects)
+            base_cfg = with_metric
 
     tree = to_dict(base_cfg)
     for key in space:
@@ -294,7 +301,8 @@ def load_sweep(path: str | Path, overrides: list[str] = (), name: str | None = N
     sweep = Sweep(cfg=sc, source=source.resolve(), name=name or sc.name or source.stem, base_path=base_path,
                   base_data=data, base_cfg=base_cfg, space=space,
                   storage_path=Path(storage_path or sc.storage_path).expanduser().resolve(),
-                  tracking_uri=tracking_uri, experiment=experiment, cli_overrides=tuple(overrides))
+                  tracking_uri=tracking_uri, experiment=experiment, cli_overrides=tuple(overrides),
+                  replaced_eval_metric=replaced)
     # every end point of every dimension must build a valid config (the others stay at the base values)
     for key, dim in space.items():
         for v in dim.end_points():

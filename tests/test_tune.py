@@ -225,3 +225,25 @@ def test_a_metric_the_runs_do_not_report_is_refused_by_check(tmp_path):
             load_sweep(space)
     space.write_text(BASE + "metric: val/gauc\nspace:\n  train.lr: {loguniform: [0.01, 0.1]}\n")
     assert load_sweep(space).cfg.metric == "val/gauc"
+
+
+def test_the_sweep_metric_also_selects_each_runs_best_round():
+    """A sweep ranked on val/gauc over a config whose eval.metric is auc used to report each
+    trial's best/* at its best-AUC round (and early-stop on AUC): the sweep's metric now replaces
+    eval.metric, says so in --check; where they already agree nothing in the base changes (the
+    suites' stage fingerprints stay valid)."""
+    from fleetrec.simulator.tune_report import describe
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        space = Path(d) / "s.yaml"
+        space.write_text(BASE + "metric: val/gauc\nspace:\n  train.lr: {loguniform: [0.01, 0.1]}\n")
+        s = load_sweep(space)
+        assert s.base_cfg.eval.metric == "gauc" and s.trial_config({"train.lr": 0.05}).eval.metric == "gauc"
+        assert s.replaced_eval_metric == "auc"
+        assert "each run's best round and early stop: val/gauc (the sweep's metric; the base config's " \
+               "eval.metric 'auc' is replaced)" in describe(s)
+        space.write_text(BASE + "metric: val/auc\nspace:\n  train.lr: {loguniform: [0.01, 0.1]}\n")
+        same = load_sweep(space)
+        assert same.replaced_eval_metric is None
+        assert same.base_data["eval"] == read_yaml(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")["eval"]
+        assert "best round and early stop" not in describe(same)
