@@ -233,9 +233,10 @@ def _colors(plt, n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def figure(groups: list[Group], metrics: list[str], path: Path) -> None:
+def figure(groups: list[Group], metrics: list[str], path: Path, xlabel: str | None = None) -> None:
     """One panel per metric, mean ± std over seeds: bars per group, or, when the groups are the
-    values of a swept number, a line over those values (log axis when they span two decades)."""
+    values of a swept number (`xlabel` names it), a line over those values (log axis when they
+    span two decades)."""
     xs = numeric_values(groups)
     plt, fig, axes = _axes(len(metrics), 4.5 if xs else max(4.0, 1.2 * len(groups)))
     for ax, m in zip(axes, metrics):
@@ -248,6 +249,8 @@ def figure(groups: list[Group], metrics: list[str], path: Path) -> None:
                 ax.set_xscale("log")
             ax.set_xticks(xs, [g.name for g in groups], fontsize=8)
             ax.minorticks_off()
+            if xlabel:
+                ax.set_xlabel(xlabel, fontsize=9)
         else:
             ax.bar(range(len(groups)), means, yerr=sds, capsize=3, color="#4c78a8")
             ax.set_xticks(range(len(groups)), [g.name for g in groups], rotation=45, ha="right", fontsize=8)
@@ -381,7 +384,7 @@ def compare(tracking_uri: str, experiment: str | None = None, run_ids: list[str]
     (d / "compare.md").write_text(md + "\n")
     with open(d / "compare.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([header, *rows])
-    figure(groups, picked, d / "compare.png")
+    figure(groups, picked, d / "compare.png", xlabel=group_by.removeprefix("sampled."))
     files = list(FILES[:3])
     for f in FILES[3:]:                          # a figure of an earlier comparison would mislead
         (d / f).unlink(missing_ok=True)
