@@ -236,7 +236,7 @@ def _colors(plt, n: int) -> list:
 def figure(groups: list[Group], metrics: list[str], path: Path, xlabel: str | None = None) -> None:
     """One panel per metric, mean ± std over seeds: bars per group, or, when the groups are the
     values of a swept number (`xlabel` names it), a line over those values (log axis when they
-    span two decades)."""
+    are positive and span a factor of 8 or more)."""
     xs = numeric_values(groups)
     plt, fig, axes = _axes(len(metrics), 4.5 if xs else max(4.0, 1.2 * len(groups)))
     for ax, m in zip(axes, metrics):
@@ -245,7 +245,7 @@ def figure(groups: list[Group], metrics: list[str], path: Path, xlabel: str | No
         sds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]
         if xs:
             ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, color="#4c78a8")
-            if min(xs) > 0 and max(xs) / min(xs) >= 100:
+            if min(xs) > 0 and max(xs) / min(xs) >= 8:        # ranks 1..16, temperatures 0.1..1e6
                 ax.set_xscale("log")
             ax.set_xticks(xs, [g.name for g in groups], fontsize=8)
             ax.minorticks_off()
