@@ -137,6 +137,7 @@ class PMTRecMF(MFAlgorithm):
         self.T = len(self.tasks)
         self.combiner = make_combiner(config.combiner, self.T, setup.seed)
         self.diagnostics: dict[str, float] = {}       # the last combine step's (`_diagnose`)
+        self._pairs = torch.triu_indices(self.T, self.T, offset=1)
         self._diagnostic_keys = [f"train/combiner/weight_{t}" for t in config.tasks] + (
             ["train/combiner/conflict"] if self.T > 1 else [])
         self.combiner_opt = (torch.optim.Adam(self.combiner.parameters(), lr=setup.train.lr)
@@ -172,14 +173,15 @@ class PMTRecMF(MFAlgorithm):
                 tp: torch.Tensor | None, tq: torch.Tensor | None, epoch: int, step: int):
         """Combined (Rp, d) and (Rq, d) row gradients from (T, R, d) task row gradients: `pmtrec`
         per row, any other combiner on the touched rows of P and Q as one vector."""
-        G = torch.cat([g.flatten(1) for g in (Gp, Gq) if g is not None], dim=1)
         if self.config.combiner.name == "pmtrec":
             outs = [None if g is None else pmtrec_combine(g, epoch, self.config.combiner, t)
                     for g, t in ((Gp, tp), (Gq, tq))]
-            self._diagnose(G, torch.cat([o[1] for o in outs if o is not None]).mean(dim=0))
+            self._diagnose([g.flatten(1) for g in (Gp, Gq) if g is not None],
+                           torch.cat([o[1] for o in outs if o is not None]).mean(dim=0))
             return tuple(None if o is None else o[0] for o in outs)
+        G = torch.cat([g.flatten(1) for g in (Gp, Gq) if g is not None], dim=1)
         out = self.combiner.combine(CombineInput(losses=losses.detach(), grads=G, step=step, epoch=epoch))
-        self._diagnose(G, out.weights)
+        self._diagnose([G], out.weights)
         if self.combiner_opt is not None and out.loss is not None:   # uncertainty weighting learns its log-variances
             self.combiner_opt.zero_grad()
             lv = self.combiner.parameters()
@@ -196,13 +198,18 @@ class PMTRecMF(MFAlgorithm):
             gq = flat[off:off + Gq[0].numel()].reshape(Gq.shape[1:])
         return gp, gq
 
-    def _diagnose(self, G: torch.Tensor, weights: torch.Tensor) -> None:
-        """What the combiner did at this step, for the round record (centralized mode logs it):
-        the weight of each task (per-row combiners: the mean over the touched rows) and the share of
-        task pairs whose gradients conflict (negative inner product over the touched rows)."""
-        with torch.no_grad():            # one (T, T) product and one host copy per step
-            gram = G @ G.T                   # its diagonal (squared norms) is never negative
-            conflict = (gram < 0).sum().to(gram.dtype) / max(self.T * (self.T - 1), 1)
+    def _diagnose(self, parts: list[torch.Tensor], weights: torch.Tensor) -> None:
+        """What the combiner did at this step, for the round record (centralized mode logs the mean
+        over a round's steps): the weight of each task and the share of the T(T-1)/2 task pairs whose
+        gradients conflict (a negative inner product over the touched rows; `parts` are the (T, n)
+        flat gradients of P's and Q's rows, their Gram matrices summed, so nothing is copied). For
+        the per-row `pmtrec` combiner the weight is the mean over the touched rows of P and Q, rows
+        a task does not touch counting 0: a task that touches few rows reads low whatever it is
+        given where it does."""
+        with torch.no_grad():            # a (T, T) product per table and one host copy per step
+            gram = sum(g @ g.T for g in parts)
+            pairs = gram[self._pairs[0], self._pairs[1]]              # above the diagonal
+            conflict = (pairs < 0).sum().to(gram.dtype) / max(pairs.numel(), 1)
             values = torch.cat([weights.detach().reshape(-1).to(gram.dtype), conflict.reshape(1)]).tolist()
         self.diagnostics = dict(zip(self._diagnostic_keys, values))
 

@@ -228,9 +228,13 @@ def _axes(n: int, width: float):
 
 
 def _colors(plt, n: int) -> list:
-    """n distinct colours: the default ten, or twenty (tab20) for more groups, so no two lines share one."""
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
-    return [cmap(i % cmap.N) for i in range(n)]
+    """n colours, none repeated: tab10 up to ten groups, tab20 up to twenty (its pairs are light and
+    dark shades of one hue), then evenly spaced samples of a continuous map."""
+    if n <= 20:
+        cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+        return [cmap(i) for i in range(n)]
+    cmap = plt.get_cmap("turbo")
+    return [cmap(i / (n - 1)) for i in range(n)]
 
 
 def figure(groups: list[Group], metrics: list[str], path: Path, xlabel: str | None = None) -> None:
@@ -294,7 +298,7 @@ def scenario_figure(groups: list[Group], path: Path) -> bool:
     if not cells:
         return False
     shown = cells[:MAX_SCENARIO_BARS]
-    plt, fig, (ax,) = _axes(1, max(6.0, 0.25 * len(shown) * len(groups)))
+    plt, fig, (ax,) = _axes(1, min(40.0, max(6.0, 0.25 * len(shown) * len(groups))))   # matplotlib: < 2^16 px
     width = 0.8 / len(groups)
     lo = 1.0
     colors = _colors(plt, len(groups))
@@ -334,7 +338,10 @@ def curve(client, group: Group, key: str) -> tuple[list[int], list[float], list[
 def curves_figure(client, groups: list[Group], metric: str, path: Path) -> str | None:
     """Validation learning curves of `metric` (`best/test/auc` -> `val/auc` per round), one line per
     group, mean over seeds with a ±std band; returns the key drawn, None when no run logged it."""
-    key = "val/" + metric.split("/", 2)[2]
+    parts = metric.split("/", 2)
+    if len(parts) < 3:                           # best/best_round and the like: no per-round history
+        return None
+    key = "val/" + parts[2]
     lines = [(g.name, curve(client, g, key)) for g in groups]
     if not any(steps for _, (steps, _m, _s) in lines):
         return None

@@ -204,8 +204,8 @@ def describe(sweep: Sweep) -> str:
              f"{sweep.bundles()}",
              f"results {sweep.exp_dir}; MLflow {sweep.tracking_uri} experiment {sweep.experiment!r}"]
     if sweep.replaced_eval_metric is not None:
-        lines.append(f"each run's best round and early stop: {sc.metric} (the sweep's metric; the base config's "
-                     f"eval.metric {sweep.replaced_eval_metric!r} is replaced)")
+        lines.append(f"each run's best round and early stop: {sc.metric} ({sc.mode}; the sweep's metric and mode "
+                     f"replace the base config's eval.metric {sweep.replaced_eval_metric})")
     lines += [f"  {k}: {d.kind()} {list(getattr(d, d.kind()))}" for k, d in sweep.space.items()]
     return "\n".join(lines)
 

@@ -148,7 +148,7 @@ class Sweep:
     tracking_uri: str
     experiment: str
     cli_overrides: tuple[str, ...] = ()   # key=value given on the command line (after the YAML's overrides)
-    replaced_eval_metric: str | None = None   # the base config's eval.metric, where the sweep's metric replaced it
+    replaced_eval_metric: str | None = None   # the base config's eval.metric (mode), where the sweep's replaced them
 
     @property
     def exp_dir(self) -> Path:
@@ -277,15 +277,19 @@ def load_sweep(path: str | Path, overrides: list[str] = (), name: str | None = N
     if sc.metric.startswith("val/"):         # a metric the trials' runs report (checked as their eval.metric)
         selects = sc.metric[len("val/"):]
         try:
-            with_metric = from_dict(apply_overrides(data, [f"eval.metric={selects}"]), "base")
+            with_metric = from_dict(apply_overrides(data, [f"eval.metric={selects}", f"eval.mode={sc.mode}"]), "base")
         except ConfigError as e:
             why = str(e)
             why = why[why.index("eval.metric:"):] if "eval.metric:" in why else why.removeprefix("base: ")
             raise ConfigError(f"{source}: metric: got {sc.metric!r}, which the base config's runs do not report "
                               f"({why})") from None
-        if base_cfg.eval.metric != selects:  # each run picks its best round (and early-stops) on the sweep's
-            replaced = base_cfg.eval.metric                # metric too: else best/* would be another metric's round
-            set_dotted(data, "eval.metric", selects)
+        # each run picks its best round (and early-stops) on the sweep's metric and mode too: else
+        # best/* would be another metric's best round, or this metric's worst
+        if (base_cfg.eval.metric, base_cfg.eval.mode) != (selects, sc.mode):
+            replaced = f"{base_cfg.eval.metric} ({base_cfg.eval.mode})"
+            for key, value, was in (("metric", selects, base_cfg.eval.metric), ("mode", sc.mode, base_cfg.eval.mode)):
+                if value != was:                           # only what differs: the rest of the data stays as written
+                    set_dotted(data, f"eval.{key}", value)
             base_cfg = with_metric
 
     tree = to_dict(base_cfg)

@@ -143,6 +143,9 @@ def test_a_swept_number_sorts_numerically_and_draws_scenarios_and_curves(tmp_pat
     assert [(label, key) for label, key, _ in cells] == [("US · like", "best/test/s0/like/auc"),
                                                            ("FR · like", "best/test/s1/like/auc")]
     assert sorted(cells[1][2][0]) == pytest.approx([0.70, 0.71])
+    # a metric without a split has no per-round history to draw (it used to raise IndexError)
+    from fleetrec.simulator.compare import curves_figure
+    assert curves_figure(client, [Group("0.5", runs)], "best/best_round", tmp_path / "c.png") is None
     # the plain store of the other tests has neither: written into the same folder, the two figures
     # of the comparison above are gone, not left to describe this one
     (tmp_path / "plain").mkdir()

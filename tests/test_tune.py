@@ -227,23 +227,21 @@ def test_a_metric_the_runs_do_not_report_is_refused_by_check(tmp_path):
     assert load_sweep(space).cfg.metric == "val/gauc"
 
 
-def test_the_sweep_metric_also_selects_each_runs_best_round():
+def test_the_sweep_metric_also_selects_each_runs_best_round(tmp_path):
     """A sweep ranked on val/gauc over a config whose eval.metric is auc used to report each
-    trial's best/* at its best-AUC round (and early-stop on AUC): the sweep's metric now replaces
-    eval.metric, says so in --check; where they already agree nothing in the base changes (the
+    trial's best/* at its best-AUC round (and early-stop on AUC); one ranked on val/logloss (min)
+    would have kept eval.mode max and picked the worst round. The sweep's metric and mode now
+    replace eval's, --check says so; where they already agree nothing in the base changes (the
     suites' stage fingerprints stay valid)."""
     from fleetrec.simulator.tune_report import describe
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        space = Path(d) / "s.yaml"
-        space.write_text(BASE + "metric: val/gauc\nspace:\n  train.lr: {loguniform: [0.01, 0.1]}\n")
-        s = load_sweep(space)
-        assert s.base_cfg.eval.metric == "gauc" and s.trial_config({"train.lr": 0.05}).eval.metric == "gauc"
-        assert s.replaced_eval_metric == "auc"
-        assert "each run's best round and early stop: val/gauc (the sweep's metric; the base config's " \
-               "eval.metric 'auc' is replaced)" in describe(s)
-        space.write_text(BASE + "metric: val/auc\nspace:\n  train.lr: {loguniform: [0.01, 0.1]}\n")
-        same = load_sweep(space)
-        assert same.replaced_eval_metric is None
-        assert same.base_data["eval"] == read_yaml(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")["eval"]
-        assert "best round and early stop" not in describe(same)
+    s = load_sweep(_write(tmp_path, BASE + "metric: val/gauc\nspace:\n  train.lr: {loguniform: [0.01, 0.1]}\n"))
+    assert s.base_cfg.eval.metric == "gauc" and s.trial_config({"train.lr": 0.05}).eval.metric == "gauc"
+    assert s.replaced_eval_metric == "auc (max)"
+    assert ("each run's best round and early stop: val/gauc (max; the sweep's metric and mode replace the base "
+            "config's eval.metric auc (max))") in describe(s)
+    low = load_sweep(_write(tmp_path, BASE + "metric: val/logloss\nmode: min\nspace:\n  train.lr: {choice: [0.1]}\n"))
+    assert (low.base_cfg.eval.metric, low.base_cfg.eval.mode) == ("logloss", "min")
+    same = load_sweep(_write(tmp_path, BASE + "metric: val/auc\nspace:\n  train.lr: {loguniform: [0.01, 0.1]}\n"))
+    assert same.replaced_eval_metric is None
+    assert same.base_data["eval"] == read_yaml(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")["eval"]
+    assert "best round and early stop" not in describe(same)
