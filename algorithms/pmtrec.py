@@ -137,7 +137,7 @@ class PMTRecMF(MFAlgorithm):
         self.T = len(self.tasks)
         self.combiner = make_combiner(config.combiner, self.T, setup.seed)
         self.diagnostics: dict[str, float] = {}       # the last combine step's (`_diagnose`)
-        self._pairs = torch.triu_indices(self.T, self.T, offset=1)
+        self._task_pairs = torch.triu_indices(self.T, self.T, offset=1)
         self._diagnostic_keys = [f"train/combiner/weight_{t}" for t in config.tasks] + (
             ["train/combiner/conflict"] if self.T > 1 else [])
         self.combiner_opt = (torch.optim.Adam(self.combiner.parameters(), lr=setup.train.lr)
@@ -208,7 +208,7 @@ class PMTRecMF(MFAlgorithm):
         given where it does."""
         with torch.no_grad():            # a (T, T) product per table and one host copy per step
             gram = sum(g @ g.T for g in parts)
-            pairs = gram[self._pairs[0], self._pairs[1]]              # above the diagonal
+            pairs = gram[self._task_pairs[0], self._task_pairs[1]]              # above the diagonal
             conflict = (pairs < 0).sum().to(gram.dtype) / max(pairs.numel(), 1)
             values = torch.cat([weights.detach().reshape(-1).to(gram.dtype), conflict.reshape(1)]).tolist()
         self.diagnostics = dict(zip(self._diagnostic_keys, values))
