@@ -276,6 +276,9 @@ def load_sweep(path: str | Path, overrides: list[str] = (), name: str | None = N
     selects = replaced = None
     if sc.metric.startswith("val/"):         # a metric the trials' runs report (checked as their eval.metric)
         selects = sc.metric[len("val/"):]
+        if selects.rsplit("/", 1)[-1] == "logloss" and sc.mode == "max":
+            raise ConfigError(f"{source}: mode: got 'max' with metric {sc.metric!r}, which is lower-is-better: "
+                              "set mode: min (each run's best round would be its worst)")
         try:
             with_metric = from_dict(apply_overrides(data, [f"eval.metric={selects}", f"eval.mode={sc.mode}"]), "base")
         except ConfigError as e:

@@ -241,6 +241,11 @@ def test_the_sweep_metric_also_selects_each_runs_best_round(tmp_path):
             "config's eval.metric auc (max))") in describe(s)
     low = load_sweep(_write(tmp_path, BASE + "metric: val/logloss\nmode: min\nspace:\n  train.lr: {choice: [0.1]}\n"))
     assert (low.base_cfg.eval.metric, low.base_cfg.eval.mode) == ("logloss", "min")
+    assert low.trial_config({"train.lr": 0.1}).eval.mode == "min"                # what the trials are built from
+    assert low.base_data["eval"] == {**read_yaml(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+                                     ["eval"], "metric": "logloss", "mode": "min"}
+    with pytest.raises(ConfigError, match=r"mode: got 'max' with metric 'val/logloss', which is lower-is-better"):
+        load_sweep(_write(tmp_path, BASE + "metric: val/logloss\nspace:\n  train.lr: {choice: [0.1]}\n"))
     same = load_sweep(_write(tmp_path, BASE + "metric: val/auc\nspace:\n  train.lr: {loguniform: [0.01, 0.1]}\n"))
     assert same.replaced_eval_metric is None
     assert same.base_data["eval"] == read_yaml(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")["eval"]
