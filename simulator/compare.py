@@ -166,10 +166,15 @@ def paired_test(group: Group, baseline: Group, metric: str, test: str = "t") -> 
     return float(diff.mean()), float(ttest_rel(x, y).pvalue), len(seeds)
 
 
+def _sd(values) -> float:
+    """Sample standard deviation over seeds; 0 for a single seed."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def _cell(values: list[float]) -> str:
     if not values:
         return "-"
-    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    sd = _sd(values)
     return f"{np.mean(values):.4f} ± {sd:.4f}"
 
 
@@ -219,6 +224,12 @@ def numeric_values(groups: list[Group]) -> list[float] | None:
     return xs if len(groups) >= 2 and all(math.isfinite(x) for x in xs) else None
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _axes(n: int, width: float):
     import matplotlib
     matplotlib.use("Agg")
@@ -246,7 +257,7 @@ def figure(groups: list[Group], metrics: list[str], path: Path, xlabel: str | No
     for ax, m in zip(axes, metrics):
         vals = [list(g.values(m).values()) for g in groups]
         means = [np.mean(v) if v else math.nan for v in vals]
-        sds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]
+        sds = [_sd(v) for v in vals]
         if xs:
             ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, color="#4c78a8")
             if min(xs) > 0 and max(xs) / min(xs) >= 8:        # ranks 1..16, temperatures 0.1..1e6
@@ -264,9 +275,7 @@ def figure(groups: list[Group], metrics: list[str], path: Path, xlabel: str | No
                 pad = (hi - lo) * 0.5 + 1e-3
                 ax.set_ylim(lo - pad - max(sds), hi + pad + max(sds))
         ax.set_title(m[len("best/"):], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 _SCENARIO_BEST = re.compile(r"^best/test/s(\d+)/([^/]+)/auc$")
@@ -304,7 +313,7 @@ def scenario_figure(groups: list[Group], path: Path) -> bool:
     colors = _colors(plt, len(groups))
     for j, g in enumerate(groups):
         means = [np.mean(c[2][j]) if c[2][j] else math.nan for c in shown]
-        sds = [np.std(c[2][j], ddof=1) if len(c[2][j]) > 1 else 0.0 for c in shown]
+        sds = [_sd(c[2][j]) for c in shown]
         ax.bar([i + j * width for i in range(len(shown))], means, width=width, yerr=sds, capsize=1, label=g.name,
                color=colors[j])
         lo = min([lo] + [x for x in means if not math.isnan(x)])
@@ -314,9 +323,7 @@ def scenario_figure(groups: list[Group], path: Path) -> bool:
     more = f" (first {len(shown)} of {len(cells)})" if len(cells) > len(shown) else ""
     ax.set(ylabel="test AUC at the best round", title=f"scenario x task{more}")
     ax.legend(fontsize=7, ncol=max(1, len(groups) // 8))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -332,7 +339,7 @@ def curve(client, group: Group, key: str) -> tuple[list[int], list[float], list[
             at.setdefault(int(m.step), []).append(float(m.value))
     steps = sorted(at)
     return (steps, [float(np.mean(at[s])) for s in steps],
-            [float(np.std(at[s], ddof=1)) if len(at[s]) > 1 else 0.0 for s in steps])
+            [_sd(at[s]) for s in steps])
 
 
 def curves_figure(client, groups: list[Group], metric: str, path: Path) -> str | None:
@@ -354,9 +361,7 @@ def curves_figure(client, groups: list[Group], metric: str, path: Path) -> str |
             ax.fill_between(rounds, np.subtract(mean, sd), np.add(mean, sd), alpha=0.15, color=color)
     ax.set(xlabel="round", ylabel=f"{key} (mean over seeds)")
     ax.legend(fontsize=7, ncol=max(1, len(groups) // 8))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return key
 
 
