@@ -48,9 +48,9 @@ class RoleModelAlgorithm(AlgorithmBase):
         return self.model.init_private(normal, client_ids)
 
     def score_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
-        K = batch.size
-        params = {**personal, **{k: state[k].expand(K, *state[k].shape) for k in self.shared_names}}
-        return predict_cohort(self.model, params, self.frozen, batch)       # (K, L, T)
+        common = {k: state[k] for k in self.shared_names}                  # one copy for the cohort
+        own = {k: v for k, v in personal.items() if k not in common}
+        return predict_cohort(self.model, own, self.frozen, batch, common)  # (K, L, T)
 
     def traffic(self) -> tuple[int, int]:
         """(bytes up, bytes down) per client per round, from the roles of the tensors sent."""

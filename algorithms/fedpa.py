@@ -162,8 +162,11 @@ class FedPA(RoleModelAlgorithm):
         return (bce * batch.mask).sum(1) / batch.mask.sum(1).clamp(min=1.0)
 
     def score_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
-        params = self._cohort_params(state, batch, personal)
-        return predict_cohort(self.model, params, self.frozen, batch)                # (K, L, T)
+        common = {k: state[k] for k in self.global_names}                   # one copy for the cohort
+        params = {k: v for k, v in personal.items() if k not in common}
+        for k in self.group_names:
+            params[k] = state[k][batch.client_attrs[self.group_feature[k]]]     # (K, ...) own rows
+        return predict_cohort(self.model, params, self.frozen, batch, common)   # (K, L, T)
 
     def upload_floats(self) -> dict[str, int]:
         """Floats one client uploads per round, by part of the model, counted from the roles: every

@@ -81,8 +81,14 @@ def train_cohort_sgd(model, params: Tensors, frozen: Tensors, batch: CohortBatch
     return params, loss_sum / n_steps.clamp(min=1.0)
 
 
-def predict_cohort(model, params: Tensors, frozen: Tensors, batch: CohortBatch) -> torch.Tensor:
-    """(K, L, T) probabilities for every row of every client (padded rows included)."""
-    fn = vmap(lambda p, c, n, a: functional_call(model, {**frozen, **p}, (c, n, a)), in_dims=(0, 0, 0, 0))
+def predict_cohort(model, params: Tensors, frozen: Tensors, batch: CohortBatch,
+                   common: Tensors | None = None) -> torch.Tensor:
+    """(K, L, T) probabilities for every row of every client (padded rows included).
+    params: name -> (K, ...) per-client tensors; frozen and `common` (e.g. the server's shared
+    tensors at evaluation): name -> one tensor for every client. Pass a tensor every client shares
+    in `common`, not expanded to K in `params`: a batched embedding table makes vmap copy it K
+    times per lookup (measured: half of evaluation time at 1M clients)."""
+    fixed = {**frozen, **(common or {})}
+    fn = vmap(lambda p, c, n, a: functional_call(model, {**fixed, **p}, (c, n, a)), in_dims=(0, 0, 0, 0))
     with torch.no_grad():
         return torch.sigmoid(fn(params, batch.categorical, batch.numeric, batch.client_attrs))

@@ -44,7 +44,8 @@ def worker_actor(cfg, i: int, placement: Placement, ds_ref, setup):
     spread = res.placement == "spread" and ray.util.get_current_placement_group() is None
     return Worker.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_restarts=0,
                           **({"scheduling_strategy": "SPREAD"} if spread else {})).remote(
-        i, placement, ds_ref, cfg.algorithm, setup, cfg.federation.cohort_size, int(res.cpus_per_worker))
+        i, placement, ds_ref, cfg.algorithm, setup, cfg.federation.cohort_size, int(res.cpus_per_worker),
+        cfg.federation.eval_cohort_rows)
 
 
 def start_workers(cfg, ds, ds_ref) -> tuple[list, Placement]:

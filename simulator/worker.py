@@ -61,10 +61,24 @@ class _SplitBatches:
         return self._cache[split]
 
 
+def cohort_chunks(client_ids: np.ndarray, n_rows: np.ndarray, cohort_size: int, rows: int = 0):
+    """Cohorts of at most `cohort_size` clients of similar size (sorted by `n_rows`, most first),
+    so padding to the longest client of a cohort wastes little. With `rows` > 0 (evaluation), a
+    cohort holds at least `cohort_size` clients and grows while clients x its longest client's
+    rows stay within `rows`."""
+    order = np.lexsort((client_ids, -n_rows))
+    ordered, n = client_ids[order], n_rows[order]
+    s = 0
+    while s < len(ordered):
+        size = max(cohort_size, rows // max(int(n[s]), 1)) if rows > 0 else cohort_size
+        yield ordered[s:s + size]
+        s += size
+
+
 @ray.remote
 class Worker:
     def __init__(self, index: int, placement: Placement, dataset: FederatedDataset | PreparedDataset, algo_config, setup: Setup,
-                 cohort_size: int, threads: int):
+                 cohort_size: int, threads: int, eval_cohort_rows: int = 0):
         torch.set_num_threads(max(1, threads))
         gpu_ids = ray.get_gpu_ids()
         device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
@@ -78,20 +92,16 @@ class Worker:
         self.algo = make_algorithm(algo_config, self.setup)
         if self.algo.READS_SIDE_TABLES:            # algorithms that read the dataset's side tables (graphs)
             self.algo.attach_data(dataset)
-        self.cohort_size = cohort_size
+        self.cohort_size, self.eval_cohort_rows = cohort_size, eval_cohort_rows
         self.personal: Tensors = build_personal(self.algo, placement.owned(index))
         _release_freed_heap()   # init temporaries (float64 draws, concatenations) stay resident otherwise
 
     def _slots(self, client_ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.placement.slots(client_ids, self.index))
 
-    def _chunks(self, client_ids: np.ndarray, split: int = 0):
-        """Cohorts of at most `cohort_size` clients of similar size (sorted by rows of `split`),
-        so padding to the longest client of a cohort wastes little."""
+    def _chunks(self, client_ids: np.ndarray, split: int = 0, rows: int = 0):
         n = self.data.split_offsets[client_ids, split + 1] - self.data.split_offsets[client_ids, split]
-        ordered = client_ids[np.lexsort((client_ids, -n))]
-        for s in range(0, len(ordered), self.cohort_size):
-            yield ordered[s:s + self.cohort_size]
+        return cohort_chunks(client_ids, n, self.cohort_size, rows)
 
     def restore(self, shard: Tensors | None, replay: list) -> None:
         """Bring a replacement worker up to date: load its checkpointed shard (None = initial
@@ -134,7 +144,8 @@ class Worker:
         if self.algo.EVALUATION == RANKING:
             plan = [(tuple(splits), ids) for ids in self._chunks(ids_all, 0)]
         else:
-            plan = [((split,), ids) for split in splits for ids in self._chunks(ids_all, split)]
+            plan = [((split,), ids) for split in splits
+                    for ids in self._chunks(ids_all, split, self.eval_cohort_rows)]
         parts: dict[int, list] = {split: [] for split in splits}
         for chunk_splits, ids in plan:
             personal = {k: v[self._slots(ids)].to(dev) for k, v in self.personal.items()}

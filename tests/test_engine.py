@@ -37,8 +37,22 @@ def test_one_worker_equals_three_workers(ray_session, tiny_cfg, reference_run):
 
 
 def test_cohort_size_one_equals_256(ray_session, tiny_cfg, reference_run):
-    one = run(tiny_cfg(**{"resources.workers": 1, "federation.cohort_size": 1}))
+    # eval_cohort_rows 1: evaluation one client per call too (the reference scores all in one call)
+    one = run(tiny_cfg(**{"resources.workers": 1, "federation.cohort_size": 1, "federation.eval_cohort_rows": 1}))
     _assert_same_run(reference_run, one)
+
+
+def test_evaluation_cohorts_grow_to_the_row_budget_and_keep_every_client_once():
+    from fleetrec.simulator.worker import cohort_chunks
+    ids = np.arange(1000, dtype=np.int64)
+    n = np.where(ids < 10, 50, 3)                     # ten long clients, the rest short
+    train = list(cohort_chunks(ids, n, 4))
+    assert [len(c) for c in train] == [4] * 250        # training: cohort_size clients
+    ev = list(cohort_chunks(ids, n, 4, rows=300))
+    assert sorted(np.concatenate(ev).tolist()) == ids.tolist()
+    assert [len(c) for c in ev[:3]] == [6, 6, 100]     # 300 // 50 = 6 long clients per call, then 300 // 3
+    assert all(len(c) * n[c].max() <= 300 for c in ev)
+    assert [len(c) for c in cohort_chunks(ids, n, 8, rows=300)][0] == 8   # never below cohort_size
 
 
 def test_a_dataset_put_by_the_caller_gives_the_same_run(ray_session, tiny_cfg, reference_run):
