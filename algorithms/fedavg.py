@@ -48,6 +48,7 @@ class FedAvgConfig(AlgorithmConfig):
 class FedAvg(RoleModelAlgorithm):
     Config = FedAvgConfig
     PRIVACY = frozenset({CENTRAL_DP, LOCAL_DP})
+    LR_SCHEDULE = True
     LOCAL_DP_SETTINGS = {"algorithm.weighting": "uniform"}
     EXAMPLES = {"per_user": PER_USER_EXAMPLE,
                 # FedAdam: the server rule's moments must survive a resume and a worker loss
@@ -90,7 +91,7 @@ class FedAvg(RoleModelAlgorithm):
                  for k, v in plan.params.items()}
         params = {**personal, **{k: v if k in vocab else v.clone() for k, v in start.items()}}
         params, loss = train_cohort_sgd(self.model, params, self.frozen, batch, self.setup.train,
-                                        batch.order)
+                                        batch.order, plan.round)
         ones = torch.ones(K, dtype=torch.float64, device=batch.mask.device)
         weights = batch.n_rows.double() if self.config.weighting == "examples" else ones
         acc = Accumulator()

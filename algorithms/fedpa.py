@@ -63,6 +63,7 @@ def _weights(kind: str, batch: CohortBatch) -> torch.Tensor:
 class FedPA(RoleModelAlgorithm):
     Config = FedPAConfig
     PRIVACY = frozenset({LOCAL_DP})   # the paper's LDP on each upload (privacy.local); uploads are not deltas
+    LR_SCHEDULE = True
     EXAMPLES = {"synthetic": {
         "data.num_clients": 37, "data.num_items": 40, "data.rows_min": 5, "data.rows_max": 30,
         "federation.clients_per_round": 20, "resources.workers": 2, "resources.cpus_per_worker": 0.5,
@@ -137,7 +138,8 @@ class FedPA(RoleModelAlgorithm):
             aggregate.fold_weighted(acc, {}, _weights("uniform", batch), {"train_loss": loss})
             return CohortUpdate(personal=personal, acc=acc)
         params = self._cohort_params(plan.params, batch, personal)
-        params, loss = train_cohort_sgd(self.model, params, self.frozen, batch, self.setup.train, batch.order)
+        params, loss = train_cohort_sgd(self.model, params, self.frozen, batch, self.setup.train, batch.order,
+                                        plan.round)
         # the paper's LDP (privacy.local): every uploaded tensor, the client's own group rows included
         up = self.ldp.apply({k: params[k] for k in self.global_names + self.group_names}, plan.round, batch.client_ids)
         groups = {k: up[k] for k in self.group_names}

@@ -44,6 +44,7 @@ class FedProxConfig(AlgorithmConfig):
 class FedProx(RoleModelAlgorithm):
     Config = FedProxConfig
     PRIVACY = frozenset({CENTRAL_DP, LOCAL_DP})   # the upload is a weighted sum of deltas
+    LR_SCHEDULE = True
     LOCAL_DP_SETTINGS = {"algorithm.weighting": "uniform"}
     EXAMPLES = {"per_user": {**PER_USER_EXAMPLE, "algorithm.mu": 0.1}}   # a tiny run, for the registry-wide tests
 
@@ -78,7 +79,7 @@ class FedProx(RoleModelAlgorithm):
 
         params = {**personal, **{k: v.clone() for k, v in start.items()}}
         params, loss = train_cohort_sgd(self.model, params, self.frozen, batch, self.setup.train, batch.order,
-                                        extra_grad=proximal if mu > 0 else None)
+                                        plan.round, extra_grad=proximal if mu > 0 else None)
         deltas = self.ldp.apply({k: params[k] - start[k] for k in start}, plan.round, batch.client_ids)
         ones = torch.ones(batch.size, dtype=torch.float64, device=batch.mask.device)
         deltas, weights = self.dp.client(deltas, batch.n_rows.double() if self.config.weighting == "examples" else ones)

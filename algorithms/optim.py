@@ -15,12 +15,15 @@ def _bcast(active: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class CohortOptimizer:
-    """Plain SGD or Adam on dicts of (K, ...) tensors; state starts fresh every round."""
+    """Plain SGD or Adam on dicts of (K, ...) tensors; state starts fresh every round. Round `rnd`
+    (from 0) starts at lr * lr_round_decay**rnd; each client's own s-th step (from 0; a client
+    sitting a step out does not advance) is scaled by lr_step_decay**s."""
 
-    def __init__(self, cfg: LocalTrainConfig, params: Tensors):
+    def __init__(self, cfg: LocalTrainConfig, params: Tensors, rnd: int = 0):
         self.cfg = cfg
         first = next(iter(params.values()))
         self.t = torch.zeros(first.shape[0], device=first.device)
+        self.lr0 = cfg.lr * cfg.lr_round_decay ** rnd
         if cfg.optimizer == "adam":
             self.m = {k: torch.zeros_like(v) for k, v in params.items()}
             self.v = {k: torch.zeros_like(v) for k, v in params.items()}
@@ -28,20 +31,23 @@ class CohortOptimizer:
     def step(self, params: Tensors, grads: Tensors, active: torch.Tensor) -> Tensors:
         cfg, out = self.cfg, {}
         self.t = self.t + active
+        lr = self.lr0 if cfg.lr_step_decay == 1.0 else \
+            self.lr0 * cfg.lr_step_decay ** (self.t - 1).clamp(min=0)             # (K,) per client's own step
         for k, p in params.items():
+            step_lr = lr if isinstance(lr, float) else _bcast(lr, p)
             g = grads[k]
             if cfg.weight_decay:
                 g = g + cfg.weight_decay * p
             a = _bcast(active, p) > 0
             if cfg.optimizer == "sgd":
-                new = p - cfg.lr * g
+                new = p - step_lr * g
             else:
                 b1, b2, eps = 0.9, 0.999, 1e-8
                 m = torch.where(a, b1 * self.m[k] + (1 - b1) * g, self.m[k])
                 v = torch.where(a, b2 * self.v[k] + (1 - b2) * g * g, self.v[k])
                 self.m[k], self.v[k] = m, v
                 t = _bcast(self.t.clamp(min=1), p)
-                new = p - cfg.lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+                new = p - step_lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
             out[k] = torch.where(a, new, p)
         return out
 

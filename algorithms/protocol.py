@@ -50,13 +50,20 @@ class LocalTrainConfig:
     lr: float = 0.1                  # learning rate of the local optimizer
     optimizer: str = "sgd"           # sgd | adam  (adam state is reset every round)
     weight_decay: float = 0.0        # L2 penalty added to the gradient
+    # learning-rate schedule of the vectorized local optimizer (algorithms that declare LR_SCHEDULE;
+    # the loader refuses it elsewhere): a client's s-th local step of round r (both from 0) uses
+    # lr * lr_round_decay**r * lr_step_decay**s, restarting at s = 0 every round (1 = off; FedRAP's
+    # official code decays by 0.95 every batch and 0.97 every round)
+    lr_step_decay: float = 1.0
+    lr_round_decay: float = 1.0
     # a round diverges when more than half of its client updates were dropped (NaN / inf) or its
     # training loss is not finite; the run stops (exit 3) after this many such rounds in a row
     # (0 = never stop; the rounds are still counted, shown and summarized)
     stop_on_divergence: int = 3
 
     CHECKS: ClassVar[dict] = {"local_epochs": ">=1", "batch_size": ">=1", "lr": ">0",
-                              "optimizer": ("sgd", "adam"), "weight_decay": ">=0", "stop_on_divergence": ">=0"}
+                              "optimizer": ("sgd", "adam"), "weight_decay": ">=0", "stop_on_divergence": ">=0",
+                              "lr_step_decay": "0..1", "lr_round_decay": "0..1"}
 
 
 _A = "fleetrec.algorithms."
@@ -246,6 +253,9 @@ class AlgorithmBase(metaclass=ABCMeta):
     Config: ClassVar[type]
     EVALUATION: ClassVar[str] = POINTWISE
     PRIVACY: ClassVar[frozenset] = frozenset()
+    # whether its local training applies train.lr_step_decay / lr_round_decay (the vectorized
+    # optimizer of algorithms/optim.py); the loader refuses those keys for the others
+    LR_SCHEDULE: ClassVar[bool] = False
     READS_SIDE_TABLES: ClassVar[bool] = False
     EXAMPLES: ClassVar[dict[str, dict]] = {}    # tiny runs every registered algorithm must declare
     # settings (dotted key -> value) its central DP needs beyond privacy.enabled; check_privacy refuses

@@ -41,14 +41,15 @@ def _step_rows(batch: CohortBatch, rows: torch.Tensor) -> tuple[Tensors, torch.T
 
 
 def train_cohort_sgd(model, params: Tensors, frozen: Tensors, batch: CohortBatch,
-                     cfg: LocalTrainConfig, order: torch.Tensor,
+                     cfg: LocalTrainConfig, order: torch.Tensor, rnd: int,
                      extra_grad: Callable[[Tensors], Tensors] | None = None) -> tuple[Tensors, torch.Tensor]:
     """Run `cfg.local_epochs` of minibatch training for every client of the cohort.
 
     params: name -> (K, ...) per-client trainable tensors; frozen: name -> tensor (shared by all).
     order: (E, K, L) row order per epoch, real rows first. `extra_grad(params)` (optional) returns
     gradients of a regularizer to add at every step, for some of the tensors (e.g. FedProx's
-    mu·(θ − θ_global)). Returns (new params, (K,) mean loss).
+    mu·(θ − θ_global)). `rnd`: the round (from 0), for cfg's learning-rate schedule.
+    Returns (new params, (K,) mean loss).
     """
     K, L = batch.mask.shape
     bs = cfg.batch_size
@@ -64,7 +65,7 @@ def train_cohort_sgd(model, params: Tensors, frozen: Tensors, batch: CohortBatch
         grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
         return dict(zip(leaves, grads)), losses.detach()
 
-    opt = CohortOptimizer(cfg, params)
+    opt = CohortOptimizer(cfg, params, rnd)
     loss_sum = torch.zeros(K, device=batch.mask.device)
     n_steps = torch.zeros(K, device=batch.mask.device)
     for epoch in range(cfg.local_epochs):

@@ -156,6 +156,11 @@ class ExperimentConfig:
         need, have = self.algorithm.data_layout(), self.data.client_layout()
         if need is not None and have is not None and need != have:
             return f"algorithm.mode: {need!r} needs data.layout={need!r} (got data.layout={have!r})"
+        decays = [k for k in ("lr_step_decay", "lr_round_decay") if getattr(self.train, k) != 1.0]
+        if decays and not algo.LR_SCHEDULE:
+            return (f"train.{decays[0]}: algorithm {name!r} trains with its own optimizer, which does not apply "
+                    f"train.lr_step_decay / lr_round_decay; it would train at a constant learning rate. Expected 1 "
+                    f"(off), or an algorithm that applies them: {', '.join(n for n, a in ALGORITHMS.items() if a.LR_SCHEDULE)}")
         if self.privacy.enabled and CENTRAL_DP not in algo.PRIVACY:
             return (f"privacy.enabled: algorithm {name!r} does not implement central DP (clipped updates, noise on "
                     f"their sum); it would train without noise. Central DP is implemented by: "

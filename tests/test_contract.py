@@ -7,7 +7,8 @@ up here without editing this file (it must declare `EXAMPLES`, tiny runs of itse
 - `privacy.enabled=true` either trains with noise and logs `privacy/epsilon`, or is refused by
   the config loader with one line naming `privacy.enabled` and the algorithm;
 - `privacy.local` (local DP in the worker) likewise: noise in the uploads and `privacy/local_epsilon`,
-  the noiseless chain leaves every result unchanged, or one line naming `privacy.local`.
+  the noiseless chain leaves every result unchanged, or one line naming `privacy.local`;
+- `train.lr_step_decay` / `lr_round_decay` change local training, or one line naming the key.
 """
 from __future__ import annotations
 
@@ -207,6 +208,30 @@ def test_local_dp_is_real_or_refused_before_anything_starts(name):
     K = sim.setup.clients_per_round
     assert moved.numel() > 100, name
     assert sigma / (2 * math.sqrt(K)) < float(moved.std()) < 1.25 * sigma * math.sqrt(rounds), (name, float(moved.std()))
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_lr_schedule_is_applied_or_refused_before_anything_starts(name):
+    """train.lr_step_decay / lr_round_decay: an algorithm that declares LR_SCHEDULE trains differently
+    with them (one round, same cohort: a different server state); any other is refused by the
+    loader with one line naming the key and the algorithm."""
+    algo = ALGORITHMS[name]
+    example = next(iter(algo.EXAMPLES))
+    if not algo.LR_SCHEDULE:
+        for key in ("lr_step_decay", "lr_round_decay"):
+            with pytest.raises(ConfigError, match=rf"train\.{key}: algorithm '{name}' trains with its own optimizer") as e:
+                example_config(name, example, f"train.{key}=0.5")
+            assert len(str(e.value).splitlines()) == 1
+        return
+    states = {}
+    for label, extra in (("constant", []), ("step", ["train.lr_step_decay=0.1"]), ("round", ["train.lr_round_decay=0.1"])):
+        sim = InProcess(example_config(name, example, *extra))
+        cohort = np.sort(np.random.default_rng(0).permutation(sim.ds.num_clients)[:sim.setup.clients_per_round])
+        sim.round(1, cohort)              # round 1: the round decay scales its learning rate by 0.1
+        states[label] = sim.state
+    for label in ("step", "round"):
+        gap = max(float((states[label][k] - v).abs().max()) for k, v in states["constant"].items() if v.is_floating_point())
+        assert gap > 1e-4, (name, label, gap)
 
 
 def test_typed_state_round_trips_and_refuses_unknown_or_missing_keys():

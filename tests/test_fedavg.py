@@ -23,13 +23,15 @@ def _setup(*extra):
 
 
 def _reference_client(algo, state, personal, ds, client, cfg, rnd):
-    """One client trained alone with plain autograd, minibatch by minibatch."""
+    """One client trained alone with plain autograd, minibatch by minibatch (torch's own optimizer and,
+    for the learning-rate schedule, torch's ExponentialLR stepped after every batch, as FedRAP's code does)."""
     view = DataView(ds)
     b = view.batch(np.array([client]), 0, epochs=cfg.train.local_epochs, seed=cfg.seed, rnd=rnd)
     n = int(b.n_rows[0])
     params = {k: v.clone().requires_grad_(True) for k, v in {**state, **personal}.items()}
     opt_cls = torch.optim.Adam if cfg.train.optimizer == "adam" else torch.optim.SGD
-    opt = opt_cls(params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = opt_cls(params.values(), lr=cfg.train.lr * cfg.train.lr_round_decay ** rnd, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.train.lr_step_decay)
     for e in range(cfg.train.local_epochs):
         rows = b.order[e, 0, :n]
         for s in range(0, n, cfg.train.batch_size):
@@ -42,14 +44,19 @@ def _reference_client(algo, state, personal, ds, client, cfg, rnd):
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
     return {k: v.detach() for k, v in params.items()}
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("weight_decay", [0.01, 0.0])   # 0.0: item table trained as per-client row subsets
-def test_vectorized_cohort_equals_per_client_loop(optimizer, weight_decay):
+@pytest.mark.parametrize("decay", [(1.0, 1.0), (0.8, 0.9)], ids=["constant_lr", "lr_schedule"])
+def test_vectorized_cohort_equals_per_client_loop(optimizer, weight_decay, decay):
+    """The schedule (per-step and per-round decay) is each client's own: a client with fewer rows
+    sits steps out without advancing it, as a client trained alone would."""
     cfg, ds, algo = _setup(f"train.optimizer={optimizer}", "train.local_epochs=2", "train.lr=0.05",
-                           f"train.weight_decay={weight_decay}")
+                           f"train.weight_decay={weight_decay}", f"train.lr_step_decay={decay[0]}",
+                           f"train.lr_round_decay={decay[1]}")
     assert bool(algo._row_vocab(DataView(ds).batch(np.array([0]), 0))) == (weight_decay == 0)
     state = algo.init_server()
     clients = np.array([0, 3, 5, 11, 36])            # unequal sizes: padding and masking matter
