@@ -7,19 +7,19 @@ The local loss adds, over the minibatch's rows, −λ·mean((D_u[i] − C[i])²)
 distinct from the global one) and μ·mean(|C[i]|) (l1, a sparse global part) or μ·mean(C[i]²) (l2).
 
 Read from the official code (github.com/mtics/FedRAP): the structure, the two regularizers and
-their defaults λ = μ = 0.1 with l1. Not reproduced: its optimizer (SGD with weight decay 1e-4 on
-every tensor, separate learning rates for the head and the embeddings, decayed by 0.95 every
-batch and 0.97 every round) and its tolerance-based early exit from local epochs; here every
-tensor uses `train:`'s optimizer and learning rate. Its `tanh(round / 10)` ramp of λ and μ is
+their defaults λ = μ = 0.1 with l1, and its learning-rate schedule (decayed by 0.95 every batch
+and 0.97 every round: `train.optimizer: sgd`, `train.lr_step_decay: 0.95`, `train.lr_round_decay:
+0.97`). Not reproduced: its separate learning rates for the head and the embeddings, and its
+tolerance-based early exit from local epochs; here every tensor uses `train:`'s learning rate. Its `tanh(round / 10)` ramp of λ and μ is
 computed there but never reaches the loss, which reads the fixed values, so fixed λ and μ are
 what it trains with too.
 Runs under `fedavg` (the item-common table is the only shared tensor; weighting uniform, as
 the official plain mean). The logged training loss is the whole local objective, penalty included,
 so it can be negative and does not compare with other models' BCE. The −λ term is unbounded
-below: in the official code the per-batch learning-rate decay bounds how far D_u can move in a
-round; with Adam at a constant learning rate nothing does, and on MovieLens-100k at lr 0.1 the
-validation AUC peaks at round 2 and then falls below 0.5 (algorithms/FEDPA.md). Early stopping
-keeps the peak.
+below. Under Adam (with or without the schedule) D_u grows without limit: on MovieLens-100k at
+lr 0.1 the validation AUC peaks at round 2 and then falls below 0.5. Under SGD, the official
+optimizer, it does not: the step is proportional to the small −λ gradient, and the same run
+rises every round (algorithms/FEDPA.md).
 """
 from __future__ import annotations
 
