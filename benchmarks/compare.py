@@ -126,7 +126,10 @@ def main(argv=None) -> dict:
         cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--users", str(args.users),
                "--clients-per-round", str(args.clients_per_round), "--rounds", str(args.rounds),
                "--seed", str(args.seed), "--bench-dir", str(work), "--cache-dir", str(work / "data"),
-               *args.fleetrec_args.split()]
+               # one memory sample a second: the default 0.2 s sampler reads every Ray process's smaps in
+               # the driver and took ~14% of the 2-core box from the workers (the other variants are not
+               # sampled; 2026-12-07, throughput.py 80 rounds, 0.2 s vs 5 s, 2 alternated pairs)
+               "--mem-interval", "1.0", *args.fleetrec_args.split()]
         rc, stdout, wall = _run(cmd, REPO, env, args.timeout, logs / "fleetrec.log")
         try:
             r = _last_json(stdout)
