@@ -31,8 +31,9 @@ class FederationConfig:
     clients_per_round: int = 100       # cohort sampled each round (capped at the number of clients)
     cohort_size: int = 256             # clients a worker trains together in one vectorized call
     # pointwise evaluation scores at least cohort_size clients per call, more while the call's padded
-    # rows (clients x longest client's rows) stay within this: evaluation keeps no autograd state, and
-    # per-call overhead dominated scoring millions of clients with a few rows each
+    # rows (clients x longest client's rows) stay within this and its gathered personal state within
+    # 64 MB (worker.EVAL_PERSONAL_BYTES): evaluation keeps no autograd state, and per-call overhead
+    # dominated scoring millions of clients with a few rows each
     eval_cohort_rows: int = 65536
 
     CHECKS: ClassVar[dict] = {"clients_per_round": ">=1", "cohort_size": ">=1", "eval_cohort_rows": ">=1"}

@@ -61,16 +61,22 @@ class _SplitBatches:
         return self._cache[split]
 
 
-def cohort_chunks(client_ids: np.ndarray, n_rows: np.ndarray, cohort_size: int, rows: int = 0):
+# evaluation cohorts grow past cohort_size only while their gathered personal state stays within this
+EVAL_PERSONAL_BYTES = 64 << 20
+
+
+def cohort_chunks(client_ids: np.ndarray, n_rows: np.ndarray, cohort_size: int, rows: int = 0,
+                  max_clients: int | None = None):
     """Cohorts of at most `cohort_size` clients of similar size (sorted by `n_rows`, most first),
     so padding to the longest client of a cohort wastes little. With `rows` > 0 (evaluation), a
     cohort holds at least `cohort_size` clients and grows while clients x its longest client's
-    rows stay within `rows`."""
+    rows stay within `rows` and its clients within `max_clients` (if given)."""
     order = np.lexsort((client_ids, -n_rows))
     ordered, n = client_ids[order], n_rows[order]
     s = 0
     while s < len(ordered):
-        size = max(cohort_size, rows // max(int(n[s]), 1)) if rows > 0 else cohort_size
+        grown = rows // max(int(n[s]), 1) if max_clients is None else min(rows // max(int(n[s]), 1), max_clients)
+        size = max(cohort_size, grown) if rows > 0 else cohort_size
         yield ordered[s:s + size]
         s += size
 
@@ -101,7 +107,9 @@ class Worker:
 
     def _chunks(self, client_ids: np.ndarray, split: int = 0, rows: int = 0):
         n = self.data.split_offsets[client_ids, split + 1] - self.data.split_offsets[client_ids, split]
-        return cohort_chunks(client_ids, n, self.cohort_size, rows)
+        per_client = sum(v[0].numel() * v.element_size() for v in self.personal.values() if len(v))
+        return cohort_chunks(client_ids, n, self.cohort_size, rows,
+                             EVAL_PERSONAL_BYTES // per_client if per_client else None)
 
     def restore(self, shard: Tensors | None, replay: list) -> None:
         """Bring a replacement worker up to date: load its checkpointed shard (None = initial

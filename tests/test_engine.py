@@ -53,6 +53,10 @@ def test_evaluation_cohorts_grow_to_the_row_budget_and_keep_every_client_once():
     assert [len(c) for c in ev[:3]] == [6, 6, 100]     # 300 // 50 = 6 long clients per call, then 300 // 3
     assert all(len(c) * n[c].max() <= 300 for c in ev)
     assert [len(c) for c in cohort_chunks(ids, n, 8, rows=300)][0] == 8   # never below cohort_size
+    # a cap on clients per call (the worker's: personal state gathered per call <= 64 MB)
+    capped = list(cohort_chunks(ids, n, 4, rows=300, max_clients=50))
+    assert max(len(c) for c in capped) == 50 and sorted(np.concatenate(capped).tolist()) == ids.tolist()
+    assert [len(c) for c in cohort_chunks(ids, n, 4, rows=300, max_clients=2)][:2] == [4, 4]   # cohort_size still
 
 
 def test_a_dataset_put_by_the_caller_gives_the_same_run(ray_session, tiny_cfg, reference_run):
