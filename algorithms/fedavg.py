@@ -32,8 +32,9 @@ class FedAvgConfig(AlgorithmConfig):
     name: str = "fedavg"
     server_lr: float = 1.0            # global step on the averaged delta (1.0 = plain FedAvg)
     weighting: str = "examples"       # examples: weight by training rows; uniform: every client 1
-    sparse_rows: bool = True          # clients train only the rows of shared embedding tables they
-                                      # touch (exact; used when train.weight_decay is 0)
+    sparse_rows: bool = True          # clients train only the rows of embedding tables (shared, and
+                                      # private ones such as FedRAP's D_u) they touch (exact; used
+                                      # when train.weight_decay is 0 and local DP is off)
     server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)   # rule on the mean delta
 
     CHECKS: ClassVar[dict] = {"server_lr": ">0", "weighting": ("examples", "uniform")}
@@ -68,28 +69,31 @@ class FedAvg(RoleModelAlgorithm):
     def configure_train(self, rnd: int, state: Tensors, cohort: torch.Tensor) -> TrainPlan:
         return TrainPlan(round=rnd, params={k: state[k] for k in self.shared_names})
 
-    def _row_vocab(self, batch: CohortBatch) -> dict[str, torch.Tensor]:
-        """Shared embedding tables trained as per-client row subsets: name -> (K, U) vocab."""
+    def _row_vocab(self, batch: CohortBatch) -> dict[str, str]:
+        """Embedding tables (shared or private) trained as per-client row subsets: name -> field."""
         if not self.config.sparse_rows or self.setup.train.weight_decay or self.ldp.enabled:
             return {}     # (local DP noises every row: sending touched rows only would reveal them)
         tables = self.model.row_tables()                            # param name -> categorical field
         out = {}
         for name, field in tables.items():
-            if name in self.shared_names and field in batch.categorical:
+            if (name in self.shared_names or name in self.private_names) and field in batch.categorical:
                 out[name] = field
         return out
 
     def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
         K = batch.size
         fields = self._row_vocab(batch)
-        vocab, recoded = {}, dict(batch.categorical)
+        vocab, recoded, by_field = {}, dict(batch.categorical), {}
         for name, field in fields.items():
-            vocab[name], recoded[field] = sparse_rows.local_vocab(batch.categorical[field])
+            if field not in by_field:
+                by_field[field] = sparse_rows.local_vocab(batch.categorical[field])
+            vocab[name], recoded[field] = by_field[field]
         if vocab:
             batch = dataclasses.replace(batch, categorical=recoded)
         start = {k: sparse_rows.gather_rows(v, vocab[k]) if k in vocab else v.expand(K, *v.shape)
                  for k, v in plan.params.items()}
-        params = {**personal, **{k: v if k in vocab else v.clone() for k, v in start.items()}}
+        own = {k: sparse_rows.gather_own_rows(v, vocab[k]) if k in vocab else v for k, v in personal.items()}
+        params = {**own, **{k: v if k in vocab else v.clone() for k, v in start.items()}}
         params, loss = train_cohort_sgd(self.model, params, self.frozen, batch, self.setup.train,
                                         batch.order, plan.round)
         ones = torch.ones(K, dtype=torch.float64, device=batch.mask.device)
@@ -102,13 +106,16 @@ class FedAvg(RoleModelAlgorithm):
         else:
             up = {k: params[k] - start[k] if k in vocab else params[k] for k in self.shared_names}
         dense = {k: v for k, v in up.items() if k not in vocab}
+        rows = [k for k in self.shared_names if k in vocab]          # shared tables sent as touched rows
         keep = aggregate.fold_weighted(acc, dense, weights, {"train_loss": loss},
-                                       also_check={k: up[k] for k in vocab})
-        for k in vocab:
+                                       also_check={k: up[k] for k in rows})
+        for k in rows:
             table = plan.params[k]
             aggregate.fold_rows(acc, k, table.shape[0], vocab[k], up[k], weights, keep,
                                 base=None if dp else table)
-        new_personal = {k: torch.where(aggregate.bcast(keep, params[k]), params[k], personal[k])
+        trained = {k: sparse_rows.put_own_rows(personal[k], vocab[k], params[k]) if k in vocab else params[k]
+                   for k in self.private_names}
+        new_personal = {k: torch.where(aggregate.bcast(keep, trained[k]), trained[k], personal[k])
                         for k in self.private_names}
         return CohortUpdate(personal=new_personal, acc=acc)
 

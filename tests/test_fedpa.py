@@ -600,3 +600,28 @@ def test_fedrap_personal_and_global_item_parts_and_its_penalty():
     assert not torch.allclose(sim.personal["head.weight"][0], sim.personal["head.weight"][1])
     with pytest.raises(Exception, match="model.item_field"):
         FedRAPModel(FedRAPModelConfig(item_field="movie"), sim.ds.schema)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fedrap_trained_as_touched_rows_equals_dense(optimizer):
+    """Under fedavg's sparse_rows each client trains only the rows of C and of its own D_u that its
+    items touch (gathered, then written back): after two rounds of 2 local epochs every client's
+    D_u and head and the server's C equal dense training's."""
+    from tests.in_process import InProcess
+    base = [o for o in tiny_overrides() if not o.startswith("model.")]
+    sims = {}
+    for sparse in (True, False):
+        cfg = from_dict(apply_overrides({}, base + [
+            "model.name=fedrap", "model.dim=4", "model.lam=0.5", "model.mu=0.2", "algorithm.weighting=uniform",
+            f"algorithm.sparse_rows={str(sparse).lower()}", f"train.optimizer={optimizer}", "train.local_epochs=2",
+            "train.lr=0.05"]), "fedrap")
+        sims[sparse] = InProcess(cfg)
+        for r in range(2):
+            sims[sparse].round(r)
+    assert set(sims[True].client._row_vocab(sims[True].view.batch(sims[True].ids[:3], 0))) == {"item_common", "item_personal"}
+    assert sims[False].client._row_vocab(sims[False].view.batch(sims[False].ids[:3], 0)) == {}
+    for k, v in sims[False].personal.items():
+        torch.testing.assert_close(sims[True].personal[k], v, atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    torch.testing.assert_close(sims[True].state["item_common"], sims[False].state["item_common"], atol=1e-6, rtol=1e-5)
+    assert not torch.equal(sims[True].personal["item_personal"], sims[True].client.init_personal(
+        torch.from_numpy(sims[True].ids))["item_personal"])                  # it did train

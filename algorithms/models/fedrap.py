@@ -67,6 +67,11 @@ class FedRAPModel(RoleModule):
     def roles(self) -> dict[str, str]:
         return {n: SHARED if n == "item_common" else PRIVATE for n, _ in self.named_parameters()}
 
+    def row_tables(self) -> dict[str, str]:
+        """Both item tables are read only at the rows' items: under FedAvg's sparse_rows a client
+        trains just those rows of C and of its own D_u (exact without weight decay)."""
+        return {"item_common": self.cfg.item_field, "item_personal": self.cfg.item_field}
+
     def init_private(self, normal: callable, client_ids: torch.Tensor) -> Tensors:
         K = len(client_ids)
         return {"item_personal": normal(tuple(self.item_personal.shape)) * self.cfg.init_std,
