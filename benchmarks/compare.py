@@ -165,7 +165,8 @@ def main(argv=None) -> dict:
            "ratios": ratios, "variants": variants,
            "reference_B_vs_D_max_abs_adapter_diff": agreement,
            "config": {"users": args.users, "clients_per_round": args.clients_per_round, "timed_rounds": args.rounds,
-                      "seed": args.seed, "work_dir": str(work), "prepare_s": prep_s, "cpu_count": os.cpu_count(),
+                      "seed": args.seed, "work_dir": str(work.relative_to(REPO) if work.is_relative_to(REPO) else work),
+                      "prepare_s": prep_s, "cpu_count": os.cpu_count(),
                       "load_avg_1m": os.getloadavg()[0]}}
     line = json.dumps(out)
     (OUT / "compare.json").write_text(line + "\n")
