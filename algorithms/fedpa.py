@@ -122,13 +122,16 @@ class FedPA(RoleModelAlgorithm):
                 out[k] = self._initial[k].expand(K, *self._initial[k].shape).clone()
         return out
 
+    def _group_rows(self, tables: Tensors, batch: CohortBatch) -> Tensors:
+        """Each client's own rows of the group tables: name -> (K, ...) (a gather, so a new tensor)."""
+        return {k: tables[k][batch.client_attrs[self.group_feature[k]]] for k in self.group_names}
+
     def _cohort_params(self, tables: Tensors, batch: CohortBatch, personal: Tensors) -> Tensors:
         K = batch.size
         params = dict(personal)
         for k in self.global_names:
             params[k] = tables[k].expand(K, *tables[k].shape).clone()
-        for k in self.group_names:
-            params[k] = tables[k][batch.client_attrs[self.group_feature[k]]].clone()   # (K, ...) own rows
+        params.update(self._group_rows(tables, batch))
         return params
 
     def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
@@ -165,9 +168,7 @@ class FedPA(RoleModelAlgorithm):
 
     def score_cohort(self, state: Tensors, batch: CohortBatch, personal: Tensors) -> torch.Tensor:
         common = {k: state[k] for k in self.global_names}                   # one copy for the cohort
-        params = {k: v for k, v in personal.items() if k not in common}
-        for k in self.group_names:
-            params[k] = state[k][batch.client_attrs[self.group_feature[k]]]     # (K, ...) own rows
+        params = {**{k: v for k, v in personal.items() if k not in common}, **self._group_rows(state, batch)}
         return predict_cohort(self.model, params, self.frozen, batch, common)   # (K, L, T)
 
     def upload_floats(self) -> dict[str, int]:

@@ -75,8 +75,10 @@ def cohort_chunks(client_ids: np.ndarray, n_rows: np.ndarray, cohort_size: int, 
     ordered, n = client_ids[order], n_rows[order]
     s = 0
     while s < len(ordered):
-        grown = rows // max(int(n[s]), 1) if max_clients is None else min(rows // max(int(n[s]), 1), max_clients)
-        size = max(cohort_size, grown) if rows > 0 else cohort_size
+        size = cohort_size
+        if rows > 0:
+            grown = rows // max(int(n[s]), 1)
+            size = max(cohort_size, grown if max_clients is None else min(grown, max_clients))
         yield ordered[s:s + size]
         s += size
 
@@ -100,6 +102,9 @@ class Worker:
             self.algo.attach_data(dataset)
         self.cohort_size, self.eval_cohort_rows = cohort_size, eval_cohort_rows
         self.personal: Tensors = build_personal(self.algo, placement.owned(index))
+        # clients whose personal state fits one evaluation call's budget (shapes never change)
+        per_client = sum(v[0].numel() * v.element_size() for v in self.personal.values() if len(v))
+        self.eval_max_clients = EVAL_PERSONAL_BYTES // per_client if per_client else None
         _release_freed_heap()   # init temporaries (float64 draws, concatenations) stay resident otherwise
 
     def _slots(self, client_ids: np.ndarray) -> torch.Tensor:
@@ -107,9 +112,7 @@ class Worker:
 
     def _chunks(self, client_ids: np.ndarray, split: int = 0, rows: int = 0):
         n = self.data.split_offsets[client_ids, split + 1] - self.data.split_offsets[client_ids, split]
-        per_client = sum(v[0].numel() * v.element_size() for v in self.personal.values() if len(v))
-        return cohort_chunks(client_ids, n, self.cohort_size, rows,
-                             EVAL_PERSONAL_BYTES // per_client if per_client else None)
+        return cohort_chunks(client_ids, n, self.cohort_size, rows, self.eval_max_clients)
 
     def restore(self, shard: Tensors | None, replay: list) -> None:
         """Bring a replacement worker up to date: load its checkpointed shard (None = initial
