@@ -130,7 +130,8 @@ def pretrain(cfg: ExperimentConfig, out: str | Path | None = None) -> Path:
         meta = {"open_clients": int(len(opened)), "private_clients": int(ds.num_clients - len(opened)),
                 "total_clients": ds.num_clients, "open_fraction": pcfg.open_fraction, "open_rule": pcfg.open_rule,
                 "open_attribute": pcfg.open_attribute, "seed": cfg.seed,
-                "dataset": ds.name, "seconds": time.perf_counter() - t0, **summary}
+                "dataset": ds.name, "data_fingerprint": ds.fingerprint(),
+                "seconds": time.perf_counter() - t0, **summary}
         if track:
             meta["mlflow_uri"] = f"runs:/{track.active_run().info.run_id}/{Path(out).name}"
         path = save_backbone(out, tensors, meta)

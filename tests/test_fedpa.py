@@ -321,6 +321,7 @@ def test_pretrain_then_federate_private_clients(ray_session, tmp_path):
     full = cfg.data.build(cfg.seed)
     opened = open_clients(full.num_clients, 0.3, cfg.seed)
     assert meta["open_clients"] == len(opened) == round(0.3 * full.num_clients)
+    assert meta["data_fingerprint"] == full.fingerprint()
     stage2 = _cfg("model.pretrain.open_fraction=0.3", "rounds=2", f"model.backbone={path}")
     ds = federated_dataset(stage2)
     assert ds.num_clients == full.num_clients - len(opened) == meta["private_clients"]
@@ -542,6 +543,25 @@ def test_item_coverage_of_private_test_rows_is_reported_and_warned(tmp_path, cap
     assert out.num_clients == len(private) and out.meta["open_item_coverage"]["item_id"] == pytest.approx(expect)
     err = capsys.readouterr().err
     assert (expect < 0.5) == ("model.pretrain.open_fraction: only" in err)
+
+
+def test_a_backbone_pre_trained_on_other_rows_is_refused(tmp_path):
+    """Stage 1 records a fingerprint of the rows it read; stage 2 on other rows with as many clients (a
+    synthetic source redrawn by another run seed) is refused naming model.backbone, while the same rows
+    under another run seed (data.seed pinned) federate."""
+    from fleetrec.datasets.federated import DataError
+    from fleetrec.simulator.run import federated_dataset
+    cfg = _cfg("data.seed=0")
+    ds = cfg.data.build(cfg.seed)
+    model = FedPAModel(dataclasses.replace(cfg.model, user_lora="none", group_lora=False), ds.schema)
+    meta = {"open_clients": 9, "total_clients": ds.num_clients, "open_fraction": 0.25, "seed": cfg.seed,
+            "data_fingerprint": ds.fingerprint()}
+    bb = save_backbone(tmp_path / "bb.pt", model.backbone_tensors(), meta)
+    assert federated_dataset(_cfg(f"model.backbone={bb}", "data.seed=0", "seed=3")).num_clients == ds.num_clients - 9
+    other = _cfg(f"model.backbone={bb}", "seed=3")
+    assert other.data.build(other.seed).num_clients == ds.num_clients      # same count: only the rows differ
+    with pytest.raises(DataError, match=r"model.backbone: .* was pre-trained on other rows than this data config"):
+        federated_dataset(other)
 
 
 def test_data_hold_out_gives_a_baseline_the_private_clients_of_fedpa(tmp_path):
