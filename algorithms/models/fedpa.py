@@ -129,9 +129,10 @@ class FedPAModelConfig(ModelConfig):
             raise DataError(f"model.backbone: pre-trained on a dataset of {meta['total_clients']} clients, this "
                             f"data config builds {ds.num_clients}; pre-train with the same data config")
         then = meta.get("data_fingerprint")        # backbones written before it was recorded are not checked
-        if then and then != ds.fingerprint():
+        now = ds.fingerprint() if then else None
+        if then and then != now:
             raise DataError(f"model.backbone: {self.backbone} was pre-trained on other rows than this data config "
-                            f"builds (data fingerprint {then} then, {ds.fingerprint()} now); pre-train with the "
+                            f"builds (data fingerprint {then} then, {now} now); pre-train with the "
                             "same data config (a synthetic source draws new rows for every seed unless data.seed "
                             "is set)")
         return select_open(ds, meta["open_fraction"], meta["seed"], meta.get("open_attribute", ""),
