@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fleetrec.algorithms import privacy, rng
-from fleetrec.algorithms.mf import MF_EXAMPLE, MFAlgorithm, MFPersonal, MFServer, local_slots
+from fleetrec.algorithms.mf import MF_EXAMPLE, LocalCopies, MFAlgorithm, MFPersonal, MFServer
 from fleetrec.algorithms.protocol import (CENTRAL_DP, Accumulator, AlgorithmConfig, CohortBatch, CohortUpdate, Setup,
                                           Tensors, TrainPlan)
 
@@ -76,23 +76,17 @@ class FedAvgMF(MFAlgorithm):
 
     def train_cohort(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
         c, tr = self.config, self.setup.train
-        K, L = batch.mask.shape
-        m = batch.mask
+        K, m = batch.size, batch.mask
         nrow = m.sum(1).clamp_min(1)
         i, j = batch.categorical["item"], self.negatives(batch, plan.round)
-        # one local slot per distinct (client, item); padding -> the sentinel id num_items
-        srt, slot_sorted, slot, first = local_slots(torch.cat([i, j], 1), torch.cat([m, m], 1) > 0, self.num_items)
-        Qpad = torch.cat([plan.params["Q"], torch.zeros(1, c.dim)])
-        q0 = torch.zeros(K, 2 * L, c.dim)
-        q0.scatter_(1, slot_sorted[..., None].expand(-1, -1, c.dim), Qpad[srt])      # local copies (by slot)
+        lc = LocalCopies.build(i, j, m, self.num_items)        # one packed local row per (client, item)
+        q0 = plan.params["Q"][lc.items].clone()                                      # (U, d)
         q = q0.clone().requires_grad_(True)
         p = MFPersonal.unflatten(personal).p.clone().requires_grad_(True)
         opt = torch.optim.Adam([p, q], lr=tr.lr) if tr.optimizer == "adam" else torch.optim.SGD([p, q], lr=tr.lr)
-        si, sj = slot[:, :L], slot[:, L:]
         loss_val = 0.0
         for _ in range(tr.local_epochs):
-            qi = q.gather(1, si[..., None].expand(-1, -1, c.dim))
-            qj = q.gather(1, sj[..., None].expand(-1, -1, c.dim))
+            qi, qj = lc.rows(q)
             x = (p[:, None, :] * (qi - qj)).sum(-1)
             per = ((-F.logsigmoid(x) + c.reg * (qi.pow(2).sum(-1) + qj.pow(2).sum(-1))) * m).sum(1) / nrow \
                 + c.reg * p.pow(2).sum(-1)
@@ -100,17 +94,11 @@ class FedAvgMF(MFAlgorithm):
             per.sum().backward()
             opt.step()
             loss_val = float(per.detach().sum())
-        delta = (q.detach() - q0)                                                   # (K, 2L, d) by slot
-        keep = first & (srt < self.num_items)                                        # one slot per (client, item)
-        if self.dp.enabled:          # padding slots hold zeros: the norm is over the client's item rows only
-            delta = privacy.clip_updates({"dQ": delta}, self.dp.cfg.clip)[0]["dQ"]
-        items = srt[keep]
-        acc = Accumulator(weight=float(K), clients=K, stats={"train/bpr_loss": loss_val})
-        dsum = torch.zeros(self.num_items, c.dim, dtype=torch.float64)
-        dsum.index_add_(0, items, delta.gather(1, slot_sorted[..., None].expand(-1, -1, c.dim))[keep].double())
-        cnt = torch.zeros(self.num_items, dtype=torch.float64)
-        cnt.index_add_(0, items, torch.ones(len(items), dtype=torch.float64))
-        acc.sums = {"dQ": dsum, "nQ": cnt}
+        delta = q.detach() - q0                                                      # (U, d)
+        if self.dp.enabled:                                        # per client, jointly over its item rows
+            delta = lc.clip_per_client(delta, self.dp.cfg.clip)
+        acc = Accumulator(weight=float(K), clients=K, stats={"train/bpr_loss": loss_val},
+                          sums=lc.sums(delta, self.num_items))
         return CohortUpdate(personal=MFPersonal(p=p.detach()).flatten(), acc=acc)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fleetrec.algorithms import rng
+from fleetrec.algorithms import privacy, rng
 from fleetrec.algorithms.evaluation import RankingPartial, ranking_metrics
 from fleetrec.algorithms.protocol import RANKING, AlgorithmBase, CohortBatch, Setup, Tensors
 from fleetrec.algorithms.ranking import full_ranking
@@ -80,6 +80,49 @@ def local_slots(ids: torch.Tensor, real: torch.Tensor, sentinel: int):
     slot_sorted = first.long().cumsum(1) - 1
     slot = torch.empty_like(slot_sorted).scatter_(1, perm, slot_sorted)
     return srt, slot_sorted, slot, first
+
+
+@dataclass
+class LocalCopies:
+    """A cohort's local copies of the item rows, packed: one row per (client, distinct item) that
+    its positive or negative ids use -- `items` (U,) in (client, item) order -- and, per position
+    of i and j, the packed row it reads (`ri`, `rj` (K, L); padding reads row U, a zero row
+    appended by `rows`). Local training then costs U rows, not K × 2L padded slots."""
+    items: torch.Tensor              # (U,) item id of each packed row
+    ri: torch.Tensor                 # (K, L) packed row of each positive position (padding -> U)
+    rj: torch.Tensor                 # (K, L) packed row of each negative position
+    live: torch.Tensor               # (K, 2L) bool: which per-client slots hold an item (U of them)
+
+    @classmethod
+    def build(cls, i: torch.Tensor, j: torch.Tensor, mask: torch.Tensor, num_items: int) -> "LocalCopies":
+        K, L = mask.shape
+        real = torch.cat([mask, mask], 1) > 0
+        srt, slot_sorted, slot, first = local_slots(torch.cat([i, j], 1), real, num_items)
+        items = srt[first & (srt < num_items)]
+        live = torch.zeros(K, 2 * L, dtype=torch.bool)
+        live.scatter_(1, slot_sorted, srt < num_items)
+        packed = torch.full((K, 2 * L), len(items), dtype=torch.long)      # slot -> packed row
+        packed[live] = torch.arange(len(items))
+        at = packed.gather(1, slot)                                         # position -> packed row
+        return cls(items=items, ri=at[:, :L], rj=at[:, L:], live=live)
+
+    def rows(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, L, d) item rows of the positive and the negative positions, from packed rows q (U, d)."""
+        qp = torch.cat([q, q.new_zeros(1, q.shape[1])])
+        return qp[self.ri], qp[self.rj]
+
+    def sums(self, delta: torch.Tensor, num_items: int) -> dict[str, torch.Tensor]:
+        """The upload: per item, the sum of the packed deltas (U, d) (`dQ`, float64) and their count (`nQ`)."""
+        dsum = torch.zeros(num_items, delta.shape[1], dtype=torch.float64).index_add_(0, self.items, delta.double())
+        cnt = torch.zeros(num_items, dtype=torch.float64).index_add_(
+            0, self.items, torch.ones(len(self.items), dtype=torch.float64))
+        return {"dQ": dsum, "nQ": cnt}
+
+    def clip_per_client(self, delta: torch.Tensor, clip: float) -> torch.Tensor:
+        """Packed (U, d) deltas clipped per client jointly over its rows (privacy.clip_updates)."""
+        by_slot = delta.new_zeros(*self.live.shape, delta.shape[1])
+        by_slot[self.live] = delta
+        return privacy.clip_updates({"dQ": by_slot}, clip)[0]["dQ"][self.live]
 
 
 def ranking_partial(user_emb: torch.Tensor, item_emb: torch.Tensor, test: torch.Tensor, exclude: torch.Tensor,

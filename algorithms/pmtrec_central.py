@@ -107,8 +107,7 @@ class CentralizedTrainer:
         Qr = gather_rows(s.Q, *items)
         head = {k: tables[k].detach().clone().requires_grad_(True) for k in a.head_names}
         losses = self.losses(CentralRows(Pr, Qr, head, u, i, j, r, aux))
-        Gp = task_row_grads(losses, Pr.emb)
-        Gq = task_row_grads(losses, Qr.emb)
+        Gp, Gq = task_row_grads(losses, Pr.emb, Qr.emb)
         head_grads = {}
         if head:
             lc = losses[c.tasks.index("category")]

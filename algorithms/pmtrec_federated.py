@@ -63,8 +63,7 @@ class FederatedTrainer:
         Qr = gather_rows(plan.params["Q"], i_all, j_all)       # padded rows too (masked out of every loss)
         head = {k: plan.params[k].detach().clone().requires_grad_(True) for k in a.head_names}
         losses, per_client, i, j = self.client_losses(p_leaf, Qr, head, batch, plan.round)
-        Gp = task_row_grads(losses, p_leaf)                                         # (T, K, d)
-        Gq = task_row_grads(losses, Qr.emb)                                         # (T, R, d)
+        Gp, Gq = task_row_grads(losses, p_leaf, Qr.emb)                             # (T, K, d), (T, R, d)
         tp = torch.tensor([t.USER_ROW for t in a.tasks])[:, None].expand(a.T, K)
         tq = touched_mask(Qr.rows, [t.client_items(i[real], j[real]) for t in a.tasks])
         for x, t in enumerate(a.tasks):

@@ -18,7 +18,7 @@ import torch
 
 from fleetrec.algorithms import privacy, rng
 from fleetrec.algorithms.combiners import pmtrec_combine, task_row_grads
-from fleetrec.algorithms.mf import MFPersonal, MFServer, local_slots
+from fleetrec.algorithms.mf import LocalCopies, MFPersonal, MFServer
 from fleetrec.algorithms.mf_tasks import ClientRows
 from fleetrec.algorithms.protocol import Accumulator, CohortBatch, CohortUpdate, Tensors, TrainPlan
 
@@ -68,42 +68,31 @@ class LocalStepsTrainer:
     def train(self, plan: TrainPlan, batch: CohortBatch, personal: Tensors) -> CohortUpdate:
         a = self.algo
         c, tr = a.config, a.setup.train
-        K, L = batch.mask.shape
-        m = batch.mask
+        K, m = batch.size, batch.mask
         i, j = batch.categorical["item"], a.negatives(batch, plan.round)
-        srt, slot_sorted, slot, first = local_slots(torch.cat([i, j], 1), torch.cat([m, m], 1) > 0, a.num_items)
-        Qpad = torch.cat([plan.params["Q"], torch.zeros(1, c.dim)])
-        q0 = torch.zeros(K, 2 * L, c.dim)
-        q0.scatter_(1, slot_sorted[..., None].expand(-1, -1, c.dim), Qpad[srt])        # local copies by slot
+        lc = LocalCopies.build(i, j, m, a.num_items)                                    # U packed rows
+        q0 = plan.params["Q"][lc.items].clone()                                          # (U, d)
         q = q0.clone().requires_grad_(True)
         p = MFPersonal.unflatten(personal).p.clone().requires_grad_(True)
         opt = torch.optim.Adam([p, q], lr=tr.lr) if tr.optimizer == "adam" else torch.optim.SGD([p, q], lr=tr.lr)
-        si, sj = slot[:, :L, None].expand(-1, -1, c.dim), slot[:, L:, None].expand(-1, -1, c.dim)
         r = batch.numeric[..., 0]
         last = torch.zeros(a.T)
         for _ in range(tr.local_epochs):
-            rows = LocalCopyRows(p, None, {}, i, j, r, m, qi_local=q.gather(1, si), qj_local=q.gather(1, sj))
+            qi, qj = lc.rows(q)
+            rows = LocalCopyRows(p, None, {}, i, j, r, m, qi_local=qi, qj_local=qj)
             per = [t.client_loss(a, rows) for t in a.tasks]                            # T x (K,)
             losses = [x.sum() for x in per]
-            gp = self.combine(task_row_grads(losses, p), plan.round)                    # (K, d)
-            gq = self.combine(task_row_grads(losses, q), plan.round)                    # (K, 2L, d)
+            Gp, Gq = task_row_grads(losses, p, q)                                       # (T, K, d), (T, U, d)
             opt.zero_grad()
-            p.grad, q.grad = gp.detach(), gq.detach()
+            p.grad, q.grad = self.combine(Gp, plan.round).detach(), self.combine(Gq, plan.round).detach()
             opt.step()
             last = torch.stack([x.detach().sum() for x in per])
-        keep = first & (srt < a.num_items)                                               # one slot per (client, item)
-        items = srt[keep]
-        delta = q.detach() - q0                                                          # (K, 2L, d) by slot
-        if self.dp.enabled:          # unused slots hold zeros: the norm is over the client's item rows only
-            delta = privacy.clip_updates({"dQ": delta}, self.dp.cfg.clip)[0]["dQ"]
-        delta = delta.gather(1, slot_sorted[..., None].expand(-1, -1, c.dim))[keep]
+        delta = q.detach() - q0                                                          # (U, d)
+        if self.dp.enabled:                                                              # per client, jointly
+            delta = lc.clip_per_client(delta, self.dp.cfg.clip)
         acc = Accumulator(weight=float(K), clients=K,
                           stats={f"train/{t}_loss": float(x) for t, x in zip(c.tasks, last)})
-        dsum = torch.zeros(a.num_items, c.dim, dtype=torch.float64)
-        dsum.index_add_(0, items, delta.double())
-        cnt = torch.zeros(a.num_items, dtype=torch.float64)
-        cnt.index_add_(0, items, torch.ones(len(items), dtype=torch.float64))
-        acc.sums = {"dQ": dsum, "nQ": cnt}
+        acc.sums = lc.sums(delta, a.num_items)
         return CohortUpdate(personal=MFPersonal(p=p.detach()).flatten(), acc=acc)
 
     def aggregate(self, rnd: int, state: Tensors, acc: Accumulator, stats: dict) -> Tensors:

@@ -1,7 +1,9 @@
 """What each research method costs against its own floor, through the engine, on the configs'
 workloads: a FedPA round vs a FedAvg-LoRA round on the same private users (MovieLens-100k), a
 PMTRec epoch vs an equal-weight summed-loss epoch of the same four tasks (Epinions, centralized),
-and a PF-MSMTrec round vs a centralized MMoE epoch over the same rows (Epinions, 5 scenarios).
+a federated PMTRec round with 3 local steps vs a FedAvg-MF round with the same steps (Epinions,
+client = user), and a PF-MSMTrec round vs a centralized MMoE epoch over the same rows (Epinions,
+5 scenarios).
 
     python benchmarks/method_cost.py                        # all pairs, 3 alternated pairs each
     python benchmarks/method_cost.py --only pmtrec --pairs 2 --out /tmp/cost.json
@@ -36,6 +38,13 @@ PAIRS = {
     "pmtrec": {"method": "pmtrec_epinions.yaml", "floor": "pmtrec_epinions_equal.yaml", "rounds": 16, "goal": 1.3,
                "workload": "Epinions (10-core, 4,000 users), centralized, tasks bpr+social+rating+au, dim 32, "
                            "batch 2048, one round = one epoch; floor: the same tasks, equal weights (summed loss)"},
+    "pmtrec_federated": {"method": "pmtrec_epinions_federated.yaml", "floor": "fedavg_mf_epinions.yaml",
+                         "method_overrides": ["algorithm.local_update=local_steps", "train.local_epochs=3",
+                                              "algorithm.server_lr=1.0"],
+                         "floor_overrides": ["train.local_epochs=3"], "rounds": 12, "goal": None,
+                         "workload": "Epinions (10-core, 4,000 users), federated (client = user, every user every "
+                                     "round), 3 local Adam steps on local item copies, tasks bpr+rating+au, dim 32; "
+                                     "floor: FedAvg-MF (bpr) with the same 3 local steps"},
     "pf_msmtrec": {"method": "pf_msmtrec_epinions.yaml", "floor": "pf_msmtrec_epinions_centralized.yaml",
                    "rounds": 5, "goal": 1.2,
                    "workload": "Epinions, 5 category scenarios, 2,000 users, MMoE (4 global + 1 per task + 2 "
@@ -54,11 +63,11 @@ def _backbone(config: str) -> None:
         pretrain(load(ROOT / "configs" / config, ["model.backbone=", "tracking.mlflow=false"]), ROOT / path)
 
 
-def timed_run(config: str, rounds: int, seed: int) -> dict:
+def timed_run(config: str, rounds: int, seed: int, overrides: list[str] = ()) -> dict:
     from fleetrec.simulator.config import load
     from fleetrec.simulator.run import run
     _backbone(config)
-    cfg = load(ROOT / "configs" / config, [f"seed={seed}", f"rounds={rounds}", f"eval.every={rounds}",
+    cfg = load(ROOT / "configs" / config, [*overrides, f"seed={seed}", f"rounds={rounds}", f"eval.every={rounds}",
                                            "early_stop_patience=0", "tracking.mlflow=false",
                                            "tracking.progress=false"])
     t0 = time.perf_counter()
@@ -72,8 +81,8 @@ def measure(name: str, pairs: int, seed: int) -> dict:
     spec = PAIRS[name]
     runs = []
     for i in range(pairs):
-        a = timed_run(spec["method"], spec["rounds"], seed)
-        b = timed_run(spec["floor"], spec["rounds"], seed)
+        a = timed_run(spec["method"], spec["rounds"], seed, spec.get("method_overrides", ()))
+        b = timed_run(spec["floor"], spec["rounds"], seed, spec.get("floor_overrides", ()))
         runs.append({"method": a, "floor": b, "ratio": a["median_round_s"] / b["median_round_s"]})
         print(f"{name} pair {i}: {a['median_round_s']:.3f} s vs {b['median_round_s']:.3f} s "
               f"= {runs[-1]['ratio']:.2f}x", file=sys.stderr, flush=True)

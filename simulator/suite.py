@@ -18,7 +18,9 @@ For every method of the suite (an experiment config plus a search space):
 
 Each finished stage leaves a small JSON (`tune.json`, `seeds.json`) holding a fingerprint of what
 produced it, so `--resume` skips finished stages, continues an interrupted sweep, and refuses a
-suite that changed under a finished stage. `seeds.json` also holds every seed run's test metrics
+suite that changed under a finished stage. An unfinished stage leaves `<stage>.started.json` (its
+fingerprint) beside the Tune folder, so `--resume` also refuses to continue a sweep that has changed
+since it was cut off (Tune would restore the old trials and search space under the new stage). `seeds.json` also holds every seed run's test metrics
 (and, for ranking metrics, `per_user/seed<k>.csv.gz` beside it), so the report needs neither MLflow
 nor the Tune folders: a suite's state folder can be committed and continued on another machine.
 """
@@ -324,6 +326,7 @@ def run_pretrain(suite: Suite, log) -> dict | None:
                       + "".join(f" {shlex.quote(o)}" for o in stage.overrides)}
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(rec, indent=1, default=str))
+    started.unlink(missing_ok=True)
     return rec
 
 
@@ -434,11 +437,19 @@ def _stage(suite: Suite, m: Method, stage: str, sweep: Sweep, resume: bool, log)
         log(f"{m.key}: {stage} stage done before ({done})")
         return rec
     again = sweep.exp_dir.exists()
+    started = suite.method_dir(m.key) / f"{stage}.started.json"     # what the unfinished Tune folder runs
     if again and not resume:
         raise ConfigError(f"{sweep.exp_dir} exists from an earlier, unfinished suite: pass --resume to continue it")
     if again and not tune.Tuner.can_restore(str(sweep.exp_dir)):
         raise ConfigError(f"{sweep.exp_dir}: an interrupted {stage} stage that Tune cannot restore; remove that "
                           "folder and run again with --resume")
+    if again and started.is_file() and json.loads(started.read_text()).get("fingerprint") != fp:
+        # Tune would restore the old sweep's trials and search space and log them as this stage's runs
+        raise ConfigError(f"{sweep.exp_dir}: the interrupted {stage} stage of {m.key} was started with a different "
+                          f"suite or overrides (fingerprint {json.loads(started.read_text()).get('fingerprint')} vs "
+                          f"{fp}); remove that folder to start the stage again with --resume")
+    if not again:
+        started.write_text(json.dumps({"fingerprint": fp, "fingerprint_version": FINGERPRINT_VERSION}))
     log(f"{m.key}: {stage} stage ({'resumed' if again else 'started'}): {sweep.cfg.num_samples} trial(s), "
         f"{sweep.base_cfg.rounds} rounds at most")
     res = tune_sweep(sweep, resume=again, verbose=0)
@@ -452,6 +463,7 @@ def _stage(suite: Suite, m: Method, stage: str, sweep: Sweep, resume: bool, log)
     if stage == "seeds":                                   # the record alone is enough for the report
         rec["runs"] = record_seed_runs(suite, suite.method_dir(m.key), res.parent_run_id)
     done.write_text(json.dumps(rec, indent=1, default=str))
+    started.unlink(missing_ok=True)
     return rec
 
 

@@ -338,6 +338,10 @@ def load_sweep(path: str | Path, overrides: list[str] = (), name: str | None = N
     if isinstance(sc.scheduler, AshaConfig) and sc.scheduler.max_t and sc.scheduler.max_t > base_cfg.rounds:
         raise ConfigError(f"{source}: scheduler.max_t: got {sc.scheduler.max_t}, expected <= rounds "
                           f"of the base config ({base_cfg.rounds})")
+    if isinstance(sc.scheduler, AshaConfig) and sc.scheduler.grace_period < base_cfg.eval.every:
+        raise ConfigError(f"{source}: scheduler.grace_period: got {sc.scheduler.grace_period}, expected >= the base "
+                          f"config's eval.every ({base_cfg.eval.every}): ASHA's first rung would judge trials "
+                          "before their first evaluation")
     return sweep
 
 

@@ -14,7 +14,9 @@ from fleetrec.simulator.tune_space import Sweep, set_dotted, to_python, trial_la
 
 # ------------------------------------------------------------------------------ the trial
 class TuneReport(Callback):
-    """Reports every round record to Tune; rounds without evaluation repeat the last metric."""
+    """Reports every round record to Tune (training_iteration = round + 1); rounds without evaluation
+    repeat the last metric, and those before the first evaluation (eval.every > 1) report NaN, which
+    Tune requires to be present and ASHA, the trial lines and the summary skip."""
 
     def __init__(self, metric: str):
         self.metric = metric
@@ -28,8 +30,8 @@ class TuneReport(Callback):
         out = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.metric in out:
             self.last = out[self.metric]
-        elif self.last is not None:
-            out[self.metric] = self.last
+        else:
+            out[self.metric] = self.last if self.last is not None else float("nan")
         out["rounds"] = self.rounds
         tune.report(out)
 

@@ -332,6 +332,27 @@ def test_fedavg_mf_local_item_copies_are_deduplicated_per_client():
     torch.testing.assert_close(up.acc.sums["dQ"].float(), -0.1 * g, rtol=1e-4, atol=1e-6)
 
 
+def test_packed_local_copies_by_hand():
+    """Two clients, padded to L = 3: one packed row per (client, distinct item) of i and j."""
+    from fleetrec.algorithms.mf import LocalCopies
+    i = torch.tensor([[2, 2, 0], [1, 4, 4]])
+    j = torch.tensor([[3, 2, 0], [1, 0, 0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])            # client 0: 2 rows, client 1: 1 row
+    lc = LocalCopies.build(i, j, m, num_items=5)
+    assert lc.items.tolist() == [2, 3, 1]                           # client 0: {2, 3}; client 1: {1}
+    Q = torch.arange(10.0).reshape(5, 2)
+    qi, qj = lc.rows(Q[lc.items])
+    real = m > 0
+    torch.testing.assert_close(qi[real], Q[i][real])
+    torch.testing.assert_close(qj[real], Q[j][real])
+    assert (qi[~real] == 0).all() and (qj[~real] == 0).all()        # padding reads the zero row
+    up = lc.sums(torch.ones(3, 2), num_items=5)
+    assert up["nQ"].tolist() == [0, 1, 1, 1, 0] and up["dQ"][:, 0].tolist() == [0, 1, 1, 1, 0]
+    # client 0's rows (norm sqrt(2 * 2 * 9) = 6) scaled to norm 3 jointly; client 1's (norm 1) kept
+    clipped = lc.clip_per_client(torch.tensor([[3.0, 3.0], [3.0, 3.0], [0.6, 0.8]]), clip=3.0)
+    torch.testing.assert_close(clipped, torch.tensor([[1.5, 1.5], [1.5, 1.5], [0.6, 0.8]]))
+
+
 # ------------------------------------------------------------------------------------------- engine
 def _brute_force_per_user(P, Q, ds, split, ks) -> dict[int, dict[str, float]]:
     """Per-user Recall@K / NDCG@K by a plain loop over users (independent of algorithms/ranking.py)."""

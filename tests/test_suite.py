@@ -330,3 +330,18 @@ def test_tiny_suite_end_to_end_resume_and_refusal(ray_session, tmp_path, monkeyp
     # a changed budget under a finished stage is refused, naming the file
     with pytest.raises(ConfigError, match=r"tune.json: the tune stage of pmtrec was run with a different suite"):
         run_suite(load_suite(src, [*TINY, "train.batch_size=64"]), resume=True, log=lines.append)
+    # an interrupted stage whose sweep changed since is refused before Tune restores the old sweep
+    sd = suite.method_dir("single")
+    assert not (sd / "seeds.started.json").exists()          # a finished stage drops its marker
+    rec = json.loads((sd / "seeds.json").read_text())
+    (sd / "seeds.json").unlink()                             # as if the seeds stage had been cut off
+    (sd / "seeds.started.json").write_text(json.dumps({"fingerprint": rec["fingerprint"]}))
+    with pytest.raises(ConfigError, match=r"pmtrec_synthetic\.single\.seeds: the interrupted seeds stage of single "
+                                          r"was started with a different suite or overrides"):
+        run_suite(load_suite(src, [*TINY, "suite.final.early_stop_patience=3"]), resume=True, only=["single"],
+                  log=lines.append)
+    # the same suite continues it: Tune restores the finished trials, the record is written again
+    run_suite(load_suite(src, TINY), resume=True, only=["single"], log=lines.append)
+    again = json.loads((sd / "seeds.json").read_text())
+    assert again["fingerprint"] == rec["fingerprint"] and not (sd / "seeds.started.json").exists()
+    assert {r["seed"]: r["metrics"] for r in again["runs"]} == {r["seed"]: r["metrics"] for r in rec["runs"]}

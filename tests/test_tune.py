@@ -250,3 +250,26 @@ def test_the_sweep_metric_also_selects_each_runs_best_round(tmp_path):
     assert same.replaced_eval_metric is None
     assert same.base_data["eval"] == read_yaml(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")["eval"]
     assert "best round and early stop" not in describe(same)
+
+
+def test_rounds_before_the_first_evaluation_report_nan_and_asha_waits_for_one(tmp_path, monkeypatch):
+    """With eval.every > 1 a sweep used to die at its first round: Tune requires the metric in every
+    report. Rounds before the first evaluation now report NaN (skipped by ASHA and the summary), later
+    ones repeat the last value, and an ASHA rung that would come before any evaluation is refused."""
+    import math
+    from ray import tune
+    from fleetrec.simulator.tune_trial import TuneReport
+    sent = []
+    monkeypatch.setattr(tune, "report", sent.append)
+    rep = TuneReport("val/auc")
+    rep.rounds = 4
+    for rec in ({"round": 0}, {"round": 1, "val/auc": 0.6}, {"round": 2}, {"round": 3, "val/auc": 0.7}):
+        rep.on_round(rec)
+    vals = [s["val/auc"] for s in sent]
+    assert math.isnan(vals[0]) and vals[1:] == [0.6, 0.6, 0.7] and all(s["rounds"] == 4 for s in sent)
+    space = "space: {train.lr: {uniform: [0.1, 1]}}\n"
+    with pytest.raises(ConfigError, match=r"scheduler.grace_period: got 1, expected >= the base config's eval.every "
+                                          r"\(2\): ASHA's first rung would judge trials before their first evaluation"):
+        load_sweep(_write(tmp_path, BASE + "overrides: [eval.every=2]\nscheduler: {name: asha, grace_period: 1}\n" + space))
+    assert load_sweep(_write(tmp_path, BASE + "overrides: [eval.every=2]\nscheduler: {name: asha, grace_period: 2}\n"
+                             + space)).base_cfg.eval.every == 2

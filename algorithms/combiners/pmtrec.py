@@ -129,13 +129,18 @@ def gather_rows(table: torch.Tensor, *ids: torch.Tensor) -> RowBatch:
     return RowBatch(rows=rows, emb=table.detach()[rows].clone().requires_grad_(True))
 
 
-def task_row_grads(losses: Sequence[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
-    """(T, R, d) gradients of each task loss w.r.t. the gathered rows; unused rows are zero."""
-    out = []
+def task_row_grads(losses: Sequence[torch.Tensor], emb: torch.Tensor, *more: torch.Tensor):
+    """(T, R, d) gradients of each task loss w.r.t. the gathered rows; unused rows are zero. With
+    more tensors (e.g. the user rows and the item rows), one (T, ...) stack per tensor, from one
+    backward pass per task for all of them rather than one per task and tensor."""
+    embs = (emb, *more)
+    out: list[list[torch.Tensor]] = [[] for _ in embs]
     for loss in losses:
-        (g,) = torch.autograd.grad(loss, emb, retain_graph=True, allow_unused=True)
-        out.append(torch.zeros_like(emb) if g is None else g)
-    return torch.stack(out)
+        grads = torch.autograd.grad(loss, embs, retain_graph=True, allow_unused=True)
+        for o, g, e in zip(out, grads, embs):
+            o.append(torch.zeros_like(e) if g is None else g)
+    stacks = tuple(torch.stack(o) for o in out)
+    return stacks[0] if not more else stacks
 
 
 def touched_mask(rows: torch.Tensor, task_ids: Sequence[torch.Tensor]) -> torch.Tensor:
