@@ -32,6 +32,7 @@ import json
 import shlex
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -326,7 +327,6 @@ def run_pretrain(suite: Suite, log) -> dict | None:
                       + "".join(f" {shlex.quote(o)}" for o in stage.overrides)}
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(rec, indent=1, default=str))
-    started.unlink(missing_ok=True)
     return rec
 
 
@@ -452,8 +452,11 @@ def _stage(suite: Suite, m: Method, stage: str, sweep: Sweep, resume: bool, log)
         started.write_text(json.dumps({"fingerprint": fp, "fingerprint_version": FINGERPRINT_VERSION}))
     log(f"{m.key}: {stage} stage ({'resumed' if again else 'started'}): {sweep.cfg.num_samples} trial(s), "
         f"{sweep.base_cfg.rounds} rounds at most")
+    t0 = time.time()
     res = tune_sweep(sweep, resume=again, verbose=0)
-    rec = {"fingerprint": fp, "fingerprint_version": FINGERPRINT_VERSION, "parent_run_id": res.parent_run_id, "best": res.best.get("config", {}),
+    rec = {"fingerprint": fp, "fingerprint_version": FINGERPRINT_VERSION, "parent_run_id": res.parent_run_id,
+           "wall_s": round(time.time() - t0, 1), "resumed": again,        # this sitting's time only when resumed
+           "best": res.best.get("config", {}),
            "best_value": res.best.get("best"), "trials": len(res.trials),
            "stopped_early": sum(t["error"] is None and t["rounds_run"] < sweep.base_cfg.rounds for t in res.trials),
            "errored": sum(t["error"] is not None for t in res.trials),

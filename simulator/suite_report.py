@@ -273,6 +273,21 @@ def table(suite, results: dict[str, MethodResult]) -> tuple[list[str], list[list
     return header, rows, stats
 
 
+def _minutes(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds / 60:.1f}"
+
+
+def stage_minutes(results: dict[str, MethodResult]) -> list[str]:
+    """`label t + s` per method whose stage records hold their wall time (older records do not)."""
+    out = []
+    for r in results.values():
+        t, s = r.tune.get("wall_s"), r.seeds_stage.get("wall_s")
+        if t is None and s is None:
+            continue
+        out.append(f"{r.label} {_minutes(t)} + {_minutes(s)}")
+    return out
+
+
 def machine() -> dict:
     import torch
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
@@ -305,6 +320,10 @@ def write_report(suite, log) -> str:
           markdown(header, rows)]
     if missing:
         md += ["", f"Not finished yet (run `{suite.command()} --resume`): {', '.join(missing)}."]
+    timed = stage_minutes(results)
+    if timed:
+        md += ["", "Wall time per method on this machine, tune + seeds stages, minutes (a stage resumed after an "
+               "interruption counts its last sitting only): " + "; ".join(timed) + "."]
     md += ["", "The same means and Wilcoxon p-values from the seed runs in MLflow (while that store is kept): "
            f"`{compare_command(suite)}`."]
     text = "\n".join(md)

@@ -157,10 +157,13 @@ def _fmt(v) -> str:
 
 
 class ProgressBar(Callback):
-    """One tqdm bar over rounds; the postfix shows the live validation metric and train loss."""
+    """The terminal: the dataset's reference lines at the start, one tqdm bar over rounds (its postfix
+    shows the live validation metric and train loss) unless `bar` is off (`tracking.progress: false`),
+    and the summary table at the end (with or without the bar)."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, bar: bool = True):
         self.stream = stream or sys.stderr
+        self.show_bar = bar
         self.bar = None
 
     def on_start(self, cfg: ExperimentConfig, info: dict) -> None:
@@ -179,11 +182,15 @@ class ProgressBar(Callback):
         if oracle:
             print(f"dataset {info['dataset']}: a model knowing the true preferences scores "
                   + ", ".join(f"{k} {v:.4f}" for k, v in oracle.items() if k.startswith("test/")), file=self.stream)
+        if not self.show_bar:
+            return
         start = info.get("resumed_from_round", -1) + 1
         self.bar = tqdm(total=cfg.rounds, initial=start, desc=cfg.name, unit="round", file=self.stream,
                         dynamic_ncols=True)
 
     def on_round(self, record: dict) -> None:
+        if self.bar is None:
+            return
         post = {"loss": _fmt(record.get("train/train_loss", float("nan")))}
         if self.metric in record:
             post[self.metric] = _fmt(record[self.metric])
@@ -198,7 +205,8 @@ class ProgressBar(Callback):
             self.bar.close()
 
     def on_end(self, result: RunResult) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         print(summary_table(result), file=self.stream)
 
 
@@ -420,6 +428,5 @@ def default_callbacks(cfg: ExperimentConfig) -> list[Callback]:
     cbs: list[Callback] = []
     if cfg.tracking.mlflow:          # first, so the summary table can name the MLflow run
         cbs.append(MlflowLogger(cfg))
-    if cfg.tracking.progress:
-        cbs.append(ProgressBar())
+    cbs.append(ProgressBar(bar=cfg.tracking.progress))      # the summary table prints either way
     return cbs

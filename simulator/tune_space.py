@@ -15,7 +15,6 @@ from fleetrec.datasets.registry import Registry, TaggedUnion
 from fleetrec.simulator.config import ExperimentConfig, from_dict
 from fleetrec.simulator.config_loader import ConfigError, apply_overrides, build, read_yaml, to_dict
 
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SWEEP_STATE = "fleetrec_sweep.json"          # in the experiment dir: parent run id, for --resume
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
@@ -80,7 +79,6 @@ SCHEDULERS: Registry[type] = Registry("scheduler")     # name -> its config data
 @dataclass(frozen=True)
 class SchedulerConfig(TaggedUnion):
     name: str = "asha"
-
     REGISTRY: ClassVar[Registry] = SCHEDULERS
 
 
@@ -90,7 +88,6 @@ class AshaConfig(SchedulerConfig):
     max_t: int | None = None           # rounds; null = the base config's rounds
     grace_period: int = 1              # rounds every trial runs before it can be stopped
     reduction_factor: float = 2.0      # keep the top 1/reduction_factor at every rung
-
     CHECKS: ClassVar[dict] = {"max_t": ">=1", "grace_period": ">=1", "reduction_factor": ">1"}
 
 
@@ -335,13 +332,12 @@ def load_sweep(path: str | Path, overrides: list[str] = (), name: str | None = N
             except ConfigError as e:
                 raise ConfigError(f"{source}: points_to_evaluate[{n}]: gives a bad config: "
                                   f"{str(e).removeprefix('trial: ')}") from None
-    if isinstance(sc.scheduler, AshaConfig) and sc.scheduler.max_t and sc.scheduler.max_t > base_cfg.rounds:
-        raise ConfigError(f"{source}: scheduler.max_t: got {sc.scheduler.max_t}, expected <= rounds "
-                          f"of the base config ({base_cfg.rounds})")
-    if isinstance(sc.scheduler, AshaConfig) and sc.scheduler.grace_period < base_cfg.eval.every:
-        raise ConfigError(f"{source}: scheduler.grace_period: got {sc.scheduler.grace_period}, expected >= the base "
-                          f"config's eval.every ({base_cfg.eval.every}): ASHA's first rung would judge trials "
-                          "before their first evaluation")
+    a, every, rounds = sc.scheduler, base_cfg.eval.every, base_cfg.rounds
+    if isinstance(a, AshaConfig) and a.max_t and a.max_t > rounds:
+        raise ConfigError(f"{source}: scheduler.max_t: got {a.max_t}, expected <= rounds of the base config ({rounds})")
+    if isinstance(a, AshaConfig) and a.grace_period < every:
+        raise ConfigError(f"{source}: scheduler.grace_period: got {a.grace_period}, expected >= the base config's "
+                          f"eval.every ({every}): ASHA's first rung would judge trials before their first evaluation")
     return sweep
 
 

@@ -307,6 +307,7 @@ def test_tiny_suite_end_to_end_resume_and_refusal(ray_session, tmp_path, monkeyp
     # seeds.json alone carries the report (a committed state folder continues on another machine)
     rec = json.loads((suite.method_dir("single") / "seeds.json").read_text())
     assert [r["seed"] for r in rec["runs"]] == [0, 1] and rec["fingerprint_version"] == 4
+    assert rec["wall_s"] > 0 and rec["resumed"] is False and "Wall time per method on this machine" in md
     assert {r["seed"]: r["metrics"]["test/recall@20"] for r in rec["runs"]} == {r["seed"]: r["test/recall@20"] for r in runs}
     assert (suite.method_dir("single") / "per_user" / "seed1.csv.gz").is_file()
     tune_parent = doc["methods"]["single"]["tune"]["parent_run_id"]      # trial 0 = the untuned config
@@ -344,4 +345,5 @@ def test_tiny_suite_end_to_end_resume_and_refusal(ray_session, tmp_path, monkeyp
     run_suite(load_suite(src, TINY), resume=True, only=["single"], log=lines.append)
     again = json.loads((sd / "seeds.json").read_text())
     assert again["fingerprint"] == rec["fingerprint"] and not (sd / "seeds.started.json").exists()
+    assert again["resumed"] is True
     assert {r["seed"]: r["metrics"] for r in again["runs"]} == {r["seed"]: r["metrics"] for r in rec["runs"]}

@@ -2,12 +2,13 @@
 through MLflow's client API; progress bar and summary table on the terminal."""
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
 
 from fleetrec.simulator.run import run
-from fleetrec.simulator.tracking import MlflowLogger, ProgressBar
+from fleetrec.simulator.tracking import MlflowLogger, ProgressBar, summary_table
 
 
 def test_mlflow_run_has_per_round_metrics(ray_session, tiny_cfg, tmp_path, monkeypatch):
@@ -48,6 +49,16 @@ def test_mlflow_run_has_per_round_metrics(ray_session, tiny_cfg, tmp_path, monke
     # switched-off blocks leave their on/off key only
     assert r.data.params["privacy.enabled"] == "False" and "privacy.noise_multiplier" not in r.data.params
     assert r.data.params["privacy.local.mechanism"] == "none" and "privacy.local.scale" not in r.data.params
+    # tracking.progress: false drops the bar, not the summary table (it used to print nothing at all)
+    from fleetrec.simulator.tracking import default_callbacks
+    off = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, progress=False, mlflow=False))
+    (quiet,) = default_callbacks(off)
+    quiet.stream = io.StringIO()
+    quiet.on_round(result.records[-1])
+    quiet.on_end(result)
+    text = quiet.stream.getvalue()
+    assert "median train s/round" in text and "round/s" not in text and text.splitlines()[0] == \
+        summary_table(result).splitlines()[0]
     # the experiment opens on its runs in MLflow 3's UI, and the summary prints the run's link
     assert client.get_experiment(r.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     link = f"/#/experiments/{r.info.experiment_id}/runs/{result.run_id}?workflowType=machine_learning"
