@@ -20,7 +20,8 @@ Each finished stage leaves a small JSON (`tune.json`, `seeds.json`) holding a fi
 produced it, so `--resume` skips finished stages, continues an interrupted sweep, and refuses a
 suite that changed under a finished stage. An unfinished stage leaves `<stage>.started.json` (its
 fingerprint) beside the Tune folder, so `--resume` also refuses to continue a sweep that has changed
-since it was cut off (Tune would restore the old trials and search space under the new stage). `seeds.json` also holds every seed run's test metrics
+since it was cut off (Tune would restore the old trials and search space under the new stage).
+`seeds.json` also holds every seed run's test metrics
 (and, for ranking metrics, `per_user/seed<k>.csv.gz` beside it), so the report needs neither MLflow
 nor the Tune folders: a suite's state folder can be committed and continued on another machine.
 """
@@ -443,11 +444,11 @@ def _stage(suite: Suite, m: Method, stage: str, sweep: Sweep, resume: bool, log)
     if again and not tune.Tuner.can_restore(str(sweep.exp_dir)):
         raise ConfigError(f"{sweep.exp_dir}: an interrupted {stage} stage that Tune cannot restore; remove that "
                           "folder and run again with --resume")
-    if again and started.is_file() and json.loads(started.read_text()).get("fingerprint") != fp:
-        # Tune would restore the old sweep's trials and search space and log them as this stage's runs
+    then = json.loads(started.read_text()).get("fingerprint") if again and started.is_file() else fp
+    if then != fp:           # Tune would restore the old sweep's trials and search space as this stage's runs
         raise ConfigError(f"{sweep.exp_dir}: the interrupted {stage} stage of {m.key} was started with a different "
-                          f"suite or overrides (fingerprint {json.loads(started.read_text()).get('fingerprint')} vs "
-                          f"{fp}); remove that folder to start the stage again with --resume")
+                          f"suite or overrides (fingerprint {then} vs {fp}); remove that folder to start the stage "
+                          "again with --resume")
     if not again:
         started.write_text(json.dumps({"fingerprint": fp, "fingerprint_version": FINGERPRINT_VERSION}))
     log(f"{m.key}: {stage} stage ({'resumed' if again else 'started'}): {sweep.cfg.num_samples} trial(s), "
