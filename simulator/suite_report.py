@@ -273,6 +273,41 @@ def table(suite, results: dict[str, MethodResult]) -> tuple[list[str], list[list
     return header, rows, stats
 
 
+def horizon_warnings(suite, results: dict[str, MethodResult]) -> dict[str, dict]:
+    """Methods whose tuning horizon looks too short for them, by two counts from the stage records:
+    the seed runs' median best round (1-based) beyond the tuning trials' round cap (the tuning judged
+    every setting before the point where the chosen one peaks, so it favours settings that peak early),
+    and tuning trials that ran to that cap (still improving within the patience when they were cut)."""
+    cap, out = suite.cfg.budget.rounds, {}
+    for key, r in results.items():
+        if key == FLOOR_KEY or r.tune.get("tuned_as") or not r.tune.get("trials") or (
+                key in suite.methods and not suite.methods[key].tune_yaml["space"]):
+            continue
+        brs = [x.best_round + 1 for x in r.runs if x.best_round is not None]
+        median = int(np.median(brs)) if brs else None
+        to_cap = max(0, int(r.tune["trials"]) - int(r.tune.get("stopped_early", r.tune["trials"]))
+                     - int(r.tune.get("errored", 0)))
+        if (median is not None and median > cap) or to_cap:
+            out[key] = {"median_best_round": median, "tuning_cap": cap, "trials_to_cap": to_cap}
+    return out
+
+
+def _horizon_text(suite, results, warn: dict) -> list[str]:
+    if not warn:
+        return []
+    cap = suite.cfg.budget.rounds
+    late = [f"{results[k].label} (round {w['median_best_round']})" for k, w in warn.items()
+            if w["median_best_round"] is not None and w["median_best_round"] > cap]
+    cut = [f"{results[k].label} {w['trials_to_cap']}/{results[k].tune['trials']}" for k, w in warn.items() if w["trials_to_cap"]]
+    text = f"**Tuning horizon.** The tuning trials stopped at {cap} rounds."
+    if late:
+        text += " The seed runs peak after that, median best round, for: " + "; ".join(late) + "."
+    if cut:
+        text += " Tuning trials still improving when the cap cut them: " + "; ".join(cut) + "."
+    return ["", text + " For these methods a longer horizon could rank the settings differently, favouring "
+            "settings that peak late; raise `budget.rounds` before reading their rows as fully tuned."]
+
+
 def _minutes(seconds: float | None) -> str:
     return "?" if seconds is None else f"{seconds / 60:.1f}"
 
@@ -320,6 +355,8 @@ def write_report(suite, log) -> str:
           markdown(header, rows)]
     if missing:
         md += ["", f"Not finished yet (run `{suite.command()} --resume`): {', '.join(missing)}."]
+    horizon = horizon_warnings(suite, results)
+    md += _horizon_text(suite, results, horizon)
     timed = stage_minutes(results)
     if timed:
         md += ["", "Wall time per method on this machine, tune + seeds stages, minutes (a stage resumed after an "
@@ -337,7 +374,7 @@ def write_report(suite, log) -> str:
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
            "reference": sc.reference, "metric": sc.metric, "report": list(sc.report),
            "budget": vars(sc.budget), "final": {**vars(sc.final), "seeds": list(sc.final.seeds)},
-           "tests": vars(sc.tests), "missing": missing, "compare_command": compare_command(suite),
+           "tests": vars(sc.tests), "missing": missing, "compare_command": compare_command(suite), "horizon": horizon,
            "methods": {k: {"label": r.label, "config": rel(suite.methods[k].config_path) if k in suite.methods else None, "tune": r.tune,
                            "seeds_stage": r.seeds_stage, "vs_reference": stats.get(k, {}),
                            "runs": [{"seed": x.seed, "run_id": x.run_id, "best_round": x.best_round,

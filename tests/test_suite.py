@@ -134,6 +134,7 @@ def test_a_pointwise_report_is_built_from_the_stage_records_alone(tmp_path, monk
     src = ROOT / "suites" / "pf_msmtrec_epinions.yaml"
     raw = yaml.safe_load(src.read_text())
     raw.update(results_dir="out", storage_path="state", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", experiment="t")
+    raw["budget"]["rounds"] = 30
     raw["methods"] = {k: {**raw["methods"][k], "config": str(ROOT / "configs" / Path(raw["methods"][k]["config"]).name)}
                       for k in ("pf_msmtrec", "local", "no_template")}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -145,10 +146,11 @@ def test_a_pointwise_report_is_built_from_the_stage_records_alone(tmp_path, monk
     for key, d in shift.items():
         mdir = suite.method_dir(key)
         mdir.mkdir(parents=True)
-        tune = {"best": {"train.lr": 0.01}, "trials": 8} if key != "no_template" else \
-            {"best": {"train.lr": 0.01}, "trials": 0, "tuned_as": "pf_msmtrec"}
+        tune = {"best": {"train.lr": 0.01}, "trials": 8, "stopped_early": 8 if key == "pf_msmtrec" else 6} \
+            if key != "no_template" else {"best": {"train.lr": 0.01}, "trials": 0, "tuned_as": "pf_msmtrec"}
         (mdir / "tune.json").write_text(json.dumps(tune))
-        runs = [{"seed": s, "run_id": f"{key}{s}", "best_round": 3, "rounds_run": 12, "rounds_cap": 100,
+        best = 40 if key == "local" else 3                # local's seed runs peak after the 30-round tuning cap
+        runs = [{"seed": s, "run_id": f"{key}{s}", "best_round": best, "rounds_run": best + 9, "rounds_cap": 100,
                  "metrics": {"test/scenario_mean/auc": float(base[s] + d + (1e-4 * s if key == "no_template" else 0)),
                              "test/scenario_mean/interaction/auc": 0.5, "test/scenario_mean/like/auc": 0.6,
                              "test/scenario_mean/logloss": float(0.7 - d)}} for s in range(6)]
@@ -164,6 +166,10 @@ def test_a_pointwise_report_is_built_from_the_stage_records_alone(tmp_path, monk
     assert "| PF-MSMTrec w/o template | as PF-MSMTrec |" in md
     assert doc["methods"]["no_template"]["vs_reference"]["test/scenario_mean/auc"]["wilcoxon_p"] == pytest.approx(2 / 64)
     assert (tmp_path / "out" / "pf_msmtrec_epinions.png").is_file()
+    # the tuning horizon: local peaks at round 41 > 30 and 2 of its 8 trials ran to the cap; the others are clean
+    assert doc["horizon"] == {"local": {"median_best_round": 41, "tuning_cap": 30, "trials_to_cap": 2}}
+    assert "**Tuning horizon.** The tuning trials stopped at 30 rounds. The seed runs peak after that, median best " \
+           "round, for: local-only (round 41). Tuning trials still improving when the cap cut them: local-only 2/8." in md
 
 
 def test_a_shared_pretrain_stage_runs_once_and_is_refused_when_changed(tmp_path, monkeypatch):
