@@ -319,6 +319,8 @@ def stage_minutes(results: dict[str, MethodResult]) -> list[str]:
         t, s = r.tune.get("wall_s"), r.seeds_stage.get("wall_s")
         if t is None and s is None:
             continue
+        if r.tune.get("tuned_as"):
+            t = 0.0                                        # an ablation borrows its method's values: no trials
         out.append(f"{r.label} {_minutes(t)} + {_minutes(s)}")
     return out
 

@@ -154,8 +154,9 @@ def test_a_pointwise_report_is_built_from_the_stage_records_alone(tmp_path, monk
                  "metrics": {"test/scenario_mean/auc": float(base[s] + d + (1e-4 * s if key == "no_template" else 0)),
                              "test/scenario_mean/interaction/auc": 0.5, "test/scenario_mean/like/auc": 0.6,
                              "test/scenario_mean/logloss": float(0.7 - d)}} for s in range(6)]
-        (mdir / "seeds.json").write_text(json.dumps({"parent_run_id": "x", "runs": runs}))
+        (mdir / "seeds.json").write_text(json.dumps({"parent_run_id": "x", "runs": runs, "wall_s": 60.0}))
     md = write_report(suite, log=lambda s: None)
+    assert "PF-MSMTrec w/o template 0.0 + 1.0" in md         # an ablation spends no tuning time of its own
     doc = json.loads((tmp_path / "out" / "pf_msmtrec_epinions.json").read_text())
     local = doc["methods"]["local"]["vs_reference"]
     # local is higher on all six seeds: the exact two-sided Wilcoxon p is 2/2^6
