@@ -18,9 +18,9 @@ For every method of the suite (an experiment config plus a search space):
 
 Each finished stage leaves a small JSON (`tune.json`, `seeds.json`) holding a fingerprint of what
 produced it, so `--resume` skips finished stages, continues an interrupted sweep, and refuses a
-suite that changed under a finished stage. An unfinished stage leaves `<stage>.started.json` (its
-fingerprint) beside the Tune folder, so `--resume` also refuses to continue a sweep that has changed
-since it was cut off (Tune would restore the old trials and search space under the new stage).
+suite that changed under a finished stage. Every stage leaves `<stage>.started.json` (its
+fingerprint) beside its Tune folder, so `--resume` refuses to restore a folder whose sweep has changed
+since, or that has no marker: Tune would hand the old trials back as the new stage's runs.
 `seeds.json` also holds every seed run's test metrics
 (and, for ranking metrics, `per_user/seed<k>.csv.gz` beside it), so the report needs neither MLflow
 nor the Tune folders: a suite's state folder can be committed and continued on another machine.
@@ -438,13 +438,17 @@ def _stage(suite: Suite, m: Method, stage: str, sweep: Sweep, resume: bool, log)
         log(f"{m.key}: {stage} stage done before ({done})")
         return rec
     again = sweep.exp_dir.exists()
-    started = suite.method_dir(m.key) / f"{stage}.started.json"     # what the unfinished Tune folder runs
+    started = suite.method_dir(m.key) / f"{stage}.started.json"     # which sweep the Tune folder runs or ran
     if again and not resume:
         raise ConfigError(f"{sweep.exp_dir} exists from an earlier, unfinished suite: pass --resume to continue it")
     if again and not tune.Tuner.can_restore(str(sweep.exp_dir)):
         raise ConfigError(f"{sweep.exp_dir}: an interrupted {stage} stage that Tune cannot restore; remove that "
                           "folder and run again with --resume")
-    then = json.loads(started.read_text()).get("fingerprint") if again and started.is_file() else fp
+    if again and not started.is_file():     # e.g. a finished stage's record removed to run it again
+        raise ConfigError(f"{sweep.exp_dir}: a Tune folder with no record of which sweep it ran ({started.name} is "
+                          f"missing); Tune would hand its old trials back as this stage's runs: remove that folder "
+                          "to run the stage again")
+    then = json.loads(started.read_text()).get("fingerprint") if again else fp
     if then != fp:           # Tune would restore the old sweep's trials and search space as this stage's runs
         raise ConfigError(f"{sweep.exp_dir}: the interrupted {stage} stage of {m.key} was started with a different "
                           f"suite or overrides (fingerprint {then} vs {fp}); remove that folder to start the stage "
@@ -467,8 +471,7 @@ def _stage(suite: Suite, m: Method, stage: str, sweep: Sweep, resume: bool, log)
     if stage == "seeds":                                   # the record alone is enough for the report
         rec["runs"] = record_seed_runs(suite, suite.method_dir(m.key), res.parent_run_id)
     done.write_text(json.dumps(rec, indent=1, default=str))
-    started.unlink(missing_ok=True)
-    return rec
+    return rec                       # the marker stays: it says what the Tune folder beside it ran
 
 
 def run_suite(suite: Suite, resume: bool = False, only: list[str] = (), report_only: bool = False,

@@ -340,10 +340,19 @@ def test_tiny_suite_end_to_end_resume_and_refusal(ray_session, tmp_path, monkeyp
         run_suite(load_suite(src, [*TINY, "train.batch_size=64"]), resume=True, log=lines.append)
     # an interrupted stage whose sweep changed since is refused before Tune restores the old sweep
     sd = suite.method_dir("single")
-    assert not (sd / "seeds.started.json").exists()          # a finished stage drops its marker
+    assert json.loads((sd / "seeds.started.json").read_text())["fingerprint"] == \
+        json.loads((sd / "seeds.json").read_text())["fingerprint"]      # the marker says what the Tune folder ran
     rec = json.loads((sd / "seeds.json").read_text())
-    (sd / "seeds.json").unlink()                             # as if the seeds stage had been cut off
-    (sd / "seeds.started.json").write_text(json.dumps({"fingerprint": rec["fingerprint"]}))
+    (sd / "seeds.json").unlink()                             # a record removed to run the stage with a longer patience:
+    with pytest.raises(ConfigError, match=r"pmtrec_synthetic\.single\.seeds: the interrupted seeds stage of single "
+                                          r"was started with a different suite"):     # the old folder is not reused
+        run_suite(load_suite(src, [*TINY, "suite.final.early_stop_patience=3"]), resume=True, only=["single"],
+                  log=lines.append)
+    (sd / "seeds.started.json").unlink()                     # a folder that says nothing of what it ran is refused
+    with pytest.raises(ConfigError, match=r"pmtrec_synthetic\.single\.seeds: a Tune folder with no record of which "
+                                          r"sweep it ran \(seeds\.started\.json is missing\)"):
+        run_suite(load_suite(src, TINY), resume=True, only=["single"], log=lines.append)
+    (sd / "seeds.started.json").write_text(json.dumps({"fingerprint": rec["fingerprint"]}))    # as if cut off
     with pytest.raises(ConfigError, match=r"pmtrec_synthetic\.single\.seeds: the interrupted seeds stage of single "
                                           r"was started with a different suite or overrides"):
         run_suite(load_suite(src, [*TINY, "suite.final.early_stop_patience=3"]), resume=True, only=["single"],
@@ -351,6 +360,6 @@ def test_tiny_suite_end_to_end_resume_and_refusal(ray_session, tmp_path, monkeyp
     # the same suite continues it: Tune restores the finished trials, the record is written again
     run_suite(load_suite(src, TINY), resume=True, only=["single"], log=lines.append)
     again = json.loads((sd / "seeds.json").read_text())
-    assert again["fingerprint"] == rec["fingerprint"] and not (sd / "seeds.started.json").exists()
+    assert again["fingerprint"] == rec["fingerprint"] and (sd / "seeds.started.json").exists()
     assert again["resumed"] is True
     assert {r["seed"]: r["metrics"] for r in again["runs"]} == {r["seed"]: r["metrics"] for r in rec["runs"]}
